@@ -1,0 +1,66 @@
+"""Root pytest configuration: Triton interpreter on CPU, hardware markers, GPU per xdist worker, per-test seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from kernels._device import configure_triton, gpu_present
+
+configure_triton()  # before anything imports triton
+
+MARKERS = {
+    "gpu": "needs a CUDA GPU",
+    "deep_gemm": "needs deep_gemm with its bf16 grouped GEMMs on an SM90/SM100 GPU",
+    "multi_gpu": "needs at least two CUDA GPUs",
+    "slow": "long-running; opt in with --run-slow",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+    # pytest-xdist: worker gwN uses GPU N mod count, so `-n 8` spreads over every visible GPU.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and gpu_present():
+        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
+
+
+def _skip_reasons(config) -> dict[str, str | None]:
+    from kernels.gemm import availability
+
+    ok, why = availability("deep_gemm", "cuda" if gpu_present() else "cpu")
+    return {
+        "gpu": None if gpu_present() else "no CUDA GPU on this machine",
+        "deep_gemm": None if ok else why,
+        "multi_gpu": None if gpu_present() and torch.cuda.device_count() > 1 else "fewer than two CUDA GPUs",
+        "slow": None if config.getoption("--run-slow") else "slow: pass --run-slow to run it",
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = _skip_reasons(config)
+    for item in items:
+        for name, reason in reasons.items():
+            if reason and item.get_closest_marker(name):
+                item.add_marker(pytest.mark.skip(reason=reason))
+                break
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """A fixed seed per test, derived from its id: reruns and `-n 8` runs draw the same inputs."""
+    value = zlib.crc32(request.node.nodeid.encode())
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value

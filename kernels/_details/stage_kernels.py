@@ -1,0 +1,142 @@
+"""@triton.jit kernels of the memory-bound stages. Launchers (with argument checks) live in kernels/*.py.
+
+Rules every kernel here follows:
+- bf16 values are only loaded, stored, or cast to fp32 before any arithmetic (the Triton interpreter holds bf16 as
+  raw uint16, so bf16 arithmetic and comparisons would be wrong there);
+- pointer offsets are computed in int64 (rows x hidden can pass 2**31 at prefill sizes);
+- every store is masked, so no kernel writes outside the buffers its launcher sized.
+"""
+
+import triton
+import triton.language as tl
+
+from kernels._details.common import to_bf16
+
+
+@triton.jit
+def _segment_starts(counts_ptr, num_experts, ALIGN: tl.constexpr, E_PAD: tl.constexpr):
+    """Contiguous layout: exclusive prefix sum of the counts aligned up to ALIGN ([E_PAD] vector), and the counts."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    aligned = (counts + ALIGN - 1) // ALIGN * ALIGN
+    return tl.cumsum(aligned, 0) - aligned, counts
+
+
+@triton.jit
+def local_ids_kernel(
+    topk_ids_ptr, local_ids_ptr, stats_ptr,  # stats = [counts per local expert..., number of out-of-range ids]
+    num_slots, first_expert, experts_here, num_experts,
+    BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+):
+    """GLOBAL ids -> LOCAL ids (-1 where not on this rank), per-local-expert counts, and a bad-id count."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < num_slots
+    ids = tl.load(topk_ids_ptr + offs, mask=in_range, other=-1).to(tl.int64)
+    bad = in_range & ((ids < -1) | (ids >= num_experts))
+    local = ids - first_expert
+    here = in_range & (ids >= 0) & (local >= 0) & (local < experts_here)
+    local = tl.where(here, local, -1).to(tl.int32)
+    tl.store(local_ids_ptr + offs, local, mask=in_range)
+    # Histogram of this block as a one-hot sum: E_PAD atomics per program instead of one per slot.
+    experts = tl.arange(0, E_PAD)
+    block_counts = tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.atomic_add(stats_ptr + experts, block_counts, mask=experts < experts_here)
+    tl.atomic_add(stats_ptr + experts_here, tl.sum(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def scatter_kernel(
+    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, rows_ptr, output_index_ptr,
+    num_slots, topk, hidden, num_experts, block_rows,
+    MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Each local (token, slot) takes a row of its expert's segment (atomic fill counter) and copies x[token] there.
+
+    Contiguous: expert e's segment starts at the aligned prefix sum of the counts. Masked: block e starts at row
+    e * block_rows. output_index[token, slot] = the row (flat over the layout's rows), -1 for skipped ids."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = offs < num_slots
+    local = tl.load(local_ids_ptr + offs, mask=in_range, other=-1)
+    valid = in_range & (local >= 0)
+    if MASKED:
+        start = local.to(tl.int64) * block_rows
+    else:
+        starts, _ = _segment_starts(counts_ptr, num_experts, ALIGN, E_PAD)
+        experts = tl.arange(0, E_PAD)
+        start = tl.sum(tl.where(local[:, None] == experts[None, :], starts[None, :], 0), axis=1).to(tl.int64)
+    slot = tl.atomic_add(fill_ptr + tl.where(valid, local, 0), 1, mask=valid)
+    row = tl.where(valid, start + slot.to(tl.int64), -1)
+    tl.store(output_index_ptr + offs, row.to(tl.int32), mask=in_range)
+
+    row = tl.where(valid, row, 0)
+    token = offs // topk
+    for h0 in range(0, hidden, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        mask = valid[:, None] & (cols[None, :] < hidden)
+        values = tl.load(x_ptr + token[:, None] * hidden + cols[None, :], mask=mask)
+        tl.store(rows_ptr + row[:, None] * hidden + cols[None, :], values, mask=mask)
+
+
+@triton.jit
+def m_indices_kernel(
+    counts_ptr, m_indices_ptr, num_rows, num_experts,
+    ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Contiguous layout: m_indices[row] = e on expert e's first counts[e] rows, -1 on every padding row."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    starts, counts = _segment_starts(counts_ptr, num_experts, ALIGN, E_PAD)
+    experts = tl.arange(0, E_PAD)
+    holds = (rows[:, None] >= starts[None, :]) & (rows[:, None] < starts[None, :] + counts[None, :])
+    expert = tl.sum(tl.where(holds, experts[None, :], 0), axis=1)
+    expert = tl.where(tl.sum(holds.to(tl.int32), axis=1) > 0, expert, -1)
+    tl.store(m_indices_ptr + rows, expert.to(tl.int32), mask=rows < num_rows)
+
+
+@triton.jit
+def silu_and_mul_kernel(
+    h_ptr, a_ptr, layout_ptr, num_rows, inter, block_rows,  # layout_ptr: m_indices or masked_m
+    MASKED: tl.constexpr, GATE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """a = silu(gate) * up on valid rows only (fp32 math from bf16, bf16 store); padding rows are not touched.
+
+    Valid rows: contiguous, m_indices[row] >= 0; masked, row % block_rows < masked_m[row // block_rows]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = rows < num_rows
+    if MASKED:
+        filled = tl.load(layout_ptr + rows // block_rows, mask=in_range, other=0)
+        valid = in_range & (rows % block_rows < filled)
+    else:
+        valid = in_range & (tl.load(layout_ptr + rows, mask=in_range, other=-1) >= 0)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = valid[:, None] & (cols[None, :] < inter)
+    first = tl.load(h_ptr + rows[:, None] * (2 * inter) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(h_ptr + rows[:, None] * (2 * inter) + inter + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GATE_FIRST:
+        gate, up = first, second
+    else:
+        gate, up = second, first
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(a_ptr + rows[:, None] * inter + cols[None, :], to_bf16(act), mask=mask)
+
+
+@triton.jit
+def gather_kernel(
+    y_ptr, output_index_ptr, weights_ptr, out_ptr, num_tokens, topk, hidden,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum over slots k (in order) of weight[t, k] * y[output_index[t, k]], fp32 accumulation, bf16 store.
+    Slots with output_index -1 are skipped; every row of out is written (0 where no slot is local)."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_range = tokens < num_tokens
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in range(0, topk):
+        row = tl.load(output_index_ptr + tokens * topk + k, mask=in_range, other=-1).to(tl.int64)
+        weight = tl.load(weights_ptr + tokens * topk + k, mask=in_range, other=0.0)
+        used = (row >= 0)[:, None] & col_ok[None, :]
+        row = tl.where(row >= 0, row, 0)
+        values = tl.load(y_ptr + row[:, None] * hidden + cols[None, :], mask=used, other=0.0).to(tl.float32)
+        acc = tl.where(used, acc + weight[:, None] * values, acc)
+    tl.store(out_ptr + tokens[:, None] * hidden + cols[None, :], to_bf16(acc),
+             mask=in_range[:, None] & col_ok[None, :])

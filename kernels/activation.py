@@ -1,0 +1,46 @@
+"""silu_and_mul stage: a = silu(gate) * up on the valid rows of a Dispatch's gate+up GEMM output.
+
+Only valid rows are computed and written: padding rows of the contiguous layout (m_indices == -1) and rows at or
+beyond masked_m[e] of the masked layout are not touched (their contents are unspecified, and stay so).
+fp32 math from the bf16 inputs, bf16 output. gate_up_order="gate_up": columns [0, I) are the gate (HF/vLLM);
+"up_gate": columns [I, 2I) are (rtp-llm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels._device import interpreting
+from kernels._details import stage_kernels as K
+from kernels.scatter import Allocator, Dispatch
+
+GATE_UP_ORDERS = ("gate_up", "up_gate")
+
+
+def silu_and_mul(
+    h: torch.Tensor, dispatch: Dispatch, *, gate_up_order: str = "gate_up", empty: Allocator = torch.empty
+) -> torch.Tensor:
+    """h: bf16 [rows, 2I] (contiguous) or [E_local, block_rows, 2I] (masked) -> a with the same leading dims, [.., I]."""
+    if gate_up_order not in GATE_UP_ORDERS:
+        raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
+    expected = (*dispatch.rows.shape[:-1], h.shape[-1])
+    if h.dtype != torch.bfloat16 or tuple(h.shape) != expected or not h.is_contiguous():
+        raise ValueError(f"h must be a contiguous bf16 tensor of shape {expected}, got {h.dtype} {tuple(h.shape)}")
+    if h.shape[-1] % 2:
+        raise ValueError(f"h's last dimension must be 2*I (even), got {h.shape[-1]}")
+    inter = h.shape[-1] // 2
+    a = empty((*h.shape[:-1], inter), dtype=torch.bfloat16, device=h.device)
+    num_rows = dispatch.flat_rows().shape[0]
+    masked = dispatch.layout == "masked"
+    if interpreting():
+        cfg = dict(BLOCK_R=64, BLOCK_I=min(triton.next_power_of_2(inter), 1024))
+    else:
+        cfg = dict(BLOCK_R=4, BLOCK_I=min(triton.next_power_of_2(inter), 1024), num_warps=4)
+    grid = (triton.cdiv(num_rows, cfg["BLOCK_R"]), triton.cdiv(inter, cfg["BLOCK_I"]))
+    K.silu_and_mul_kernel[grid](
+        h, a, dispatch.layout_index, num_rows, inter,
+        dispatch.block_rows if masked else 1,
+        MASKED=masked, GATE_FIRST=gate_up_order == "gate_up", **cfg,
+    )
+    return a

@@ -1,0 +1,171 @@
+"""The hybrid executor: `moe_expert_forward`, the bf16 expert stage of one rank under DeepEP normal mode.
+
+    count (global -> local ids, per-expert counts; the one device->host sync)
+      -> layout choice (masked 3D block or contiguous flat rows)
+      -> scatter -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
+
+Every buffer is sized from the routing actually seen (the masked block from the largest per-expert count, the
+contiguous rows from the aligned counts). Inputs are never modified. `Stages` lists the replaceable pieces: tests
+swap one to inject legal slot permutations, poisoned allocations or mutants, without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kernels import activation, gather, scatter
+from kernels.gemm import GroupedGemm, select
+from kernels.scatter import Allocator, Dispatch
+
+LAYOUTS = ("auto", "masked", "contiguous")
+GEMMS = ("auto", "deep_gemm", "grouped_mm", "triton", "loop")
+GATE_UP_ORDERS = activation.GATE_UP_ORDERS
+
+# Layout rule used when `masked_max_tokens` is not given (see README, "Choosing the layout").
+# Masked wins while experts get few rows each: measured on an H100 with DeepGEMM at the DeepSeek-like shape, masked
+# GEMMs were 10-18% faster up to 128 rows per expert and about even at 512-1024 (ANCHORS.md). Its cost is memory:
+# the block holds E_local x block_rows rows of x, h, a and y, however skewed the counts are.
+MASKED_MAX_MEAN_ROWS = 1024
+MASKED_BLOCK_BUDGET_BYTES = 2 << 30
+
+
+def masked_block_bytes(counts: Sequence[int], hidden: int, inter: int, alignment: int) -> int:
+    """Bytes of the masked layout's buffers: x [H], h [2I], a [I] and y [H] rows for E_local x block_rows rows."""
+    block_rows = max(alignment, -(-max(counts, default=0) // alignment) * alignment)
+    return len(counts) * block_rows * (2 * hidden + 3 * inter) * 2
+
+
+def choose_layout(
+    counts: Sequence[int], num_tokens: int, hidden: int, inter: int, alignment: int, masked_max_tokens: int | None
+) -> str:
+    """"masked" or "contiguous" for this routing. With masked_max_tokens: masked iff M <= it (the seed's rule)."""
+    if masked_max_tokens is not None:
+        return "masked" if num_tokens <= masked_max_tokens else "contiguous"
+    active = [c for c in counts if c]
+    mean_rows = sum(active) / max(len(active), 1)
+    fits = masked_block_bytes(counts, hidden, inter, alignment) <= MASKED_BLOCK_BUDGET_BYTES
+    return "masked" if fits and mean_rows <= MASKED_MAX_MEAN_ROWS else "contiguous"
+
+
+def _unchanged(dispatch: Dispatch) -> Dispatch:
+    return dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """The pipeline's replaceable pieces. Defaults are production; `dataclasses.replace` one to test it."""
+
+    count: Callable[..., scatter.LocalRouting] = scatter.count_local_experts
+    choose_layout: Callable[..., str] = choose_layout
+    scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
+    scatter_masked: Callable[..., Dispatch] = scatter.scatter_masked
+    after_scatter: Callable[[Dispatch], Dispatch] = _unchanged  # e.g. a legal permutation of rows in a segment
+    silu_and_mul: Callable[..., torch.Tensor] = activation.silu_and_mul
+    gather: Callable[..., torch.Tensor] = gather.gather
+    gemm: GroupedGemm | None = None  # overrides the `gemm` argument's backend when set
+    empty: Allocator = torch.empty  # allocates every stage's output (tests poison them)
+
+
+PRODUCTION = Stages()
+
+
+def moe_expert_forward(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    num_experts: int | None = None,
+    layout: str = "auto",
+    masked_max_tokens: int | None = None,
+    gemm: str = "auto",
+    gate_up_order: str = "gate_up",
+    stages: Stages = PRODUCTION,
+) -> torch.Tensor:
+    """bf16 [M, H] output of rank `ep_rank`'s experts for the tokens it received (see CONTRACT.md).
+
+    x bf16 [M, H]; topk_ids int32/int64 [M, k] GLOBAL ids or -1; topk_weights fp32 [M, k]; w13 bf16 [E_local, 2I, H];
+    w2 bf16 [E_local, H, I]. layout: "auto" | "masked" | "contiguous"; gemm: "auto" | "deep_gemm" | "grouped_mm" |
+    "triton" | "loop". Raises TypeError / ValueError naming the argument on bad input."""
+    num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout,
+                            masked_max_tokens, gemm, gate_up_order)
+    num_tokens, hidden = x.shape
+    experts_here, inter = w13.shape[0], w13.shape[1] // 2
+    backend = stages.gemm or select(gemm, x.device, hidden, inter)[0]
+    if num_tokens == 0:
+        return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
+
+    x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    routing = stages.count(topk_ids, ep_rank=ep_rank, experts_per_rank=experts_here, num_experts=num_experts)
+    if sum(routing.counts_host) == 0:  # every id is remote or -1: nothing to compute, no GEMM launched
+        return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
+    if layout == "auto":
+        layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, backend.m_alignment,
+                                      masked_max_tokens)
+    scatter_to = stages.scatter_masked if layout == "masked" else stages.scatter_contiguous
+    dispatch = stages.after_scatter(scatter_to(x, routing, alignment=backend.m_alignment, empty=stages.empty))
+    h = backend(dispatch.rows, w13, dispatch, stages.empty)
+    a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
+    y = backend(a, w2, dispatch, stages.empty)
+    return stages.gather(y, dispatch, topk_weights, empty=stages.empty)
+
+
+def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout, masked_max_tokens, gemm,
+              gate_up_order) -> int:
+    """Host-side checks (no device sync); ids outside [-1, num_experts) are caught on the device by `count`."""
+    tensors = {"x": x, "topk_ids": topk_ids, "topk_weights": topk_weights, "w13": w13, "w2": w2}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, dtypes, ndim in (
+        ("x", x, (torch.bfloat16,), 2),
+        ("topk_ids", topk_ids, (torch.int32, torch.int64), 2),
+        ("topk_weights", topk_weights, (torch.float32,), 2),
+        ("w13", w13, (torch.bfloat16,), 3),
+        ("w2", w2, (torch.bfloat16,), 3),
+    ):
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    num_tokens, hidden = x.shape
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {num_tokens}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
+    experts_here, two_inter, w13_hidden = w13.shape
+    if w13_hidden != hidden or two_inter == 0 or two_inter % 2:
+        raise ValueError(f"w13 must be [E_local, 2*I, H={hidden}] with I > 0, got {tuple(w13.shape)}")
+    if tuple(w2.shape) != (experts_here, hidden, two_inter // 2):
+        raise ValueError(f"w2 must be [E_local={experts_here}, H={hidden}, I={two_inter // 2}], got {tuple(w2.shape)}")
+    if experts_here == 0:
+        raise ValueError("w13 holds no expert (E_local == 0)")
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
+    if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank must be in [0, ep_size={ep_size}), got {ep_rank!r}")
+    if num_experts is None:
+        num_experts = experts_here * ep_size
+    if not isinstance(num_experts, int) or num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts!r} is not divisible by ep_size={ep_size}")
+    if num_experts // ep_size != experts_here:
+        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {experts_here} experts in w13")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if masked_max_tokens is not None and (not isinstance(masked_max_tokens, int) or masked_max_tokens < 0):
+        raise ValueError(f"masked_max_tokens must be None or an int >= 0, got {masked_max_tokens!r}")
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    if gate_up_order not in GATE_UP_ORDERS:
+        raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
+    return num_experts

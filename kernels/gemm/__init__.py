@@ -1,0 +1,50 @@
+"""Grouped-GEMM backends behind one interface (base.GroupedGemm) and the registry that picks one.
+
+`availability(name, device, hidden, inter)` says whether a backend can run and why (never raises);
+`select(gemm, device, hidden, inter)` resolves "auto" to the best available backend and says why it was chosen.
+Order for "auto" on a GPU: deep_gemm, grouped_mm, triton (fastest first, as measured in docs/); on a CPU: loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.gemm import deep_gemm, grouped_mm, loop, triton
+from kernels.gemm.base import M_ALIGNMENT, GroupedGemm
+
+BACKENDS: dict[str, GroupedGemm] = {b.name: b for b in (deep_gemm.BACKEND, grouped_mm.BACKEND, triton.BACKEND,
+                                                          loop.BACKEND)}
+AUTO_ORDER = {"cuda": ("deep_gemm", "grouped_mm", "triton"), "cpu": ("loop",)}
+
+
+def availability(name: str, device, hidden: int | None = None, inter: int | None = None) -> tuple[bool, str]:
+    """(ok, reason) for backend `name` on `device` and, when given, the shapes H and I."""
+    if name not in BACKENDS:
+        return False, f"unknown gemm backend {name!r}; known: {', '.join(BACKENDS)}"
+    ok, reason = BACKENDS[name].availability(torch.device(device))
+    if ok and hidden is not None and inter is not None:
+        problem = BACKENDS[name].shape_problem(hidden, inter)
+        if problem:
+            return False, problem
+    return ok, reason
+
+
+def select(gemm: str, device, hidden: int, inter: int) -> tuple[GroupedGemm, str]:
+    """The backend for `gemm` ("auto" or a name); raises ValueError naming `gemm`, H or I when it cannot run."""
+    device = torch.device(device)
+    if gemm != "auto":
+        ok, reason = availability(gemm, device, hidden, inter)
+        if not ok:
+            raise ValueError(f"gemm={gemm!r} cannot run here: {reason}")
+        return BACKENDS[gemm], reason
+    skipped = []
+    for name in AUTO_ORDER.get(device.type, ("loop",)):
+        ok, reason = availability(name, device, hidden, inter)
+        if ok:
+            return BACKENDS[name], f"auto -> {name}: {reason}" + (f" (skipped: {'; '.join(skipped)})" if skipped
+                                                                   else "")
+        skipped.append(f"{name}: {reason}")
+    return BACKENDS["loop"], f"auto -> loop (skipped: {'; '.join(skipped)})"
+
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "M_ALIGNMENT", "GroupedGemm", "availability", "select"]

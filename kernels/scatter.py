@@ -1,0 +1,159 @@
+"""Scatter stage: global ids -> local ids and counts (on device), then tokens -> per-expert rows.
+
+`count_local_experts` maps GLOBAL ids to this rank's LOCAL ids and histograms them on the device, so a caller's count
+can never make a scatter write out of bounds. The executor reads those counts back to size its buffers: that is the
+pipeline's one device-to-host sync (it also carries the out-of-range id count, so bad ids cost no extra sync).
+
+`scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a `Dispatch`:
+- contiguous: flat rows [padded_rows, H]; expert e's segment starts at the exclusive prefix sum of the counts aligned
+  up to `alignment`; `m_indices` holds e on valid rows and -1 on padding rows (never read, never computed);
+- masked: a block [E_local, block_rows, H]; expert e's tokens are the first masked_m[e] rows of block e.
+Rows inside a segment are assigned by atomics: their order is NOT deterministic on a GPU. `output_index` (flat row
+over the layout's rows, -1 for skipped ids) is the authoritative token -> row map that the gather follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import triton
+
+from kernels._device import interpreting
+from kernels._details import stage_kernels as K
+
+Allocator = Callable[..., torch.Tensor]  # like torch.empty(shape, dtype=, device=)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRouting:
+    """This rank's routing on the device, with its counts read back to the host."""
+
+    local_ids: torch.Tensor  # int32 [M, k], -1 where not local
+    counts: torch.Tensor  # int32 [E_local], on the device
+    counts_host: tuple[int, ...]  # the same counts, on the host
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The scatter's output, everything the GEMMs, the activation and the gather need."""
+
+    layout: str  # "contiguous" or "masked"
+    rows: torch.Tensor  # contiguous: bf16 [padded_rows, H]; masked: bf16 [E_local, block_rows, H]
+    output_index: torch.Tensor  # int32 [M, k]: flat row of each local slot, -1 for skipped ids
+    counts: torch.Tensor  # int32 [E_local] on the device (masked_m for the masked layout)
+    counts_host: tuple[int, ...]
+    alignment: int  # contiguous: segment alignment; masked: block_rows is a multiple of it
+    m_indices: torch.Tensor | None = None  # contiguous only: int32 [padded_rows]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.counts_host)
+
+    @property
+    def layout_index(self) -> torch.Tensor:
+        """What marks valid rows: m_indices (contiguous) or masked_m = counts (masked)."""
+        return self.counts if self.layout == "masked" else self.m_indices
+
+    @property
+    def block_rows(self) -> int:
+        """Masked layout: rows per expert block."""
+        return self.rows.shape[1]
+
+    def segment_starts(self) -> list[int]:
+        """Contiguous layout: first row of each expert's segment (host)."""
+        starts, row = [], 0
+        for count in self.counts_host:
+            starts.append(row)
+            row += -(-count // self.alignment) * self.alignment
+        return starts
+
+    def flat_rows(self) -> torch.Tensor:
+        """The rows as [num_rows, H], the view `output_index` indexes."""
+        return self.rows.reshape(-1, self.rows.shape[-1])
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes or t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D {'/'.join(map(str, dtypes))} tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def count_local_experts(
+    topk_ids: torch.Tensor, *, ep_rank: int, experts_per_rank: int, num_experts: int
+) -> LocalRouting:
+    """Local ids and counts of rank `ep_rank`; raises ValueError if any id lies outside [-1, num_experts).
+    Synchronizes once (reads E_local + 1 int32 back)."""
+    _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
+    local_ids = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
+    stats = torch.zeros(experts_per_rank + 1, dtype=torch.int32, device=topk_ids.device)
+    block = 1024
+    K.local_ids_kernel[(triton.cdiv(topk_ids.numel(), block),)](
+        topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * experts_per_rank, experts_per_rank, num_experts,
+        BLOCK=block, E_PAD=_pow2(experts_per_rank),
+    )
+    *counts_host, num_bad = stats.tolist()
+    if num_bad:
+        raise ValueError(f"topk_ids: {num_bad} id(s) outside [-1, num_experts={num_experts})")
+    return LocalRouting(local_ids, stats[:experts_per_rank], tuple(counts_host))
+
+
+def _scatter_config(hidden: int, num_experts: int) -> dict:
+    if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
+        return dict(BLOCK_S=256, BLOCK_H=min(_pow2(hidden), 1024))
+    return dict(BLOCK_S=max(1, min(16, 4096 // _pow2(num_experts))), BLOCK_H=min(_pow2(hidden), 512), num_warps=4)
+
+
+def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) -> torch.Tensor:
+    _check("x", x, (torch.bfloat16,), 2)
+    if routing.local_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"local_ids has {routing.local_ids.shape[0]} rows but x has {x.shape[0]}")
+    num_experts = routing.counts.numel()
+    output_index = torch.empty(routing.local_ids.shape, dtype=torch.int32, device=x.device)
+    fill = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    cfg = _scatter_config(x.shape[1], num_experts)
+    K.scatter_kernel[(triton.cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
+        x, routing.local_ids, routing.counts, fill, rows, output_index,
+        routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_experts, block_rows,
+        MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_experts), **cfg,
+    )
+    return output_index
+
+
+def scatter_contiguous(
+    x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty
+) -> Dispatch:
+    """Contiguous (flat) layout; see the module docstring. `empty` allocates every output buffer."""
+    if alignment < 1:
+        raise ValueError(f"alignment must be >= 1, got {alignment}")
+    num_rows = sum(-(-c // alignment) * alignment for c in routing.counts_host)
+    rows = empty((num_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
+    output_index = _scatter(x, routing, rows, masked=False, block_rows=0, alignment=alignment)
+    m_indices = empty((num_rows,), dtype=torch.int32, device=x.device)
+    num_experts = routing.counts.numel()
+    block = 1024 if interpreting() else max(16, 4096 // _pow2(num_experts))
+    K.m_indices_kernel[(triton.cdiv(num_rows, block),)](
+        routing.counts, m_indices, num_rows, num_experts, ALIGN=alignment, E_PAD=_pow2(num_experts), BLOCK_R=block
+    )
+    return Dispatch("contiguous", rows, output_index, routing.counts, routing.counts_host, alignment, m_indices)
+
+
+def scatter_masked(
+    x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty
+) -> Dispatch:
+    """Masked (3D) layout; block_rows = the largest count aligned up to `alignment` (not M: sized by the routing)."""
+    if alignment < 1:
+        raise ValueError(f"alignment must be >= 1, got {alignment}")
+    block_rows = max(alignment, -(-max(routing.counts_host, default=0) // alignment) * alignment)
+    rows = empty((len(routing.counts_host), block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
+    output_index = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
+    return Dispatch("masked", rows, output_index, routing.counts, routing.counts_host, alignment)

@@ -1,0 +1,128 @@
+"""The golden model of the bf16 MoE expert stage: plain torch, one readable pass per local expert.
+
+For one token t routed (slot k) to local expert e:
+    h = w13[e] · x_t                  [2I]   gate and up projections
+    g, u = split(h)                          rows [0, I) are the gate for gate_up_order="gate_up"
+    a = silu(g) * u                   [I]
+    y = w2[e] · a                     [H]
+    out[t] += topk_weights[t, k] · y
+Ids of -1 and of experts on other ranks contribute nothing; a row with no local expert is exactly 0.
+
+Two modes:
+- "exact":    float64 all the way on the bf16 inputs; no intermediate rounding.
+- "faithful": the production rounding points (CONTRACT.md): each GEMM accumulates exactly (modelled in float64,
+              the ideal fp32 accumulator) and is stored as bf16; silu is computed in fp32 from the bf16 gate and
+              multiplied by the bf16 up value in fp32, the product stored as bf16; the gather accumulates
+              weight · bf16 row in fp32 in fixed slot order and stores bf16.
+The result is float32 [M, H] in both modes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reference.layouts import local_expert_ids
+
+MODES = ("exact", "faithful")
+GATE_UP_ORDERS = ("gate_up", "up_gate")
+
+
+def moe_reference(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    num_experts: int | None = None,
+    gate_up_order: str = "gate_up",
+    mode: str = "exact",
+) -> torch.Tensor:
+    """Reference output (float32 [M, H]) of rank `ep_rank`'s expert stage; see the module docstring."""
+    num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode)
+    num_tokens, hidden = x.shape
+    local_ids = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts)
+
+    # y[t, k] = the (weight-free) output of the expert in slot k of token t, zero where the slot is not local.
+    y = torch.zeros(num_tokens, topk_ids.shape[1], hidden, dtype=torch.float64, device=x.device)
+    for e in range(w13.shape[0]):
+        token, slot = (local_ids == e).nonzero(as_tuple=True)
+        if token.numel():
+            y[token, slot] = _expert(x[token], w13[e], w2[e], gate_up_order, mode)
+
+    if mode == "exact":
+        return (topk_weights.double().unsqueeze(-1) * y).sum(dim=1).float()
+
+    # faithful gather: fp32 accumulation in fixed slot order, non-local slots skipped, stored as bf16.
+    acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    for k in range(topk_ids.shape[1]):
+        is_local = (local_ids[:, k] >= 0).unsqueeze(-1)
+        acc = torch.where(is_local, acc + topk_weights[:, k, None] * y[:, k].float(), acc)
+    return _to_bf16(acc).float()
+
+
+def _expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, gate_up_order: str, mode: str) -> torch.Tensor:
+    """One expert on its rows of x (bf16 [n, H]) -> float64 [n, H] (bf16 values in faithful mode)."""
+    rounded = _to_bf16 if mode == "faithful" else (lambda t: t)
+    h = rounded(x.double() @ w13.double().T)
+    first, second = h.chunk(2, dim=-1)
+    gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
+    if mode == "faithful":
+        a = _to_bf16(F.silu(gate.float()) * up.float())
+    else:
+        a = F.silu(gate) * up
+    return rounded(a.double() @ w2.double().T).double()
+
+
+def _to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """Store an accumulator as bf16: the exact value rounded to the fp32 accumulator, then to bf16 (RNE)."""
+    return t.float().to(torch.bfloat16)
+
+
+def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode) -> int:
+    """Check the arguments as CONTRACT.md states them; returns num_experts. Errors name the argument."""
+    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    expect = (
+        ("x", x, (torch.bfloat16,), 2),
+        ("topk_ids", topk_ids, (torch.int32, torch.int64), 2),
+        ("topk_weights", topk_weights, (torch.float32,), 2),
+        ("w13", w13, (torch.bfloat16,), 3),
+        ("w2", w2, (torch.bfloat16,), 3),
+    )
+    for name, t, dtypes, ndim in expect:
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    num_tokens, hidden = x.shape
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {num_tokens}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
+    experts_local, two_inter, hidden_w13 = w13.shape
+    if hidden_w13 != hidden or two_inter % 2:
+        raise ValueError(f"w13 must be [E_local, 2*I, H={hidden}], got {tuple(w13.shape)}")
+    if tuple(w2.shape) != (experts_local, hidden, two_inter // 2):
+        raise ValueError(f"w2 must be [E_local={experts_local}, H={hidden}, I={two_inter // 2}], got {tuple(w2.shape)}")
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
+    if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank must be in [0, ep_size={ep_size}), got {ep_rank!r}")
+    if num_experts is None:
+        num_experts = experts_local * ep_size
+    if not isinstance(num_experts, int) or num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts!r} is not divisible by ep_size={ep_size}")
+    if num_experts // ep_size != experts_local:
+        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {experts_local} experts in w13")
+    if gate_up_order not in GATE_UP_ORDERS:
+        raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= num_experts):
+        raise ValueError(f"topk_ids must lie in [-1, num_experts={num_experts})")
+    return num_experts
