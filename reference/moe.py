@@ -20,8 +20,8 @@ The result is float32 [M, H] in both modes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from reference import stages
 from reference.layouts import local_expert_ids
 
 MODES = ("exact", "faithful")
@@ -43,43 +43,18 @@ def moe_reference(
 ) -> torch.Tensor:
     """Reference output (float32 [M, H]) of rank `ep_rank`'s expert stage; see the module docstring."""
     num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode)
-    num_tokens, hidden = x.shape
+    faithful = mode == "faithful"
     local_ids = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts)
 
-    # y[t, k] = the (weight-free) output of the expert in slot k of token t, zero where the slot is not local.
-    y = torch.zeros(num_tokens, topk_ids.shape[1], hidden, dtype=torch.float64, device=x.device)
+    # y[t, k] = the (weight-free) output of the expert in slot k of token t; zero where the slot is not local.
+    y = torch.zeros(*topk_ids.shape, x.shape[1], dtype=torch.float64, device=x.device)
     for e in range(w13.shape[0]):
         token, slot = (local_ids == e).nonzero(as_tuple=True)
         if token.numel():
-            y[token, slot] = _expert(x[token], w13[e], w2[e], gate_up_order, mode)
-
-    if mode == "exact":
-        return (topk_weights.double().unsqueeze(-1) * y).sum(dim=1).float()
-
-    # faithful gather: fp32 accumulation in fixed slot order, non-local slots skipped, stored as bf16.
-    acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
-    for k in range(topk_ids.shape[1]):
-        is_local = (local_ids[:, k] >= 0).unsqueeze(-1)
-        acc = torch.where(is_local, acc + topk_weights[:, k, None] * y[:, k].float(), acc)
-    return _to_bf16(acc).float()
-
-
-def _expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, gate_up_order: str, mode: str) -> torch.Tensor:
-    """One expert on its rows of x (bf16 [n, H]) -> float64 [n, H] (bf16 values in faithful mode)."""
-    rounded = _to_bf16 if mode == "faithful" else (lambda t: t)
-    h = rounded(x.double() @ w13.double().T)
-    first, second = h.chunk(2, dim=-1)
-    gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
-    if mode == "faithful":
-        a = _to_bf16(F.silu(gate.float()) * up.float())
-    else:
-        a = F.silu(gate) * up
-    return rounded(a.double() @ w2.double().T).double()
-
-
-def _to_bf16(t: torch.Tensor) -> torch.Tensor:
-    """Store an accumulator as bf16: the exact value rounded to the fp32 accumulator, then to bf16 (RNE)."""
-    return t.float().to(torch.bfloat16)
+            h = stages.gemm_nt(x[token], w13[e], faithful=faithful)
+            a = stages.silu_and_mul(h, gate_up_order, faithful=faithful)
+            y[token, slot] = stages.gemm_nt(a, w2[e], faithful=faithful)
+    return stages.weighted_sum(y, topk_weights, local_ids >= 0, faithful=faithful)
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode) -> int:

@@ -1,0 +1,167 @@
+"""python -m verify.diff: compare an implementation with the reference over one case of the catalogue.
+
+    python -m verify.diff --case skewed                       # kernels.moe_expert_forward, every ep_size and rank
+    python -m verify.diff --case skewed --impl mypkg.moe:forward --ep-size 4 --rank 2
+    python -m verify.diff --list
+
+Prints one table (one row per case x ep_size x rank x layout, plus the combine of all ranks) and exits 0 when every
+row passes (WARN passes), 1 when any row fails, 2 on a usage error. A failing row prints the command that replays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import shlex
+import sys
+import time
+
+from kernels._device import configure_triton, default_device
+
+configure_triton()  # before anything imports triton
+
+from verify import bands  # noqa: E402
+from verify.cases import CASES, CASES_BY_NAME  # noqa: E402
+from verify.sweep import LAYOUTS, Row, Sweep, default_scale, targets  # noqa: E402
+
+DEFAULT_IMPL = "kernels:moe_expert_forward"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage first)
+        raise UsageError(message)
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m verify.diff", description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", help="case name (see --list)")
+    p.add_argument("--impl", default=DEFAULT_IMPL, help="MODULE:CALLABLE with the signature of "
+                   "kernels.moe_expert_forward (default: %(default)s)")
+    p.add_argument("--ep-size", type=int, help="only this ep_size (default: the case's list)")
+    p.add_argument("--rank", type=int, help="only this rank")
+    p.add_argument("--layout", choices=LAYOUTS, help="only this layout (default: both)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    p.add_argument("--json", help="also write every row, with all metrics, to this file")
+    p.add_argument("--list", action="store_true", help="print the case catalogue and exit")
+    return p.parse_args(argv)
+
+
+def load_impl(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--impl must be MODULE:CALLABLE, got {spec!r}")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise UsageError(f"cannot import --impl {spec}: {type(exc).__name__}: {exc}") from None
+    if not callable(obj):
+        raise UsageError(f"--impl {spec} is not callable")
+    return obj
+
+
+def _u(value: float) -> str:
+    return "inf" if math.isinf(value) else "nan" if math.isnan(value) else f"{value / bands.U_BF16:.3f}"
+
+
+COLUMNS = ("case", "ep", "rank", "layout", "M", "row/u", "expert/u", "l2/u", "exact_l2/u", "calc_diff", "verdict")
+
+
+def _cells(row: Row) -> list[str]:
+    m = row.metrics
+    values = ["-"] * 5 if m is None else [_u(m.row_err), _u(m.expert_err), _u(m.rel_l2), _u(m.exact_rel_l2),
+                                          f"{m.calc_diff:.1e}"]
+    rank = "all" if row.rank is None else str(row.rank)
+    return [row.case, str(row.ep_size), rank, row.layout, str(row.num_tokens), *values, row.verdict]
+
+
+def format_table(rows: list[Row]) -> str:
+    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def replay_command(row: Row, args) -> str:
+    cmd = ["python", "-m", "verify.diff", "--case", row.case, "--ep-size", str(row.ep_size)]
+    if row.rank is not None:
+        cmd += ["--rank", str(row.rank)]
+    cmd += ["--layout", row.layout, "--seed", str(args.seed), "--device", args.device]
+    if args.impl != DEFAULT_IMPL:
+        cmd += ["--impl", args.impl]
+    return shlex.join(cmd)
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="verify.diff", unit="row", leave=False, file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        scale = default_scale(args.device)
+        if args.list:
+            for case in CASES:
+                print(case.describe(scale))
+            return 0
+        if not args.case:
+            raise UsageError("--case is required (see --list)")
+        if args.case not in CASES_BY_NAME:
+            raise UsageError(f"unknown case {args.case!r}; known: {', '.join(CASES_BY_NAME)}")
+        impl = load_impl(args.impl)
+        case = CASES_BY_NAME[args.case]
+        num_experts = case.sizes(scale).num_experts
+        if args.ep_size is not None and (args.ep_size < 1 or num_experts % args.ep_size):
+            raise UsageError(f"--ep-size {args.ep_size} does not divide the case's {num_experts} experts")
+        if args.rank is not None and args.ep_size is not None and not 0 <= args.rank < args.ep_size:
+            raise UsageError(f"--rank {args.rank} is not in [0, --ep-size {args.ep_size})")
+        if args.device == "cuda" and default_device() != "cuda":
+            raise UsageError("--device cuda, but no CUDA GPU is visible")
+    except UsageError as exc:
+        print(f"verify.diff: error: {exc}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    runner = Sweep(case, impl, seed=args.seed, device=args.device)
+    todo = targets(case, scale, ep_sizes=None if args.ep_size is None else (args.ep_size,),
+                   ranks=None if args.rank is None else (args.rank,),
+                   layouts=LAYOUTS if args.layout is None else (args.layout,))
+    rows = [runner.run(t) for t in _progress(todo, sys.stderr.isatty() and len(todo) > 4)]
+    elapsed = time.perf_counter() - start
+
+    print(f"{case.describe(scale)}\nimpl {args.impl} on {args.device}, seed {args.seed}; "
+          f"u = 2^-8 (bf16 unit roundoff); bands: verify/bands.py")
+    print(format_table(rows))
+    failed = [r for r in rows if r.verdict == bands.FAIL]
+    for row in [r for r in rows if r.verdict != bands.PASS]:
+        print(f"\n{row.verdict} {row.test_id}: {'; '.join(row.notes)}")
+        if row.worst:
+            print(f"  worst: {row.worst}")
+        if row.verdict == bands.FAIL:
+            print(f"  replay: {replay_command(row, args)}")
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} rows pass ({elapsed:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"case": case.name, "impl": args.impl, "device": args.device, "seed": args.seed,
+                       "seconds": elapsed,
+                       "rows": [{"id": r.test_id, "verdict": r.verdict, "notes": r.notes, "worst": r.worst,
+                                 "metrics": r.metrics.as_dict() if r.metrics else None} for r in rows]},
+                      f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The sweep: case -> global routing -> ep x rank views -> implementation -> compare -> combine -> compare.
+
+For each ep_size of the case and each rank, the implementation runs on the rank view (DeepEP normal dispatch) in
+each layout; its output is judged against the faithful and exact references of that view (bands.py). Then the
+ranks' outputs are combined and judged against the ep_size = 1 references of the global batch ("all" rows).
+
+Skipped slots (id -1) carry NaN weights: the contract says they contribute nothing whatever their weight.
+Every implementation is also checked for leaving its inputs untouched, and (on a GPU) for bitwise-identical
+reruns. An implementation that exposes its stages (a `stages=` keyword, like kernels.moe_expert_forward) is run
+twice more: with poisoned buffers and its layout contract checked, and with a legal permutation of the slots inside
+every expert segment; both must reproduce the plain run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
+
+import torch
+
+from kernels import Stages
+from reference import moe_reference
+from reference.routing import RankView, combine, pad_view, rank_view
+from verify import bands, checks
+from verify.cases import Case, Problem, make_problem
+from verify.metrics import Metrics, compare
+
+LAYOUTS = ("masked", "contiguous")
+GPU_RERUNS = 3
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    ep_size: int
+    rank: int | None  # None: the combine of all ranks
+    layout: str
+    num_tokens: int
+    verdict: str = bands.PASS
+    notes: list[str] = dataclasses.field(default_factory=list)
+    metrics: Metrics | None = None
+    worst: str = ""  # where the worst row is: token, expert(s), rank, layout
+
+    @property
+    def test_id(self) -> str:
+        rank = "all" if self.rank is None else f"rank{self.rank}"
+        return f"{self.case}-ep{self.ep_size}-{rank}-{self.layout}"
+
+    def fail(self, note: str) -> None:
+        self.verdict = bands.FAIL
+        self.notes.append(note)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One row to run: ep_size, rank (None: combine), layout."""
+
+    ep_size: int
+    rank: int | None
+    layout: str
+
+
+def default_scale(device: str) -> str:
+    """Case sizes to use on a device: realistic on a GPU, small for the CPU interpreter."""
+    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+
+
+def targets(case: Case, scale: str, ep_sizes=None, ranks=None, layouts=LAYOUTS) -> list[Target]:
+    """The rows of a case: every (ep_size, rank, layout), then per (ep_size, layout) the combine when ep_size > 1."""
+    out = []
+    for ep in case.sweep_ep_sizes(scale) if ep_sizes is None else ep_sizes:
+        for layout in layouts:
+            for rank in range(ep):
+                if ranks is None or rank in ranks:
+                    out.append(Target(ep, rank, layout))
+            if ep > 1 and ranks is None:
+                out.append(Target(ep, None, layout))
+    return out
+
+
+def exposes_stages(impl: Callable) -> bool:
+    try:
+        return "stages" in inspect.signature(impl).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Sweep:
+    """Runs rows of one case for one implementation; rank views and references are built once and shared."""
+
+    def __init__(self, case: Case, impl: Callable, *, seed: int = 0, device: str = "cpu", scale: str | None = None):
+        self.case, self.impl, self.seed, self.device = case, impl, seed, device
+        self.problem: Problem = make_problem(case, seed, device, scale or default_scale(device))
+        self._views: dict[tuple[int, int], RankView] = {}
+        self._refs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._outputs: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def view(self, ep_size: int, rank: int) -> RankView:
+        key = (ep_size, rank)
+        if key not in self._views:
+            view = rank_view(self.problem.x, self.problem.routing, ep_size, rank)
+            if self.case.pad_views:
+                view = pad_view(view, self.problem.routing.num_tokens)
+            # DeepEP sends weight 0 for skipped slots; the contract says they contribute nothing whatever their
+            # weight, so the sweep sends NaN there: an implementation that multiplies a skipped slot shows it.
+            weights = torch.where(view.topk_ids >= 0, view.topk_weights, float("nan"))
+            self._views[key] = dataclasses.replace(view, topk_weights=weights)
+        return self._views[key]
+
+    def references(self, ep_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(faithful, exact) references of one rank view."""
+        key = (ep_size, rank)
+        if key not in self._refs:
+            view = self.view(ep_size, rank)
+            w13, w2 = self.problem.rank_weights(ep_size, rank)
+            self._refs[key] = tuple(
+                moe_reference(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
+                              num_experts=self.problem.sizes.num_experts, mode=mode)
+                for mode in ("faithful", "exact"))
+        return self._refs[key]
+
+    def run(self, target: Target) -> Row:
+        if target.rank is None:
+            return self._run_combine(target)
+        return self._run_rank(target)
+
+    def _call(self, view: RankView, ep_size: int, rank: int, layout: str, **extra) -> torch.Tensor:
+        w13, w2 = self.problem.rank_weights(ep_size, rank)
+        return self.impl(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
+                         num_experts=self.problem.sizes.num_experts, layout=layout, **extra)
+
+    def _run_rank(self, target: Target) -> Row:
+        ep, rank, layout = target.ep_size, target.rank, target.layout
+        view = self.view(ep, rank)
+        row = Row(self.case.name, ep, rank, layout, view.num_tokens)
+        w13, w2 = self.problem.rank_weights(ep, rank)
+        inputs = (view.x, view.topk_ids, view.topk_weights, w13, w2)
+        before = [t.clone() for t in inputs]
+        try:
+            out = self._call(view, ep, rank, layout)
+        except Exception as exc:  # a crash is a verdict, not an abort of the sweep
+            row.fail(f"raised {type(exc).__name__}: {exc}")
+            return row
+        if not all(checks.bitwise_equal(a, b) for a, b in zip(inputs, before)):
+            row.fail("an input was modified")
+        if not isinstance(out, torch.Tensor) or out.shape != view.x.shape or out.dtype != torch.bfloat16:
+            row.fail(f"output must be bf16 {tuple(view.x.shape)}, got "
+                     f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+            return row
+        self._outputs[(ep, rank, layout)] = out
+        faithful, exact = self.references(ep, rank)
+        local_ids = view.local_ids()
+        row.metrics = compare(out.float(), faithful, exact, local_ids)
+        self._judge(row, bands.BANDS, local_ids, view.token_index, view.topk_ids,
+                    expert_offset=rank * view.num_local_experts)
+        if torch.device(self.device).type == "cuda":
+            for _ in range(GPU_RERUNS):
+                if not checks.bitwise_equal(self._call(view, ep, rank, layout), out):
+                    row.fail("nondeterministic: a rerun on the same inputs differs")
+                    break
+        if exposes_stages(self.impl):
+            self._stage_checks(row, view, out)
+        return row
+
+    def _stage_checks(self, row: Row, view: RankView, out: torch.Tensor) -> None:
+        problems: list[str] = []
+        local_ids = view.local_ids()
+
+        def contract_then(transform):
+            def after_scatter(dispatch):
+                problems.extend(checks.layout_problems(dispatch, view.x, local_ids))
+                return transform(checks.poison_padding(dispatch))
+            return after_scatter
+
+        generator = torch.Generator().manual_seed(self.seed)
+        permute = lambda d: checks.permute_segments(d, generator)  # noqa: E731
+        for name, transform in (("poisoned", lambda d: d), ("permuted", permute)):
+            stages = Stages(after_scatter=contract_then(transform), empty=checks.poisoned_empty)
+            try:
+                again = self._call(view, row.ep_size, row.rank, row.layout, stages=stages)
+            except Exception as exc:
+                row.fail(f"{name} run raised {type(exc).__name__}: {exc}")
+                continue
+            if not checks.bitwise_equal(again, out):
+                what = ("a legal slot permutation changed the output (order-dependent)" if name == "permuted" else
+                        "poisoned buffers changed the output (a stage reads memory nobody wrote)")
+                row.fail(what)
+        for problem in dict.fromkeys(problems):
+            row.fail(f"layout: {problem}")
+
+    def _run_combine(self, target: Target) -> Row:
+        ep, layout = target.ep_size, target.layout
+        row = Row(self.case.name, ep, None, layout, self.problem.routing.num_tokens)
+        views = [self.view(ep, r) for r in range(ep)]
+        missing = [r for r in range(ep) if (ep, r, layout) not in self._outputs]
+        for r in missing:
+            self._run_rank(Target(ep, r, layout))
+        if any((ep, r, layout) not in self._outputs for r in range(ep)):
+            row.fail("a rank's run failed: nothing to combine")
+            return row
+        total = self.problem.routing.num_tokens
+        out = combine(views, [self._outputs[(ep, r, layout)] for r in range(ep)], total)
+        faithful = combine(views, [self.references(ep, r)[0] for r in range(ep)], total)
+        exact = moe_reference(self.problem.x, self.problem.routing.topk_ids, self.problem.routing.topk_weights,
+                              self.problem.w13, self.problem.w2, mode="exact")
+        ids = self.problem.routing.topk_ids.to(out.device)
+        row.metrics = compare(out, faithful, exact, ids)
+        self._judge(row, bands.COMBINE_BANDS, ids, torch.arange(total), ids, expert_offset=0)
+        return row
+
+    def _judge(self, row: Row, table, local_ids, token_index, global_ids, expert_offset: int) -> None:
+        m = row.metrics
+        elements = int((local_ids >= 0).any(dim=1).sum()) * self.problem.sizes.hidden
+        per_expert = elements // max(int(local_ids[local_ids >= 0].unique().numel()), 1)
+        verdict, notes = bands.judge(m, table, expert_elements=per_expert)
+        row.notes.extend(notes)
+        if verdict == bands.FAIL or row.verdict == bands.FAIL:
+            row.verdict = bands.FAIL
+        elif verdict == bands.WARN:
+            row.verdict = bands.WARN
+        if m.worst_row >= 0:
+            experts = global_ids[m.worst_row]
+            rank = "all" if row.rank is None else row.rank
+            row.worst = (f"token {int(token_index[m.worst_row])} experts {experts[experts >= 0].tolist()} "
+                         f"rank {rank} {row.layout}; worst expert {m.worst_expert + expert_offset}")
+
+
+def sweep(case: Case, impl: Callable, *, seed: int = 0, device: str = "cpu", scale: str | None = None, ep_sizes=None,
+          ranks=None, layouts=LAYOUTS) -> Iterator[Row]:
+    """Run every row of `case` (optionally restricted) for `impl`; yields rows as they finish."""
+    scale = scale or default_scale(device)
+    runner = Sweep(case, impl, seed=seed, device=device, scale=scale)
+    for target in targets(case, scale, ep_sizes, ranks, layouts):
+        yield runner.run(target)

@@ -1,0 +1,126 @@
+"""The tester's own parts can fail: metrics score what they claim, bands are justified, and the layout checker,
+the padding poisoner and the slot permuter do what the sweep relies on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from kernels import scatter as S
+from reference.routing import rank_view
+from verify import bands, checks
+from verify.cases import Sizes, random_problem
+from verify.metrics import Metrics, calc_diff, compare
+
+U = bands.U_BF16
+
+
+def outputs(seed=0):
+    p = random_problem(Sizes(32, 64, 32, 8, 2), "uniform", seed)
+    ids = rank_view(p.x, p.routing, 2, 0).local_ids()
+    ids[:3] = -1  # three rows with nothing local, as in a padded receive buffer
+    ref = torch.randn(ids.shape[0], 64)
+    ref[:3] = 0.0
+    return ref, ids
+
+
+def test_a_zero_output_never_passes():
+    ref, ids = outputs()
+    m = compare(torch.zeros_like(ref), ref, ref, ids)
+    assert m.row_err == 1.0 and bands.judge(m)[0] == bands.FAIL
+
+
+def test_nan_and_stray_rows_fail():
+    ref, ids = outputs()
+    routed = (ids >= 0).any(1)
+    out = ref.clone()
+    out[routed.nonzero()[0], 3] = float("nan")
+    m = compare(out, ref, ref, ids)
+    assert m.nonfinite_rows == 1 and math.isinf(m.row_err) and bands.judge(m)[0] == bands.FAIL
+    out = ref.clone()
+    out[(~routed).nonzero()[0], 0] = 1e-30
+    m = compare(out, ref, ref, ids)
+    assert m.stray_rows == 1 and bands.judge(m)[0] == bands.FAIL
+
+
+def test_one_expert_off_by_two_percent_fails_where_calc_diff_sees_nothing():
+    ref, ids = outputs()
+    out = ref.clone()
+    rows = (ids == 1).any(1)
+    out[rows] *= 1.02
+    m = compare(out, ref, ref, ids)
+    assert m.worst_expert == 1 and bands.judge(m)[0] == bands.FAIL
+    assert calc_diff(out, ref) < 1e-3  # DeepGEMM's threshold would pass it
+
+
+def test_every_band_is_ordered_and_justified():
+    for band in bands.BANDS + bands.COMBINE_BANDS:
+        assert 0 <= band.passes <= band.fails and len(band.why) > 20, band
+    assert {b.metric for b in bands.BANDS} <= {f.name for f in dataclasses.fields(Metrics)}
+    assert all(len(t.why) > 20 for t in bands.STAGE_TOLERANCES.values())
+
+
+def test_one_ulp_noise_passes_and_the_expert_floor_protects_tiny_groups():
+    ref, ids = outputs()
+    out = ref.to(torch.bfloat16).float()
+    flipped = out.clone()
+    flipped[5, 0] = (out[5, 0] * (1 + 2 * U)).to(torch.bfloat16).float()  # one ulp up
+    m = compare(flipped, out, out, ids)
+    assert bands.judge(m, expert_elements=64)[0] == bands.PASS
+    assert bands.expert_band_floor(64) > bands.expert_band_floor(64 * 1024)
+
+
+def dispatch_of(layout, seed=0):
+    p = random_problem(Sizes(96, 64, 32, 8, 3), "skewed", seed)
+    view = rank_view(p.x, p.routing, 2, 1)
+    routing = S.count_local_experts(view.topk_ids, ep_rank=1, experts_per_rank=4, num_experts=8)
+    scatter = S.scatter_masked if layout == "masked" else S.scatter_contiguous
+    return scatter(view.x, routing, alignment=128), view
+
+
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+def test_permutation_is_legal_and_really_moves_rows(layout, seed):
+    dispatch, view = dispatch_of(layout, seed)
+    permuted = checks.permute_segments(dispatch, torch.Generator().manual_seed(seed))
+    assert checks.layout_problems(permuted, view.x, view.local_ids()) == []
+    assert not torch.equal(permuted.output_index, dispatch.output_index)
+
+
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+def test_layout_checker_catches_each_kind_of_break(layout):
+    dispatch, view = dispatch_of(layout)
+    ids = view.local_ids()
+    index = dispatch.output_index.clone()
+    local = (index >= 0).nonzero()
+    (t0, k0), (t1, k1) = local[0].tolist(), local[1].tolist()
+    index[t1, k1] = index[t0, k0]
+    shared = dataclasses.replace(dispatch, output_index=index)
+    assert checks.layout_problems(shared, view.x, ids)
+    remote = dataclasses.replace(dispatch, output_index=torch.where(dispatch.output_index < 0, 0,
+                                                                    dispatch.output_index))
+    assert any("-1" in p for p in checks.layout_problems(remote, view.x, ids))
+    rows = dispatch.rows.clone()
+    rows.view(-1, rows.shape[-1])[dispatch.output_index[t0, k0]] += 1
+    assert any("bitwise" in p for p in checks.layout_problems(dataclasses.replace(dispatch, rows=rows), view.x, ids))
+    if layout == "contiguous":
+        m = dispatch.m_indices.clone()
+        m[-1] = 0  # a padding row claimed by an expert
+        assert any("m_indices" in p for p in checks.layout_problems(dataclasses.replace(dispatch, m_indices=m),
+                                                                     view.x, ids))
+
+
+def test_poison_padding_poisons_exactly_the_rows_without_tokens():
+    dispatch, _ = dispatch_of("contiguous")
+    poisoned = checks.poison_padding(dispatch)
+    flat = poisoned.flat_rows()
+    valid = checks.valid_row_mask(dispatch)
+    assert flat[~valid].isnan().all() and not flat[valid].isnan().any()
+    assert checks.bitwise_equal(flat[valid], dispatch.flat_rows()[valid])
+
+
+def test_poisoned_empty_fills_floats_with_nan_and_ints_with_an_illegal_row():
+    assert checks.poisoned_empty((3,), dtype=torch.bfloat16, device="cpu").isnan().all()
+    assert (checks.poisoned_empty((3,), dtype=torch.int32, device="cpu") == checks.POISON_INT).all()

@@ -1,0 +1,90 @@
+"""python -m verify.diff as a user meets it: the table, exit codes 0 / 1 / 2, replay commands, JSON, --list; and the
+hand-made broken implementations it must fail, naming the rank and row (verify/broken.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from verify import broken
+from verify.cases import CASES
+from verify.diff import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_prints_every_case(capsys):
+    code, out, _ = run(capsys, "--list")
+    assert code == 0 and all(line.startswith(c.name + ":") for line, c in zip(out.splitlines(), CASES))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--case", "nope"], "unknown case 'nope'"),
+    (["--case", "skewed", "--impl", "no.such.module:fn"], "cannot import --impl"),
+    (["--case", "skewed", "--impl", "verify.broken"], "MODULE:CALLABLE"),
+    (["--case", "skewed", "--ep-size", "3"], "--ep-size 3"),
+    (["--case", "skewed", "--ep-size", "2", "--rank", "2"], "--rank 2"),
+    (["--bogus"], "unrecognized arguments"),
+    ([], "--case is required"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_row_passes_and_writes_json(capsys, tmp_path):
+    path = tmp_path / "rows.json"
+    code, out, _ = run(capsys, "--case", "skewed", "--ep-size", "4", "--rank", "2", "--layout", "masked",
+                       "--json", str(path))
+    assert code == 0, out
+    assert "skewed  4   2     masked" in out and "1/1 rows pass" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["id"] for r in rows] == ["skewed-ep4-rank2-masked"] and rows[0]["verdict"] == "PASS"
+    assert rows[0]["metrics"]["row_err"] < rows[0]["metrics"]["exact_row_err"] + 1
+
+
+# Where each bug must show: (an ep_size, a rank) where a row fails. Every broken impl must fail at least there.
+MUST_FAIL_AT = {
+    "drop_last_expert_row": "skewed-ep1-rank0-masked",
+    "global_ids_as_local": "skewed-ep2-rank1-masked",  # rank 0 is right, rank 1 is not
+    "minus_one_wraps": "skewed-ep2-rank0-contiguous",
+    "ignore_router_weight": "skewed-ep1-rank0-contiguous",
+    "gate_up_swapped": "skewed-ep4-rank3-masked",
+    "masked_drops_last_token": "skewed-ep4-rank1-masked",
+    "perturb_one_expert": "skewed-ep2-rank0-contiguous",
+}
+
+
+@pytest.mark.parametrize("name", sorted(broken.BROKEN))
+def test_broken_implementation_fails_and_is_localised(capsys, tmp_path, name):
+    path = tmp_path / "rows.json"
+    code, out, _ = run(capsys, "--case", "skewed", "--impl", f"verify.broken:{name}", "--json", str(path))
+    assert code == 1, out
+    verdicts = {r["id"]: r["verdict"] for r in json.loads(path.read_text())["rows"]}
+    assert verdicts[MUST_FAIL_AT[name]] == "FAIL", out
+    failing = MUST_FAIL_AT[name]
+    assert f"FAIL {failing}:" in out and "worst: token" in out
+    assert f"--impl verify.broken:{name}" in out  # the replay command
+    if name == "global_ids_as_local":
+        assert verdicts["skewed-ep2-rank0-masked"] == "PASS" and verdicts["skewed-ep1-rank0-masked"] == "PASS"
+    if name == "masked_drops_last_token":
+        assert all(v != "FAIL" for k, v in verdicts.items() if k.endswith("contiguous"))
+
+
+def test_the_reference_as_an_implementation_passes(capsys):
+    code, out, _ = run(capsys, "--case", "skewed", "--impl", "verify.broken:reference_impl")
+    assert code == 0, out
+
+
+def test_module_entry_point_in_a_fresh_process():
+    done = subprocess.run([sys.executable, "-m", "verify.diff", "--case", "single_token", "--ep-size", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rows pass" in done.stdout

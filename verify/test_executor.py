@@ -1,0 +1,180 @@
+"""kernels.moe_expert_forward end to end against the reference, judged by the bands; its edge behaviours (M == 0,
+all-remote, layout choice, buffer sizing), inputs left alone, and bad input rejected naming the argument."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kernels import Stages, choose_layout, moe_expert_forward
+from kernels._device import default_device
+from kernels.gemm import BACKENDS, availability
+from kernels.gemm.loop import Loop
+from reference import moe_reference
+from reference.routing import rank_view
+from verify import bands, checks
+from verify.cases import Sizes, random_problem
+from verify.metrics import compare
+
+DEVICE = default_device()
+POISONED = Stages(empty=checks.poisoned_empty)
+
+
+def _backends():
+    return [pytest.param(n, marks=[pytest.mark.deep_gemm] if n == "deep_gemm" else []) for n in BACKENDS]
+
+
+def check_rank(problem, ep_size, rank, **kwargs):
+    """Run every rank's expert stage with poisoned buffers and judge it against both references."""
+    view = rank_view(problem.x, problem.routing, ep_size, rank)
+    w13, w2 = problem.rank_weights(ep_size, rank)
+    order = kwargs.get("gate_up_order", "gate_up")
+    out = moe_expert_forward(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
+                             stages=POISONED, **kwargs)
+    refs = [moe_reference(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
+                          gate_up_order=order, mode=mode) for mode in ("faithful", "exact")]
+    metrics = compare(out.float(), *refs, view.local_ids())
+    verdict, notes = bands.judge(metrics)
+    assert verdict != bands.FAIL, f"ep={ep_size} rank={rank} {kwargs}: {notes} {metrics}"
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+@pytest.mark.parametrize("gate_up_order", ["gate_up", "up_gate"])
+@pytest.mark.parametrize("ep_size", [1, 2, 4])
+def test_every_backend_layout_order_and_rank(backend, layout, gate_up_order, ep_size, seed):
+    ok, why = availability(backend, DEVICE, 128, 64)
+    if not ok:
+        pytest.skip(why)
+    problem = random_problem(Sizes(64, 128, 64, 8, 3), "skewed", seed, DEVICE)
+    for rank in range(ep_size):
+        check_rank(problem, ep_size, rank, layout=layout, gemm=backend, gate_up_order=gate_up_order)
+
+
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+@pytest.mark.parametrize("routing,sizes,params", [
+    ("empty_rank", Sizes(64, 128, 64, 8, 3), {"ep_size": 4}),
+    ("boundary", Sizes(160, 128, 64, 16, 4), {"counts": (127, 128, 129)}),
+    ("uniform", Sizes(48, 320, 192, 8, 2), {}),  # H = 5 * 64: not a multiple of 512
+    pytest.param("uniform", Sizes(256, 2880, 2880, 32, 4), {}, marks=pytest.mark.gpu),  # gpt-oss H
+], ids=["empty_rank", "boundary-127-128-129", "odd_hidden", "gpt_oss_hidden"])
+def test_routing_edge_cases_on_every_rank(layout, routing, sizes, params, seed):
+    problem = random_problem(sizes, routing, seed, DEVICE, **params)
+    for rank in range(4):
+        check_rank(problem, 4, rank, layout=layout)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("this stage must not run")
+
+
+class _NoGemm(Loop):
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("no GEMM may be launched")
+
+
+def test_empty_batch_returns_empty_and_launches_nothing():
+    problem = random_problem(Sizes(8, 64, 64, 4, 2), "uniform", 0, DEVICE)
+    nothing = Stages(count=_refuse, scatter_masked=_refuse, scatter_contiguous=_refuse, gemm=_NoGemm())
+    out = moe_expert_forward(problem.x[:0], problem.routing.topk_ids[:0], problem.routing.topk_weights[:0],
+                             problem.w13, problem.w2, stages=nothing)
+    assert out.shape == (0, 64) and out.dtype == torch.bfloat16
+
+
+def test_all_remote_ids_return_zeros_without_gemm():
+    problem = random_problem(Sizes(16, 64, 64, 8, 2), "empty_rank", 0, DEVICE, ep_size=4, rank=1)
+    w13, w2 = problem.rank_weights(4, 1)
+    ids = problem.routing.topk_ids.clone()
+    ids[0, 0] = -1
+    out = moe_expert_forward(problem.x, ids, problem.routing.topk_weights, w13, w2, ep_size=4, ep_rank=1,
+                             stages=dataclasses.replace(POISONED, gemm=_NoGemm(), scatter_masked=_refuse,
+                                                        scatter_contiguous=_refuse))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def _layout_taken(m_tokens, **kwargs):
+    seen = []
+    record = Stages(after_scatter=lambda d: seen.append(d) or d)
+    problem = random_problem(Sizes(m_tokens, 64, 64, 4, 2), "uniform", 0, DEVICE)
+    moe_expert_forward(problem.x, problem.routing.topk_ids, problem.routing.topk_weights, problem.w13, problem.w2,
+                       stages=record, **kwargs)
+    return seen[0]
+
+
+def test_masked_max_tokens_is_the_seed_rule():
+    assert _layout_taken(40, masked_max_tokens=40).layout == "masked"
+    assert _layout_taken(41, masked_max_tokens=40).layout == "contiguous"
+    assert _layout_taken(41, masked_max_tokens=40, layout="masked").layout == "masked"
+
+
+def test_auto_layout_rule_reads_the_routing():
+    few = [8] * 32
+    assert choose_layout(few, 256, 7168, 2048, 128, None) == "masked"
+    many = [2048] * 32  # mean rows per expert beyond the measured crossover
+    assert choose_layout(many, 65536, 7168, 2048, 128, None) == "contiguous"
+    skew = [1] * 31 + [8000]  # one hot expert: the masked block would hold 32 x 8064 rows
+    assert choose_layout(skew, 8031, 7168, 2048, 128, None) == "contiguous"
+
+
+def test_masked_block_is_sized_from_the_largest_count():
+    dispatch = _layout_taken(200, layout="masked")
+    assert dispatch.block_rows == -(-max(dispatch.counts_host) // 128) * 128 < 200 * 2
+
+
+def test_inputs_are_never_modified(seed):
+    problem = random_problem(Sizes(32, 64, 64, 4, 2), "uniform", seed, DEVICE)
+    args = (problem.x, problem.routing.topk_ids.to(DEVICE), problem.routing.topk_weights.to(DEVICE), problem.w13,
+            problem.w2)
+    before = [a.clone() for a in args]
+    for layout in ("masked", "contiguous"):
+        moe_expert_forward(*args, layout=layout)
+    assert all(checks.bitwise_equal(a, b) for a, b in zip(args, before))
+
+
+def _good():
+    p = random_problem(Sizes(8, 64, 64, 4, 2), "uniform", 0, DEVICE)
+    return dict(x=p.x, topk_ids=p.routing.topk_ids.to(DEVICE), topk_weights=p.routing.topk_weights.to(DEVICE),
+                w13=p.w13, w2=p.w2)
+
+
+BAD_INPUTS = [
+    ("x", lambda a: a.update(x=a["x"].float())),
+    ("x", lambda a: a.update(x=a["x"][None])),
+    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"].float())),
+    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"][:4])),
+    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"] + 4)),  # ids >= num_experts
+    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"] - 3)),  # ids < -1
+    ("topk_weights", lambda a: a.update(topk_weights=a["topk_weights"][:, :1])),
+    ("topk_weights", lambda a: a.update(topk_weights=a["topk_weights"].half())),
+    ("w13", lambda a: a.update(w13=a["w13"][:, :, :32])),
+    ("w13", lambda a: a.update(w13=a["w13"].float())),
+    ("w2", lambda a: a.update(w2=a["w2"][:, :, :16])),
+    ("ep_rank", lambda a: a.update(ep_size=2, ep_rank=2)),
+    ("ep_size", lambda a: a.update(ep_size=0)),
+    ("num_experts", lambda a: a.update(ep_size=3, num_experts=8)),
+    ("num_experts", lambda a: a.update(num_experts=6)),
+    ("layout", lambda a: a.update(layout="flat")),
+    ("gemm", lambda a: a.update(gemm="cublas")),
+    ("masked_max_tokens", lambda a: a.update(masked_max_tokens=-1)),
+    ("gate_up_order", lambda a: a.update(gate_up_order="gate")),
+    ("H=", lambda a: a.update(x=a["x"][:, :8].contiguous(), w13=a["w13"][:, :, :8].contiguous(),
+                              w2=a["w2"][:, :8].contiguous(), gemm="triton")),  # triton needs H % 16 == 0
+]
+
+
+@pytest.mark.parametrize("argument,spoil", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_raises_value_error_naming_the_argument(argument, spoil):
+    args = _good()
+    spoil(args)
+    with pytest.raises(ValueError, match=argument):
+        moe_expert_forward(**args)
+
+
+def test_wrong_type_raises_type_error():
+    args = _good()
+    args["topk_weights"] = args["topk_weights"].tolist()
+    with pytest.raises(TypeError, match="topk_weights"):
+        moe_expert_forward(**args)

@@ -1,0 +1,116 @@
+"""The GEMM backend registry and the deep_gemm wrapper's semantics (the seed's), tested with a fake deep_gemm module
+on any machine: lazy import retried until it succeeds, tolerant bf16 symbols, compiled_dims, the alignment check."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from kernels.gemm import AUTO_ORDER, BACKENDS, availability, deep_gemm, select
+from kernels.scatter import Dispatch
+
+
+@pytest.fixture
+def fresh_wrapper(monkeypatch):
+    """The wrapper with its caches cleared, and no real deep_gemm importable unless the test installs a fake."""
+    monkeypatch.setattr(deep_gemm, "_module", None)
+    monkeypatch.setattr(deep_gemm, "_bf16", None)
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)  # `import deep_gemm` raises ImportError
+    return deep_gemm
+
+
+def fake_deep_gemm(alignment=128, with_masked=True, legacy_masked=False):
+    calls = []
+    mod = types.ModuleType("deep_gemm")
+    mod.m_grouped_bf16_gemm_nt_contiguous = lambda *a: calls.append(("contiguous", a))
+    masked = lambda *a: calls.append(("masked", a))  # noqa: E731
+    if with_masked:
+        setattr(mod, "bf16_m_grouped_gemm_nt_masked" if legacy_masked else "m_grouped_bf16_gemm_nt_masked", masked)
+    mod.get_mk_alignment_for_contiguous_layout = lambda: alignment
+    return mod, calls
+
+
+def test_has_deep_gemm_retries_until_the_import_succeeds_then_caches(fresh_wrapper, monkeypatch):
+    assert not fresh_wrapper.has_deep_gemm()
+    assert not fresh_wrapper.has_deep_gemm()  # still looking
+    mod, _ = fake_deep_gemm()
+    monkeypatch.setitem(sys.modules, "deep_gemm", mod)  # e.g. a spawned process whose sys.path came late
+    assert fresh_wrapper.has_deep_gemm()
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)
+    assert fresh_wrapper.has_deep_gemm()  # cached True
+
+
+def test_bf16_symbols_are_resolved_tolerantly(fresh_wrapper, monkeypatch):
+    mod, _ = fake_deep_gemm(with_masked=False)
+    monkeypatch.setitem(sys.modules, "deep_gemm", mod)
+    assert fresh_wrapper.has_deep_gemm() and not fresh_wrapper.has_deep_gemm_bf16_grouped()
+
+
+def test_legacy_masked_name_is_accepted(fresh_wrapper, monkeypatch):
+    mod, calls = fake_deep_gemm(legacy_masked=True)
+    monkeypatch.setitem(sys.modules, "deep_gemm", mod)
+    assert fresh_wrapper.has_deep_gemm_bf16_grouped()
+    fresh_wrapper.m_grouped_bf16_gemm_nt_masked(1, 2, 3, 4, 5)
+    assert calls == [("masked", (1, 2, 3, 4, 5))]
+
+
+def test_has_deep_gemm_bf16_grouped_never_raises(fresh_wrapper, monkeypatch):
+    class Exploding(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError("broken build")
+
+    monkeypatch.setitem(sys.modules, "deep_gemm", Exploding("deep_gemm"))
+    assert fresh_wrapper.has_deep_gemm_bf16_grouped() is False
+
+
+def test_non_default_compiled_dims_is_rejected(fresh_wrapper, monkeypatch):
+    mod, calls = fake_deep_gemm()
+    monkeypatch.setitem(sys.modules, "deep_gemm", mod)
+    with pytest.raises(ValueError, match="compiled_dims"):
+        fresh_wrapper.m_grouped_bf16_gemm_nt_contiguous(1, 2, 3, 4, compiled_dims="mn")
+    with pytest.raises(ValueError, match="compiled_dims"):
+        fresh_wrapper.m_grouped_bf16_gemm_nt_masked(1, 2, 3, 4, 5, compiled_dims="k")
+    assert calls == []
+
+
+def _dispatch(alignment):
+    rows = torch.zeros(alignment, 64, dtype=torch.bfloat16)
+    return Dispatch("contiguous", rows, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+                    (1,), alignment, torch.zeros(alignment, dtype=torch.int32))
+
+
+def test_alignment_mismatch_is_caught_at_first_use(fresh_wrapper, monkeypatch):
+    mod, calls = fake_deep_gemm(alignment=256)
+    monkeypatch.setitem(sys.modules, "deep_gemm", mod)
+    backend = deep_gemm.DeepGemm()
+    with pytest.raises(RuntimeError, match="alignment is 256"):
+        backend.m_grouped_gemm_nt_contiguous(torch.zeros(128, 64, dtype=torch.bfloat16),
+                                             torch.zeros(1, 64, 64, dtype=torch.bfloat16), _dispatch(128),
+                                             torch.empty)
+    assert calls == []
+
+
+def test_deep_gemm_is_unavailable_off_hopper_with_a_reason():
+    ok, why = availability("deep_gemm", "cpu")
+    assert not ok and "CUDA" in why
+    assert BACKENDS["deep_gemm"].shape_problem(2880, 2880) is None
+    assert "K % 64" in BACKENDS["deep_gemm"].shape_problem(2880 + 32, 768)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_every_backend_reports_availability_with_a_reason(name):
+    ok, why = availability(name, "cpu", 128, 64)
+    assert isinstance(ok, bool) and why
+
+
+def test_auto_picks_loop_on_a_cpu_and_says_why():
+    backend, why = select("auto", "cpu", 128, 64)
+    assert backend.name == "loop" == AUTO_ORDER["cpu"][0] and "auto -> loop" in why
+
+
+def test_explicit_unavailable_backend_names_the_argument():
+    with pytest.raises(ValueError, match="gemm='deep_gemm'"):
+        select("deep_gemm", "cpu", 128, 64)

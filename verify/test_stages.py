@@ -1,0 +1,155 @@
+"""Each Triton stage and each grouped-GEMM backend against its reference (reference/stages.py, reference/layouts.py).
+
+Layout facts are checked exactly and through output_index (never by row order); every output buffer is poisoned
+(NaN / -2) before the stage runs, so an unwritten element shows; padding rows of GEMM outputs are never read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kernels import scatter as S
+from kernels._device import default_device
+from kernels.activation import silu_and_mul
+from kernels.gather import gather
+from kernels.gemm import BACKENDS, availability
+from reference import layouts
+from reference import stages as ref
+from reference.routing import rank_view
+from verify import bands, checks
+from verify.cases import Sizes, random_problem
+
+DEVICE = default_device()
+ROUTINGS = [("uniform", {}), ("skewed", {}), ("empty_experts", {}), ("boundary", {"counts": (127, 128, 129)}),
+            ("hot_expert", {"share": 0.9})]
+LAYOUTS = ["contiguous", "masked"]
+
+
+def tolerance(stage: str) -> dict:
+    t = bands.STAGE_TOLERANCES[stage]
+    return dict(rtol=t.rtol, atol=t.atol)
+
+
+def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=Sizes(96, 128, 64, 8, 3), **params):
+    """A rank's inputs on DEVICE: x, topk_ids (global, -1 for remote), weights (NaN on skipped slots), its weights."""
+    p = random_problem(sizes, routing, seed, DEVICE, **params)
+    view = rank_view(p.x, p.routing, ep_size, rank)
+    weights = torch.where(view.topk_ids >= 0, view.topk_weights, float("nan"))
+    w13, w2 = p.rank_weights(ep_size, rank)
+    return view, weights, w13, w2
+
+
+def scattered(layout, view, ep_size, rank):
+    per_rank = view.num_local_experts
+    routing = S.count_local_experts(view.topk_ids, ep_rank=rank, experts_per_rank=per_rank,
+                                    num_experts=view.num_experts)
+    to = S.scatter_masked if layout == "masked" else S.scatter_contiguous
+    return to(view.x, routing, alignment=128, empty=checks.poisoned_empty)
+
+
+@pytest.mark.parametrize("ep_size", [1, 2, 4])
+def test_count_local_experts_matches_reference(ep_size, seed):
+    view, *_ = routed("skewed", ep_size, ep_size - 1, seed)
+    ids = view.topk_ids.clone()
+    ids[::5, 0] = -1  # router drops too
+    for dtype in (torch.int32, torch.int64):
+        got = S.count_local_experts(ids.to(dtype), ep_rank=ep_size - 1, experts_per_rank=view.num_local_experts,
+                                    num_experts=view.num_experts)
+        want = layouts.local_expert_ids(ids, ep_size, ep_size - 1, view.num_experts)
+        assert torch.equal(got.local_ids.long().cpu(), want.cpu())
+        want_counts = layouts.expert_counts(want.cpu(), view.num_local_experts).tolist()
+        assert list(got.counts_host) == want_counts == got.counts.cpu().tolist()
+
+
+@pytest.mark.parametrize("bad", [-2, 8, 2**40])
+def test_count_local_experts_rejects_out_of_range_ids(bad):
+    ids = torch.zeros(4, 2, dtype=torch.int64, device=DEVICE)
+    ids[2, 1] = bad
+    with pytest.raises(ValueError, match="topk_ids"):
+        S.count_local_experts(ids, ep_rank=0, experts_per_rank=8, num_experts=8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("routing,params", ROUTINGS, ids=[r for r, _ in ROUTINGS])
+@pytest.mark.parametrize("ep_size,rank", [(1, 0), (2, 1), (4, 2)])
+def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, rank, seed):
+    sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else Sizes(96, 128, 64, 8, 3)
+    view, *_ = routed(routing, ep_size, rank, seed, sizes, **params)
+    dispatch = scattered(layout, view, ep_size, rank)
+    assert checks.layout_problems(dispatch, view.x, view.local_ids()) == []
+    counts = dispatch.counts_host
+    if layout == "masked":  # sized from the largest count, not from M
+        assert dispatch.block_rows == layouts.align_up(max(max(counts), 1), 128)
+    else:
+        assert dispatch.rows.shape[0] == layouts.padded_rows(torch.tensor(counts), 128)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("gate_up_order", ["gate_up", "up_gate"])
+def test_silu_and_mul_computes_valid_rows_only(layout, gate_up_order, seed):
+    view, *_ = routed("skewed", 2, 0, seed)
+    dispatch = scattered(layout, view, 2, 0)
+    valid = checks.valid_row_mask(dispatch).to(DEVICE)
+    h = torch.randn(*dispatch.rows.shape[:-1], 2 * 96, device=DEVICE).to(torch.bfloat16)
+    h.view(-1, h.shape[-1])[~valid] = float("nan")  # padding rows of the GEMM output are unspecified
+    a = silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=checks.poisoned_empty)
+    flat_a, flat_h = a.view(-1, a.shape[-1]), h.view(-1, h.shape[-1])
+    want = ref.silu_and_mul(flat_h[valid], gate_up_order, faithful=True).to(torch.bfloat16)
+    torch.testing.assert_close(flat_a[valid], want, **tolerance("silu_and_mul"))
+    assert flat_a[~valid].isnan().all(), "a padding row was computed or written"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hidden", [64, 320, pytest.param(2880, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("ep_size,rank", [(1, 0), (4, 3)])
+def test_gather_weights_every_local_slot_in_order(layout, hidden, ep_size, rank, seed):
+    view, weights, *_ = routed("skewed", ep_size, rank, seed, Sizes(64, hidden, 64, 8, 4))
+    dispatch = scattered(layout, view, ep_size, rank)
+    y = torch.randn(*dispatch.rows.shape, device=DEVICE).to(torch.bfloat16)
+    y.view(-1, hidden)[~checks.valid_row_mask(dispatch).to(DEVICE)] = float("nan")
+    out = gather(y, dispatch, weights, empty=checks.poisoned_empty)
+    index = dispatch.output_index.long()
+    y_slots = y.view(-1, hidden)[index.clamp_min(0)]
+    want = ref.weighted_sum(y_slots, weights, index >= 0, faithful=True).to(torch.bfloat16)
+    torch.testing.assert_close(out, want, **tolerance("gather"))
+
+
+def test_gather_writes_zero_rows_for_tokens_without_local_slot(seed):
+    view, weights, *_ = routed("uniform", 4, 1, seed)
+    view_ids = view.topk_ids.clone()
+    view_ids[:7] = -1  # these tokens now have nothing local
+    view = dataclasses.replace(view, topk_ids=view_ids)
+    dispatch = scattered("contiguous", view, 4, 1)
+    y = torch.randn(*dispatch.rows.shape, device=DEVICE).to(torch.bfloat16)
+    out = gather(y, dispatch, weights, empty=checks.poisoned_empty)
+    assert torch.equal(out[:7], torch.zeros_like(out[:7]))
+    assert torch.isfinite(out).all()
+
+
+def _backends():
+    marks = {"deep_gemm": [pytest.mark.deep_gemm], "triton": [], "grouped_mm": [], "loop": []}
+    return [pytest.param(name, marks=marks[name]) for name in BACKENDS]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("routing,params", [("skewed", {}), ("empty_experts", {}),
+                                            ("boundary", {"counts": (127, 128, 129)})], ids=["skewed", "empty", "bnd"])
+def test_grouped_gemm_backend_matches_reference_on_valid_rows(backend, layout, routing, params, seed):
+    ok, why = availability(backend, DEVICE, 128, 64)
+    if not ok:
+        pytest.skip(why)
+    sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else Sizes(96, 128, 64, 8, 3)
+    view, _, w13, _ = routed(routing, 2, 1, seed, sizes, **params)
+    dispatch = scattered(layout, view, 2, 1)
+    d = BACKENDS[backend](dispatch.rows, w13, dispatch, checks.poisoned_empty)
+    assert d.shape == (*dispatch.rows.shape[:-1], w13.shape[1])
+    flat_a, flat_d = dispatch.flat_rows(), d.reshape(-1, w13.shape[1])
+    rows_of = checks.valid_row_mask(dispatch).nonzero().flatten()
+    experts = torch.repeat_interleave(torch.arange(dispatch.num_experts), torch.tensor(dispatch.counts_host))
+    for e in experts.unique().tolist():
+        rows = rows_of[experts == e].to(DEVICE)
+        want = ref.gemm_nt(flat_a[rows], w13[e], faithful=True).to(torch.bfloat16)
+        torch.testing.assert_close(flat_d[rows], want, **tolerance("gemm"), msg=f"{backend} {layout} expert {e}")
