@@ -96,7 +96,8 @@ def count_local_experts(
     _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
     local_ids = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
     stats = torch.zeros(experts_per_rank + 1, dtype=torch.int32, device=topk_ids.device)
-    block = 1024
+    # one-hot histogram of [block, E_PAD]: big blocks for the interpreter, register-sized ones on a GPU
+    block = 1024 if interpreting() else max(32, 8192 // _pow2(experts_per_rank))
     K.local_ids_kernel[(triton.cdiv(topk_ids.numel(), block),)](
         topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * experts_per_rank, experts_per_rank, num_experts,
         BLOCK=block, E_PAD=_pow2(experts_per_rank),

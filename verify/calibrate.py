@@ -1,0 +1,101 @@
+"""python -m verify.calibrate: the measurements behind verify/bands.py.
+
+An honest implementation that accumulates its GEMMs in fp32 in 64-wide K chunks (the order of a tensor-core K loop,
+unlike the reference's exact accumulation) is compared with the faithful and exact references over several K; so
+are three subtle numeric bugs that only a tight band can see. The printed table is docs/bands.md.
+`tensor_core_order` also serves as a peer implementation: `--impl verify.calibrate:tensor_core_order` must pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from reference import moe_reference
+from reference.layouts import local_expert_ids
+from reference.routing import rank_view
+from verify import bands
+from verify.cases import Sizes, random_problem
+from verify.metrics import compare
+
+
+def _chunked_gemm_nt(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    for k0 in range(0, a.shape[1], chunk):
+        acc = acc + a[:, k0 : k0 + chunk].float() @ b[:, k0 : k0 + chunk].float().T
+    return acc.to(torch.bfloat16)
+
+
+def _implementation(variant: str):
+    def impl(x, topk_ids, topk_weights, w13, w2, *, ep_size=1, ep_rank=0, num_experts=None, gate_up_order="gate_up",
+             **_layout_and_backend):
+        experts_here = w13.shape[0]
+        local = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts or experts_here * ep_size)
+        y = torch.zeros(*topk_ids.shape, x.shape[1], dtype=torch.bfloat16, device=x.device)
+        for e in range(experts_here):
+            token, slot = (local == e).nonzero(as_tuple=True)
+            if not token.numel():
+                continue
+            first, second = _chunked_gemm_nt(x[token], w13[e]).float().chunk(2, dim=-1)
+            gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
+            silu = F.silu(gate)
+            if variant == "silu_in_bf16":
+                silu = silu.to(torch.bfloat16).float()
+            out = _chunked_gemm_nt((silu * up).to(torch.bfloat16), w2[e])
+            if variant == "one_expert_2pct" and e == 0:
+                out = (out.float() * 1.02).to(torch.bfloat16)
+            y[token, slot] = out
+        acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for k in range(topk_ids.shape[1]):
+            summed = acc + topk_weights[:, k, None] * y[:, k].float()
+            if variant == "gather_in_bf16":
+                summed = summed.to(torch.bfloat16).float()
+            acc = torch.where((local[:, k] >= 0)[:, None], summed, acc)
+        return acc.to(torch.bfloat16)
+
+    impl.__name__ = variant
+    return impl
+
+
+VARIANTS = ("honest", "silu_in_bf16", "gather_in_bf16", "one_expert_2pct")
+tensor_core_order = _implementation("honest")
+
+
+def measure(sizes: Sizes, variant: str, seeds: int = 3, ep_size: int = 2) -> dict[str, float]:
+    """Worst value of each metric over seeds x ranks, in units of u."""
+    impl, worst = _implementation(variant), {}
+    for seed in range(seeds):
+        problem = random_problem(sizes, "uniform", seed)
+        for rank in range(ep_size):
+            view = rank_view(problem.x, problem.routing, ep_size, rank)
+            w13, w2 = problem.rank_weights(ep_size, rank)
+            args = (view.x, view.topk_ids, view.topk_weights, w13, w2)
+            refs = [moe_reference(*args, ep_size=ep_size, ep_rank=rank, mode=m) for m in ("faithful", "exact")]
+            m = compare(impl(*args, ep_size=ep_size, ep_rank=rank).float(), *refs, view.local_ids())
+            for name in ("row_err", "expert_err", "rel_l2", "exact_row_err", "exact_rel_l2"):
+                worst[name] = max(worst.get(name, 0.0), getattr(m, name) / bands.U_BF16)
+            worst["calc_diff"] = max(worst.get("calc_diff", 0.0), m.calc_diff)
+    return worst
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m verify.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=3)
+    args = p.parse_args(argv)
+    shapes = [Sizes(64, 256, 128, 16, 4), Sizes(64, 1024, 512, 16, 4), Sizes(32, 4096, 1024, 16, 4),
+              Sizes(16, 7168, 2048, 16, 4)]
+    print("| H | I | variant | row/u | expert/u | l2/u | exact row/u | exact l2/u | calc_diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sizes in shapes:
+        for variant in VARIANTS:
+            w = measure(sizes, variant, args.seeds)
+            print(f"| {sizes.hidden} | {sizes.inter} | {variant} | {w['row_err']:.2f} | {w['expert_err']:.3f} | "
+                  f"{w['rel_l2']:.3f} | {w['exact_row_err']:.2f} | {w['exact_rel_l2']:.3f} | {w['calc_diff']:.1e} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
