@@ -80,7 +80,7 @@ def run(shape: Shape, tokens_list, backends, layouts, reps_ms: int) -> list[dict
                 rows.append(dict(shape=shape.name, tokens=tokens, slots=slots, backend=backend, layout=layout, ms=ms,
                                  tflops=flops / ms / 1e9, row_u=m.row_err / bands.U_BF16,
                                  l2_u=m.rel_l2 / bands.U_BF16, exact_l2_u=m.exact_rel_l2 / bands.U_BF16,
-                                 verdict=bands.judge(m)[0]))
+                                 verdict=bands.judge(m, bands.bands_for(shape.sizes.hidden, shape.sizes.inter))[0]))
                 r = rows[-1]
                 print(f"{shape.name:9s} M={tokens:6d} slots={slots:7d} {backend:10s} {layout:10s} {ms:9.3f} ms "
                       f"{r['tflops']:7.1f} TFLOP/s  row/u={r['row_u']:.2f} l2/u={r['l2_u']:.3f} "

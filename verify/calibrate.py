@@ -2,7 +2,8 @@
 
 An honest implementation that accumulates its GEMMs in fp32 in 64-wide K chunks (the order of a tensor-core K loop,
 unlike the reference's exact accumulation) is compared with the faithful and exact references over several K; so
-are three subtle numeric bugs that only a tight band can see. The printed table is docs/bands.md.
+are three subtle numeric bugs that only a tight band can see. The printed table is docs/bands.md (CPU); the GPU
+calibration, where tensor cores add their own accumulation noise, is in docs/gpu-h200.md.
 `tensor_core_order` also serves as a peer implementation: `--impl verify.calibrate:tensor_core_order` must pass.
 """
 

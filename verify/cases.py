@@ -71,7 +71,7 @@ CASES: tuple[Case, ...] = (
     Case("boundary", "experts with exactly 127, 128 and 129 tokens around the 128-row alignment", "boundary",
          (("counts", (127, 128, 129)),), cpu=Sizes(160, 128, 64, 16, 4), gpu=Sizes(1024, 2048, 768, 64, 8)),
     Case("large_k", "large hidden size (DeepSeek-V3 H=7168 on GPU): long K in the gate+up GEMM", "uniform",
-         cpu=Sizes(64, 1024, 256, 8, 2), gpu=Sizes(1024, 7168, 2048, 256, 8), ep_sizes=(1, 2), gpu_ep_sizes=(8,)),
+         cpu=Sizes(64, 1024, 256, 8, 2), gpu=Sizes(1024, 7168, 2048, 64, 8), ep_sizes=(1, 2)),
     Case("odd_hidden", "H not a multiple of 512 (gpt-oss H=2880 on GPU, 5*64 on CPU)", "uniform",
          cpu=Sizes(96, 320, 192, 8, 2), gpu=Sizes(2048, 2880, 2880, 128, 4)),
     Case("many_experts", "256 experts, top-8 (DeepSeek routing width)", "uniform",
@@ -99,12 +99,13 @@ class Problem:
 
 def random_problem(sizes: Sizes, routing: str, seed: int, device: str = "cpu", **routing_params) -> Problem:
     """Fresh random inputs (never zeros): x ~ N(0, 1), weights ~ N(0, 1/K) so every stage is O(1).
-    The routing is drawn on the CPU (identical on every machine); the tensors on `device` from a seeded generator."""
+    The routing is drawn on the CPU (identical on every machine), then moved; the tensors are drawn on `device`."""
     r = make_routing(routing, sizes.num_tokens, sizes.num_experts, sizes.topk, seed=seed, **routing_params)
+    r = dataclasses.replace(r, topk_ids=r.topk_ids.to(device), topk_weights=r.topk_weights.to(device))
     gen = torch.Generator(device=device).manual_seed(seed + 1)
 
-    def normal(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(torch.bfloat16)
+    def normal(*shape: int, scale: float = 1.0) -> torch.Tensor:  # drawn in bf16: no fp32 copy of the weights
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16).mul_(scale)
 
     return Problem(
         sizes,

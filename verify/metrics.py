@@ -17,7 +17,7 @@ import torch
 class Metrics:
     row_err: float  # max over rows of max|out - faithful| / max|faithful row|
     worst_row: int  # the row (of this rank's output) where row_err is reached; -1 if none
-    expert_err: float  # max over local experts e of ||out - faithful|| / ||faithful|| over the rows routed to e
+    expert_err: float  # max over local experts e of their rows' rel. L2 error / small_sample(rows of e)
     worst_expert: int  # the local expert where expert_err is reached; -1 if none
     rel_l2: float  # ||out - faithful|| / ||faithful|| over all rows
     exact_row_err: float  # row_err against the exact reference
@@ -28,6 +28,13 @@ class Metrics:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def small_sample(rows: int) -> float:
+    """How much larger a relative L2 error over few rows may be than over many: honest GPU errors are sparse ulp
+    flips, and a group of few rows is dominated by the few it happens to hold (measured on an H200: one-row errors
+    reach 2.5x the many-row error). 3 for one row, 1.2 for a hundred."""
+    return 1 + 2 / math.sqrt(max(rows, 1))
 
 
 def _row_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,7 @@ def compare(out: torch.Tensor, faithful: torch.Tensor, exact: torch.Tensor, loca
     expert_err, worst_expert = 0.0, -1
     for e in local_ids[local_ids >= 0].unique().tolist():
         rows = (local_ids == e).any(dim=1)
-        err = _rel_l2(out[rows], faithful[rows])
+        err = _rel_l2(out[rows], faithful[rows]) / small_sample(int(rows.sum()))
         if err > expert_err or worst_expert < 0:
             expert_err, worst_expert = err, e
 

@@ -152,7 +152,7 @@ class Sweep:
         faithful, exact = self.references(ep, rank)
         local_ids = view.local_ids()
         row.metrics = compare(out.float(), faithful, exact, local_ids)
-        self._judge(row, bands.BANDS, local_ids, view.token_index, view.topk_ids,
+        self._judge(row, bands.bands_for(*self._hidden_inter()), local_ids, view.token_index, view.topk_ids,
                     expert_offset=rank * view.num_local_experts)
         if torch.device(self.device).type == "cuda":
             for _ in range(GPU_RERUNS):
@@ -206,14 +206,15 @@ class Sweep:
                               self.problem.w13, self.problem.w2, mode="exact")
         ids = self.problem.routing.topk_ids.to(out.device)
         row.metrics = compare(out, faithful, exact, ids)
-        self._judge(row, bands.COMBINE_BANDS, ids, torch.arange(total), ids, expert_offset=0)
+        self._judge(row, bands.combine_bands(*self._hidden_inter()), ids, torch.arange(total), ids, expert_offset=0)
         return row
+
+    def _hidden_inter(self) -> tuple[int, int]:
+        return self.problem.sizes.hidden, self.problem.sizes.inter
 
     def _judge(self, row: Row, table, local_ids, token_index, global_ids, expert_offset: int) -> None:
         m = row.metrics
-        elements = int((local_ids >= 0).any(dim=1).sum()) * self.problem.sizes.hidden
-        per_expert = elements // max(int(local_ids[local_ids >= 0].unique().numel()), 1)
-        verdict, notes = bands.judge(m, table, expert_elements=per_expert)
+        verdict, notes = bands.judge(m, table, rows=int((local_ids >= 0).any(dim=1).sum()))
         row.notes.extend(notes)
         if verdict == bands.FAIL or row.verdict == bands.FAIL:
             row.verdict = bands.FAIL
