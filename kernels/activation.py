@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels._device import interpreting
 from kernels._details import stage_kernels as K
+from kernels._device import interpreting
 from kernels.scatter import Allocator, Dispatch
 
 GATE_UP_ORDERS = ("gate_up", "up_gate")
@@ -21,7 +21,7 @@ GATE_UP_ORDERS = ("gate_up", "up_gate")
 def silu_and_mul(
     h: torch.Tensor, dispatch: Dispatch, *, gate_up_order: str = "gate_up", empty: Allocator = torch.empty
 ) -> torch.Tensor:
-    """h: bf16 [rows, 2I] (contiguous) or [E_local, block_rows, 2I] (masked) -> a with the same leading dims, [.., I]."""
+    """h: bf16 [rows, 2I] (contiguous) or [E_local, block_rows, 2I] (masked) -> a, same leading dims, [..., I]."""
     if gate_up_order not in GATE_UP_ORDERS:
         raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
     expected = (*dispatch.rows.shape[:-1], h.shape[-1])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels._device import interpreting
 from kernels._details import stage_kernels as K
+from kernels._device import interpreting
 from kernels.scatter import Allocator, Dispatch
 
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 import triton
 
-from kernels._device import interpreting
 from kernels._details import stage_kernels as K
+from kernels._device import interpreting
 
 Allocator = Callable[..., torch.Tensor]  # like torch.empty(shape, dtype=, device=)
 

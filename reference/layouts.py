@@ -52,7 +52,7 @@ def padded_rows(counts: torch.Tensor, alignment: int) -> int:
 def expected_m_indices(counts: torch.Tensor, alignment: int) -> torch.Tensor:
     """Contiguous layout: expert id on each of expert e's first counts[e] segment rows, -1 on padding rows."""
     m_indices = torch.full((padded_rows(counts, alignment),), -1, dtype=torch.int32)
-    for e, (start, count) in enumerate(zip(segment_starts(counts, alignment).tolist(), counts.tolist())):
+    for e, (start, count) in enumerate(zip(segment_starts(counts, alignment).tolist(), counts.tolist(), strict=True)):
         m_indices[start : start + count] = e
     return m_indices
 

@@ -74,7 +74,9 @@ def run(shape: Shape, tokens_list, backends, layouts, reps_ms: int) -> list[dict
         flops = 2 * slots * shape.sizes.hidden * 3 * shape.sizes.inter
         for backend in backends:
             for layout in layouts:
-                fn = lambda: moe_expert_forward(*args, **kw, layout=layout, gemm=backend)  # noqa: E731
+                def fn(layout=layout, backend=backend, args=args, kw=kw):
+                    return moe_expert_forward(*args, **kw, layout=layout, gemm=backend)
+
                 m = compare(fn().float(), *refs, local)
                 ms = triton.testing.do_bench(fn, warmup=max(reps_ms // 4, 5), rep=reps_ms, return_mode="median")
                 rows.append(dict(shape=shape.name, tokens=tokens, slots=slots, backend=backend, layout=layout, ms=ms,

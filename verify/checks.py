@@ -39,7 +39,8 @@ def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor
     num_experts = dispatch.num_experts
     counts = layouts.expert_counts(local_ids.cpu(), num_experts)
     if list(dispatch.counts_host) != counts.tolist() or dispatch.counts.cpu().tolist() != counts.tolist():
-        return [f"counts {dispatch.counts.cpu().tolist()} (host {list(dispatch.counts_host)}) != routed {counts.tolist()}"]
+        return [f"counts {dispatch.counts.cpu().tolist()} (host {list(dispatch.counts_host)}) "
+                f"!= routed {counts.tolist()}"]
 
     out_index = dispatch.output_index.long().cpu()
     local = local_ids.cpu()
@@ -90,7 +91,7 @@ def permute_segments(dispatch: Dispatch, generator: torch.Generator) -> Dispatch
     counts = torch.tensor(dispatch.counts_host, dtype=torch.int64)
     valid = valid_row_mask(dispatch).nonzero().flatten()  # flat rows holding tokens, expert by expert, in order
     shuffled = torch.cat([valid[torch.randperm(int(c), generator=generator) + int(o)]
-                          for c, o in zip(counts, torch.cumsum(counts, 0) - counts)])
+                          for c, o in zip(counts, torch.cumsum(counts, 0) - counts, strict=True)])
     new_row_of = torch.full((dispatch.flat_rows().shape[0],), -1, dtype=torch.int64)
     new_row_of[valid] = shuffled
     rows = dispatch.rows.clone()

@@ -142,7 +142,7 @@ class Sweep:
         except Exception as exc:  # a crash is a verdict, not an abort of the sweep
             row.fail(f"raised {type(exc).__name__}: {exc}")
             return row
-        if not all(checks.bitwise_equal(a, b) for a, b in zip(inputs, before)):
+        if not all(checks.bitwise_equal(a, b) for a, b in zip(inputs, before, strict=True)):
             row.fail("an input was modified")
         if not isinstance(out, torch.Tensor) or out.shape != view.x.shape or out.dtype != torch.bfloat16:
             row.fail(f"output must be bf16 {tuple(view.x.shape)}, got "

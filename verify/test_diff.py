@@ -22,7 +22,7 @@ def run(capsys, *argv):
 
 def test_list_prints_every_case(capsys):
     code, out, _ = run(capsys, "--list")
-    assert code == 0 and all(line.startswith(c.name + ":") for line, c in zip(out.splitlines(), CASES))
+    assert code == 0 and all(line.startswith(c.name + ":") for line, c in zip(out.splitlines(), CASES, strict=True))
 
 
 @pytest.mark.parametrize("argv,message", [

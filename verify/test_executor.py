@@ -15,6 +15,8 @@ from kernels.gemm.loop import Loop
 from reference import moe_reference
 from reference.routing import rank_view
 from verify import bands, checks
+from verify.bad_inputs import CONTRACT_BAD_INPUTS, good_arguments
+from verify.bad_inputs import ids as bad_input_ids
 from verify.cases import Sizes, random_problem
 from verify.metrics import compare
 
@@ -131,50 +133,28 @@ def test_inputs_are_never_modified(seed):
     before = [a.clone() for a in args]
     for layout in ("masked", "contiguous"):
         moe_expert_forward(*args, layout=layout)
-    assert all(checks.bitwise_equal(a, b) for a, b in zip(args, before))
+    assert all(checks.bitwise_equal(a, b) for a, b in zip(args, before, strict=True))
 
 
-def _good():
-    p = random_problem(Sizes(8, 64, 64, 4, 2), "uniform", 0, DEVICE)
-    return dict(x=p.x, topk_ids=p.routing.topk_ids, topk_weights=p.routing.topk_weights,
-                w13=p.w13, w2=p.w2)
-
-
-BAD_INPUTS = [
-    ("x", lambda a: a.update(x=a["x"].float())),
-    ("x", lambda a: a.update(x=a["x"][None])),
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"].float())),
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"][:4])),
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"] + 4)),  # ids >= num_experts
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"] - 3)),  # ids < -1
-    ("topk_weights", lambda a: a.update(topk_weights=a["topk_weights"][:, :1])),
-    ("topk_weights", lambda a: a.update(topk_weights=a["topk_weights"].half())),
-    ("w13", lambda a: a.update(w13=a["w13"][:, :, :32])),
-    ("w13", lambda a: a.update(w13=a["w13"].float())),
-    ("w2", lambda a: a.update(w2=a["w2"][:, :, :16])),
-    ("ep_rank", lambda a: a.update(ep_size=2, ep_rank=2)),
-    ("ep_size", lambda a: a.update(ep_size=0)),
-    ("num_experts", lambda a: a.update(ep_size=3, num_experts=8)),
-    ("num_experts", lambda a: a.update(num_experts=6)),
+BAD_INPUTS = CONTRACT_BAD_INPUTS + [
     ("layout", lambda a: a.update(layout="flat")),
     ("gemm", lambda a: a.update(gemm="cublas")),
     ("masked_max_tokens", lambda a: a.update(masked_max_tokens=-1)),
-    ("gate_up_order", lambda a: a.update(gate_up_order="gate")),
     ("H=", lambda a: a.update(x=a["x"][:, :8].contiguous(), w13=a["w13"][:, :, :8].contiguous(),
                               w2=a["w2"][:, :8].contiguous(), gemm="triton")),  # triton needs H % 16 == 0
 ]
 
 
-@pytest.mark.parametrize("argument,spoil", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize("argument,spoil", BAD_INPUTS, ids=bad_input_ids(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_the_argument(argument, spoil):
-    args = _good()
+    args = good_arguments(DEVICE)
     spoil(args)
     with pytest.raises(ValueError, match=argument):
         moe_expert_forward(**args)
 
 
 def test_wrong_type_raises_type_error():
-    args = _good()
+    args = good_arguments(DEVICE)
     args["topk_weights"] = args["topk_weights"].tolist()
     with pytest.raises(TypeError, match="topk_weights"):
         moe_expert_forward(**args)

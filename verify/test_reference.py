@@ -12,6 +12,8 @@ from reference import layouts, moe_reference
 from reference import routing as R
 from reference.oracle_np import moe_oracle, round_to_bf16
 from verify import bands
+from verify.bad_inputs import CONTRACT_BAD_INPUTS, good_arguments
+from verify.bad_inputs import ids as bad_input_ids
 from verify.cases import Sizes, random_problem
 from verify.metrics import compare
 
@@ -178,42 +180,19 @@ def test_layout_facts():
 
 # ---- bad input names the argument --------------------------------------------------------------------------------
 
-def _good():
-    x, r, w13, w2 = make_inputs(8, 64, 32, 4, 2, 0)
-    return dict(x=x, topk_ids=r.topk_ids, topk_weights=r.topk_weights, w13=w13, w2=w2)
+BAD_INPUTS = CONTRACT_BAD_INPUTS + [("mode", lambda a: a.update(mode="fast"))]
 
 
-BAD_INPUTS = [
-    ("x", lambda a: a.update(x=a["x"].float())),
-    ("x", lambda a: a.update(x=a["x"][None])),
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"].float())),
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"][:4])),
-    ("topk_weights", lambda a: a.update(topk_weights=a["topk_weights"][:, :1])),
-    ("topk_weights", lambda a: a.update(topk_weights=a["topk_weights"].double())),
-    ("w13", lambda a: a.update(w13=a["w13"][:, :, :32])),
-    ("w2", lambda a: a.update(w2=a["w2"][:, :, :16])),
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"] + 4)),  # ids >= num_experts
-    ("topk_ids", lambda a: a.update(topk_ids=a["topk_ids"] - 3)),  # ids < -1
-    ("ep_rank", lambda a: a.update(ep_size=2, ep_rank=2)),
-    ("ep_rank", lambda a: a.update(ep_rank=-1)),
-    ("ep_size", lambda a: a.update(ep_size=0)),
-    ("num_experts", lambda a: a.update(ep_size=3, num_experts=8)),  # not divisible
-    ("num_experts", lambda a: a.update(num_experts=6)),  # does not match w13
-    ("gate_up_order", lambda a: a.update(gate_up_order="gate")),
-    ("mode", lambda a: a.update(mode="fast")),
-]
-
-
-@pytest.mark.parametrize("argument,spoil", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize("argument,spoil", BAD_INPUTS, ids=bad_input_ids(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_the_argument(argument, spoil):
-    args = _good()
+    args = good_arguments()
     spoil(args)
     with pytest.raises(ValueError, match=argument):
         moe_reference(**args)
 
 
 def test_non_tensor_raises_type_error():
-    args = _good()
+    args = good_arguments()
     args["x"] = args["x"].tolist()
     with pytest.raises(TypeError, match="x"):
         moe_reference(**args)

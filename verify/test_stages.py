@@ -32,7 +32,10 @@ def tolerance(stage: str) -> dict:
     return dict(rtol=t.rtol, atol=t.atol)
 
 
-def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=Sizes(96, 128, 64, 8, 3), **params):
+SMALL = Sizes(96, 128, 64, 8, 3)
+
+
+def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=SMALL, **params):
     """A rank's inputs on DEVICE: x, topk_ids (global, -1 for remote), weights (NaN on skipped slots), its weights."""
     p = random_problem(sizes, routing, seed, DEVICE, **params)
     view = rank_view(p.x, p.routing, ep_size, rank)

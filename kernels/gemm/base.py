@@ -2,7 +2,8 @@
 
 Both forms compute D = A · Bᵀ per expert (DeepGEMM's "nt"): B is [E_local, N, K] (w13 or w2 as stored).
 - contiguous: A [rows, K] flat, expert e's rows are its segment of the Dispatch; D [rows, N];
-- masked:     A [E_local, block_rows, K], expert e's rows are the first masked_m[e] of block e; D [E_local, block_rows, N].
+- masked:     A [E_local, block_rows, K], expert e's rows are the first masked_m[e] of block e;
+              D [E_local, block_rows, N].
 Rows that hold no token (padding, rows >= masked_m) of D are unspecified: a backend may compute them or not.
 """
 

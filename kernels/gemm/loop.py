@@ -1,7 +1,8 @@
 """`loop`: one torch matmul per expert on its valid rows only (the CPU path, and the simplest one to trust).
 
-On a CPU the product runs in fp32 on the bf16 inputs and is rounded once to bf16 (fp32 accumulation, like the GPU
-backends); on a GPU it is a bf16 cuBLAS matmul (fp32 accumulation)."""
+On a CPU the product is accumulated in float64 and rounded once to the fp32 accumulator, then to bf16: a CPU fp32
+matmul (MKL) gives a row a result that depends on its position in the batch, which would make the output depend on
+the scatter's slot order (the suite's permutation check caught it). On a GPU it is a bf16 cuBLAS matmul."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from kernels.gemm.base import GroupedGemm
 def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         return a @ b.T
-    return (a.float() @ b.float().T).to(torch.bfloat16)
+    return (a.double() @ b.double().T).float().to(torch.bfloat16)
 
 
 class Loop(GroupedGemm):
@@ -24,7 +25,7 @@ class Loop(GroupedGemm):
 
     def m_grouped_gemm_nt_contiguous(self, a, b, dispatch, empty):
         d = empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
-        for e, (start, count) in enumerate(zip(dispatch.segment_starts(), dispatch.counts_host)):
+        for e, (start, count) in enumerate(zip(dispatch.segment_starts(), dispatch.counts_host, strict=True)):
             if count:
                 d[start : start + count] = _matmul_nt(a[start : start + count], b[e])
         return d

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels._device import interpreting
 from kernels._details.grouped_gemm_kernels import grouped_gemm_nt_kernel
+from kernels._device import interpreting
 from kernels.gemm.base import GroupedGemm
 
 
