@@ -65,8 +65,8 @@ CASES: tuple[Case, ...] = (
          (("fraction", 0.5),)),
     Case("empty_rank", "the last rank at ep_size 4 receives zero tokens", "empty_rank",
          (("ep_size", 4),), gpu_ep_sizes=(1, 4)),
-    Case("padded", "rank views padded to T rows with all -1 ids and NaN x, as a DeepEP receive buffer", "uniform",
-         pad_views=True),
+    Case("padded", "rank views padded to T rows (all -1 ids, NaN x) as a DeepEP receive buffer; at ep 4 the last "
+         "rank receives nothing but padding", "empty_rank", (("ep_size", 4),), pad_views=True),
     Case("single_token", "one token: most ranks receive nothing, the rest one row", "single_token"),
     Case("boundary", "experts with exactly 127, 128 and 129 tokens around the 128-row alignment", "boundary",
          (("counts", (127, 128, 129)),), cpu=Sizes(160, 128, 64, 16, 4), gpu=Sizes(1024, 2048, 768, 64, 8)),

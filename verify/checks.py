@@ -33,9 +33,12 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor) -> list[str]:
-    """Every way `dispatch` breaks the layout contract for rows x [M, H] routed by local_ids [M, k] (-1: not local)."""
+def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor, alignment: int) -> list[str]:
+    """Every way `dispatch` breaks the layout contract for rows x [M, H] routed by local_ids [M, k] (-1: not local),
+    with segments aligned to the GEMM backend's `alignment` (what the dispatch says of itself is not trusted)."""
     problems: list[str] = []
+    if dispatch.alignment != alignment:
+        problems.append(f"segments aligned to {dispatch.alignment}, the GEMM backend needs {alignment}")
     num_experts = dispatch.num_experts
     counts = layouts.expert_counts(local_ids.cpu(), num_experts)
     if list(dispatch.counts_host) != counts.tolist() or dispatch.counts.cpu().tolist() != counts.tolist():
@@ -49,8 +52,8 @@ def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor
     token, slot, expert = layouts.assignments(local).unbind(1)
     rows = out_index[token, slot]
     if dispatch.layout == "contiguous":
-        first = layouts.segment_starts(counts, dispatch.alignment)[expert]
-        expected_m = layouts.expected_m_indices(counts, dispatch.alignment)
+        first = layouts.segment_starts(counts, alignment)[expert]
+        expected_m = layouts.expected_m_indices(counts, alignment)
         if dispatch.m_indices is None or not torch.equal(dispatch.m_indices.cpu(), expected_m):
             problems.append(f"m_indices differs from the aligned segments (expert on valid rows, -1 on padding; "
                             f"{expected_m.numel()} rows expected, got {tuple(dispatch.rows.shape)})")

@@ -23,6 +23,7 @@ class Metrics:
     exact_row_err: float  # row_err against the exact reference
     exact_rel_l2: float  # rel_l2 against the exact reference
     calc_diff: float  # DeepGEMM's global 1 - 2 sum(xy) / sum(x^2 + y^2) against the exact reference (for comparison)
+    default_allclose: bool  # torch.testing's default bf16 assert_close (rtol 1.6e-2, atol 1e-5) vs exact passes
     nonfinite_rows: int  # rows with a NaN or Inf anywhere
     stray_rows: int  # rows with no local expert whose output is not exactly 0
 
@@ -88,6 +89,7 @@ def compare(out: torch.Tensor, faithful: torch.Tensor, exact: torch.Tensor, loca
         exact_row_err=float(exact_row_err.max()) if routed.any() else 0.0,
         exact_rel_l2=_rel_l2(out[routed], exact[routed]),
         calc_diff=calc_diff(out, exact) if torch.isfinite(out).all() else math.nan,
+        default_allclose=bool(torch.isclose(out, exact, rtol=1.6e-2, atol=1e-5).all()),
         nonfinite_rows=int(nonfinite.sum()),
         stray_rows=int(stray.sum()),
     )

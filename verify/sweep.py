@@ -5,10 +5,12 @@ each layout; its output is judged against the faithful and exact references of t
 ranks' outputs are combined and judged against the ep_size = 1 references of the global batch ("all" rows).
 
 Skipped slots (id -1) carry NaN weights: the contract says they contribute nothing whatever their weight.
-Every implementation is also checked for leaving its inputs untouched, and (on a GPU) for bitwise-identical
-reruns. An implementation that exposes its stages (a `stages=` keyword, like kernels.moe_expert_forward) is run
-twice more: with poisoned buffers and its layout contract checked, and with a legal permutation of the slots inside
-every expert segment; both must reproduce the plain run bit for bit.
+Every implementation is also checked for leaving its inputs untouched and for bitwise-identical reruns. An
+implementation that exposes its stages (a `stages=` keyword, like kernels.moe_expert_forward) is run again with its
+own stages plus the tester's hooks: with poisoned buffers and its layout contract checked, and with a legal
+permutation of the slots inside every expert segment (both must reproduce the plain run bit for bit); and, on its
+masked rows, with layout="auto" and masked_max_tokens = M and M - 1, which must take the masked and the contiguous
+path as the contract's threshold rule says. Every failure names the check that raised it (Row.checks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kernels import Stages
+from kernels.gemm import M_ALIGNMENT
 from reference import moe_reference
 from reference.routing import RankView, combine, pad_view, rank_view
 from verify import bands, checks
@@ -27,7 +30,7 @@ from verify.cases import Case, Problem, make_problem
 from verify.metrics import Metrics, compare
 
 LAYOUTS = ("masked", "contiguous")
-GPU_RERUNS = 3
+RERUNS = {"cuda": 3, "cpu": 1}  # plain reruns that must reproduce the output bit for bit
 
 
 @dataclasses.dataclass
@@ -41,15 +44,17 @@ class Row:
     notes: list[str] = dataclasses.field(default_factory=list)
     metrics: Metrics | None = None
     worst: str = ""  # where the worst row is: token, expert(s), rank, layout
+    checks: list[str] = dataclasses.field(default_factory=list)  # the checks that failed, first first
 
     @property
     def test_id(self) -> str:
         rank = "all" if self.rank is None else f"rank{self.rank}"
         return f"{self.case}-ep{self.ep_size}-{rank}-{self.layout}"
 
-    def fail(self, note: str) -> None:
+    def fail(self, note: str, check: str) -> None:
         self.verdict = bands.FAIL
         self.notes.append(note)
+        self.checks.append(check)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +84,13 @@ def targets(case: Case, scale: str, ep_sizes=None, ranks=None, layouts=LAYOUTS) 
     return out
 
 
-def exposes_stages(impl: Callable) -> bool:
+def own_stages(impl: Callable) -> Stages | None:
+    """The stages an implementation runs by default, if it exposes them (a `stages=` keyword with a default)."""
     try:
-        return "stages" in inspect.signature(impl).parameters
+        parameter = inspect.signature(impl).parameters.get("stages")
     except (TypeError, ValueError):
-        return False
+        return None
+    return parameter.default if parameter is not None and isinstance(parameter.default, Stages) else None
 
 
 class Sweep:
@@ -131,63 +138,91 @@ class Sweep:
                          num_experts=self.problem.sizes.num_experts, layout=layout, **extra)
 
     def _run_rank(self, target: Target) -> Row:
-        ep, rank, layout = target.ep_size, target.rank, target.layout
-        view = self.view(ep, rank)
-        row = Row(self.case.name, ep, rank, layout, view.num_tokens)
-        w13, w2 = self.problem.rank_weights(ep, rank)
+        view = self.view(target.ep_size, target.rank)
+        w13, w2 = self.problem.rank_weights(target.ep_size, target.rank)
         inputs = (view.x, view.topk_ids, view.topk_weights, w13, w2)
         before = [t.clone() for t in inputs]
         try:
+            return self._judge_rank(target, inputs, before)
+        finally:  # later rows share these tensors: undo whatever an implementation wrote into them
+            for t, saved in zip(inputs, before, strict=True):
+                if not checks.bitwise_equal(t, saved):
+                    t.copy_(saved)
+
+    def _judge_rank(self, target: Target, inputs, before) -> Row:
+        ep, rank, layout = target.ep_size, target.rank, target.layout
+        view = self.view(ep, rank)
+        row = Row(self.case.name, ep, rank, layout, view.num_tokens)
+        faithful, exact = self.references(ep, rank)  # before the implementation can touch the inputs
+        try:
             out = self._call(view, ep, rank, layout)
         except Exception as exc:  # a crash is a verdict, not an abort of the sweep
-            row.fail(f"raised {type(exc).__name__}: {exc}")
+            row.fail(f"raised {type(exc).__name__}: {exc}", "crash")
             return row
         if not all(checks.bitwise_equal(a, b) for a, b in zip(inputs, before, strict=True)):
-            row.fail("an input was modified")
+            row.fail("an input was modified", "inputs")
+            for t, saved in zip(inputs, before, strict=True):
+                t.copy_(saved)
         if not isinstance(out, torch.Tensor) or out.shape != view.x.shape or out.dtype != torch.bfloat16:
             row.fail(f"output must be bf16 {tuple(view.x.shape)}, got "
-                     f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+                     f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}", "output")
             return row
         self._outputs[(ep, rank, layout)] = out
-        faithful, exact = self.references(ep, rank)
         local_ids = view.local_ids()
         row.metrics = compare(out.float(), faithful, exact, local_ids)
         self._judge(row, bands.bands_for(*self._hidden_inter()), local_ids, view.token_index, view.topk_ids,
                     expert_offset=rank * view.num_local_experts)
-        if torch.device(self.device).type == "cuda":
-            for _ in range(GPU_RERUNS):
-                if not checks.bitwise_equal(self._call(view, ep, rank, layout), out):
-                    row.fail("nondeterministic: a rerun on the same inputs differs")
-                    break
-        if exposes_stages(self.impl):
-            self._stage_checks(row, view, out)
+        for _ in range(RERUNS[torch.device(self.device).type]):
+            if not checks.bitwise_equal(self._call(view, ep, rank, layout), out):
+                row.fail("nondeterministic: a rerun on the same inputs differs", "rerun")
+                break
+        base = own_stages(self.impl)
+        if base is not None:
+            self._stage_checks(row, view, out, base)
         return row
 
-    def _stage_checks(self, row: Row, view: RankView, out: torch.Tensor) -> None:
+    def _stage_checks(self, row: Row, view: RankView, out: torch.Tensor, base: Stages) -> None:
         problems: list[str] = []
+        layouts_taken: list[str] = []
         local_ids = view.local_ids()
 
         def contract_then(transform):
             def after_scatter(dispatch):
-                problems.extend(checks.layout_problems(dispatch, view.x, local_ids))
+                dispatch = base.after_scatter(dispatch)
+                layouts_taken.append(dispatch.layout)
+                problems.extend(checks.layout_problems(dispatch, view.x, local_ids, M_ALIGNMENT))
                 return transform(checks.poison_padding(dispatch))
             return after_scatter
 
         generator = torch.Generator().manual_seed(self.seed)
         permute = lambda d: checks.permute_segments(d, generator)  # noqa: E731
-        for name, transform in (("poisoned", lambda d: d), ("permuted", permute)):
-            stages = Stages(after_scatter=contract_then(transform), empty=checks.poisoned_empty)
+        runs = [("poisoned", lambda d: d, {}), ("permuted", permute, {})]
+        if row.layout == "masked" and view.num_tokens > 1:  # the threshold rule, on each side of M
+            runs += [(f"auto at masked_max_tokens={m}", lambda d: d, dict(layout="auto", masked_max_tokens=m))
+                     for m in (view.num_tokens, view.num_tokens - 1)]
+        for name, transform, change in runs:
+            stages = dataclasses.replace(base, after_scatter=contract_then(transform), empty=checks.poisoned_empty)
+            call = {"layout": row.layout, **change}
+            layouts_taken.clear()
             try:
-                again = self._call(view, row.ep_size, row.rank, row.layout, stages=stages)
+                again = self.impl(view.x, view.topk_ids, view.topk_weights, *self.problem.rank_weights(
+                    row.ep_size, row.rank), ep_size=row.ep_size, ep_rank=row.rank,
+                    num_experts=self.problem.sizes.num_experts, stages=stages, **call)
             except Exception as exc:
-                row.fail(f"{name} run raised {type(exc).__name__}: {exc}")
+                row.fail(f"{name} run raised {type(exc).__name__}: {exc}", name.split(" ")[0])
+                continue
+            if name.startswith("auto"):
+                want = "masked" if change["masked_max_tokens"] >= view.num_tokens else "contiguous"
+                if layouts_taken and layouts_taken[-1] != want:  # (nothing scattered: no layout to check)
+                    row.fail(f"layout='auto' with {name.split(' at ')[1]} and M={view.num_tokens} took the "
+                             f"{layouts_taken[-1]} path, the contract says {want}", "layout-choice")
                 continue
             if not checks.bitwise_equal(again, out):
                 what = ("a legal slot permutation changed the output (order-dependent)" if name == "permuted" else
                         "poisoned buffers changed the output (a stage reads memory nobody wrote)")
-                row.fail(what)
+                row.fail(what, name)
         for problem in dict.fromkeys(problems):
-            row.fail(f"layout: {problem}")
+            row.fail(f"layout: {problem}", "layout")
 
     def _run_combine(self, target: Target) -> Row:
         ep, layout = target.ep_size, target.layout
@@ -197,7 +232,7 @@ class Sweep:
         for r in missing:
             self._run_rank(Target(ep, r, layout))
         if any((ep, r, layout) not in self._outputs for r in range(ep)):
-            row.fail("a rank's run failed: nothing to combine")
+            row.fail("a rank's run failed: nothing to combine", "crash")
             return row
         total = self.problem.routing.num_tokens
         out = combine(views, [self._outputs[(ep, r, layout)] for r in range(ep)], total)
@@ -215,10 +250,12 @@ class Sweep:
     def _judge(self, row: Row, table, local_ids, token_index, global_ids, expert_offset: int) -> None:
         m = row.metrics
         verdict, notes = bands.judge(m, table, rows=int((local_ids >= 0).any(dim=1).sum()))
-        row.notes.extend(notes)
-        if verdict == bands.FAIL or row.verdict == bands.FAIL:
-            row.verdict = bands.FAIL
-        elif verdict == bands.WARN:
+        for note in notes:
+            if note.endswith("(FAIL)"):
+                row.fail(note, f"band:{note.split('=')[0]}")
+            else:
+                row.notes.append(note)
+        if verdict == bands.WARN and row.verdict == bands.PASS:
             row.verdict = bands.WARN
         if m.worst_row >= 0:
             experts = global_ids[m.worst_row]

@@ -88,7 +88,7 @@ def dispatch_of(layout, seed=0):
 def test_permutation_is_legal_and_really_moves_rows(layout, seed):
     dispatch, view = dispatch_of(layout, seed)
     permuted = checks.permute_segments(dispatch, torch.Generator().manual_seed(seed))
-    assert checks.layout_problems(permuted, view.x, view.local_ids()) == []
+    assert checks.layout_problems(permuted, view.x, view.local_ids(), 128) == []
     assert not torch.equal(permuted.output_index, dispatch.output_index)
 
 
@@ -101,18 +101,19 @@ def test_layout_checker_catches_each_kind_of_break(layout):
     (t0, k0), (t1, k1) = local[0].tolist(), local[1].tolist()
     index[t1, k1] = index[t0, k0]
     shared = dataclasses.replace(dispatch, output_index=index)
-    assert checks.layout_problems(shared, view.x, ids)
+    assert checks.layout_problems(shared, view.x, ids, 128)
     remote = dataclasses.replace(dispatch, output_index=torch.where(dispatch.output_index < 0, 0,
                                                                     dispatch.output_index))
-    assert any("-1" in p for p in checks.layout_problems(remote, view.x, ids))
+    assert any("-1" in p for p in checks.layout_problems(remote, view.x, ids, 128))
     rows = dispatch.rows.clone()
     rows.view(-1, rows.shape[-1])[dispatch.output_index[t0, k0]] += 1
-    assert any("bitwise" in p for p in checks.layout_problems(dataclasses.replace(dispatch, rows=rows), view.x, ids))
+    assert any("bitwise" in p for p in checks.layout_problems(dataclasses.replace(dispatch, rows=rows), view.x, ids,
+                                                             128))
     if layout == "contiguous":
         m = dispatch.m_indices.clone()
         m[-1] = 0  # a padding row claimed by an expert
         assert any("m_indices" in p for p in checks.layout_problems(dataclasses.replace(dispatch, m_indices=m),
-                                                                     view.x, ids))
+                                                                     view.x, ids, 128))
 
 
 def test_poison_padding_poisons_exactly_the_rows_without_tokens():

@@ -81,7 +81,7 @@ def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, ran
     sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else Sizes(96, 128, 64, 8, 3)
     view, *_ = routed(routing, ep_size, rank, seed, sizes, **params)
     dispatch = scattered(layout, view, ep_size, rank)
-    assert checks.layout_problems(dispatch, view.x, view.local_ids()) == []
+    assert checks.layout_problems(dispatch, view.x, view.local_ids(), 128) == []
     counts = dispatch.counts_host
     if layout == "masked":  # sized from the largest count, not from M
         assert dispatch.block_rows == layouts.align_up(max(max(counts), 1), 128)

@@ -1,0 +1,92 @@
+"""python -m verify.mutants [--only NAME ...] [--json PATH] [--seed S] [--list]
+
+Runs the hunt cases (verify/mutants/hunt.py) against the unmutated pipeline (which must pass every row) and against
+every mutant (each must fail a row), and prints the kill matrix: the check that killed each mutant first and where,
+whether DeepGEMM's global calc_diff or torch.testing's default assert_close would have missed it, the kill rate and
+the survivors. Exit 0 when every mutant is killed and the unmutated pipeline passes, 1 otherwise, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from kernels._device import configure_triton, default_device
+
+configure_triton()
+
+from kernels import moe_expert_forward  # noqa: E402
+from verify.mutants import MUTANTS, MUTANTS_BY_NAME  # noqa: E402
+from verify.mutants.hunt import HUNT_CASES, Hunt, hunt, rows_per_hunt  # noqa: E402
+
+
+def _yes(flag: bool) -> str:
+    return "MISSED" if flag else "caught"
+
+
+def format_matrix(baseline: Hunt, hunts: list[Hunt]) -> str:
+    head = ("mutant", "stage", "killed by", "calc_diff<1e-3", "assert_close", "failed rows", "first failing row")
+    lines = [head]
+    for h in hunts:
+        stage = MUTANTS_BY_NAME[h.name].stage
+        lines.append((h.name, stage, h.killed_by or "SURVIVED", _yes(h.missed_by_calc_diff),
+                      _yes(h.missed_by_allclose), f"{h.failed_rows}/{h.rows}", h.where))
+    lines.append(("(unmutated)", "-", "FALSE ALARM" if baseline.killed else "passes", _yes(baseline.missed_by_calc_diff)
+                  .replace("MISSED", "passes").replace("caught", "FALSE ALARM"),
+                  f"fails {baseline.allclose_fails}/{baseline.rows} rows", f"{baseline.failed_rows}/{baseline.rows}",
+                  baseline.where))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1] for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 17)
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m verify.mutants", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="hunt only these mutants")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the matrix to this file")
+    p.add_argument("--list", action="store_true", help="describe every mutant and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(m.describe())
+        return 0
+    unknown = sorted(set(args.only or ()) - set(MUTANTS_BY_NAME))
+    if unknown:
+        print(f"verify.mutants: error: unknown mutant(s) {', '.join(unknown)} (see --list)", file=sys.stderr)
+        return 2
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    device = default_device()
+
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    bar = tqdm(total=rows_per_hunt(device=device) * (len(chosen) + 1), unit="row", desc="verify.mutants",
+               leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+    baseline = hunt("(unmutated)", moe_expert_forward, seed=args.seed, device=device, on_row=lambda: bar.update())
+    hunts = [hunt(m.name, m.impl, seed=args.seed, device=device, on_row=lambda: bar.update()) for m in chosen]
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    print(f"hunt cases: {', '.join(HUNT_CASES)} ({baseline.rows} rows each) on {device}, seed {args.seed}")
+    print(format_matrix(baseline, hunts))
+    killed = [h for h in hunts if h.killed]
+    survivors = [h.name for h in hunts if not h.killed]
+    print(f"\nkill rate {len(killed)}/{len(hunts)} ({100 * len(killed) / max(len(hunts), 1):.0f}%); "
+          f"survivors: {', '.join(survivors) or 'none'}; unmutated pipeline: "
+          f"{'passes every row' if not baseline.killed else f'{baseline.failed_rows} FALSE ALARMS'}")
+    print(f"missed by a global calc_diff < 1e-3: {sum(h.missed_by_calc_diff for h in hunts)}/{len(hunts)}; "
+          f"missed by the default assert_close: {sum(h.missed_by_allclose for h in hunts)}/{len(hunts)} (which "
+          f"fails {baseline.allclose_fails}/{baseline.rows} rows of the unmutated pipeline); {elapsed:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "seed": args.seed, "cases": HUNT_CASES, "seconds": elapsed,
+                       "baseline": vars(baseline), "mutants": [vars(h) for h in hunts]}, f, indent=1)
+    return 0 if not survivors and not baseline.killed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
