@@ -29,10 +29,14 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     for name, what in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
-    # pytest-xdist: worker gwN uses GPU N mod count, so `-n 8` spreads over every visible GPU.
+    # pytest-xdist: worker gwN uses GPU N mod count, so `-n 8` spreads over every visible GPU; on the CPU each worker
+    # keeps to one torch thread (8 workers x every core's worth of threads would mostly fight over the cores).
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker.startswith("gw") and gpu_present():
-        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
+    if worker.startswith("gw"):
+        if gpu_present():
+            torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
+        else:
+            torch.set_num_threads(1)
 
 
 def _skip_reasons(config) -> dict[str, str | None]:

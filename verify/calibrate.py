@@ -2,7 +2,7 @@
 
 An honest implementation that accumulates its GEMMs in fp32 in 64-wide K chunks (the order of a tensor-core K loop,
 unlike the reference's exact accumulation) is compared with the faithful and exact references over several K; so
-are three subtle numeric bugs that only a tight band can see. The printed table is docs/bands.md (CPU); the GPU
+are the mutants (verify/mutants) that only a tight band can see. The printed table is docs/bands.md (CPU); the GPU
 calibration, where tensor cores add their own accumulation noise, is in docs/gpu-h200.md.
 `tensor_core_order` also serves as a peer implementation: `--impl verify.calibrate:tensor_core_order` must pass.
 """
@@ -20,6 +20,7 @@ from reference.routing import rank_view
 from verify import bands
 from verify.cases import Sizes, random_problem
 from verify.metrics import compare
+from verify.mutants import MUTANTS_BY_NAME
 
 
 def _chunked_gemm_nt(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -29,44 +30,32 @@ def _chunked_gemm_nt(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch
     return acc.to(torch.bfloat16)
 
 
-def _implementation(variant: str):
-    def impl(x, topk_ids, topk_weights, w13, w2, *, ep_size=1, ep_rank=0, num_experts=None, gate_up_order="gate_up",
-             **_layout_and_backend):
-        experts_here = w13.shape[0]
-        local = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts or experts_here * ep_size)
-        y = torch.zeros(*topk_ids.shape, x.shape[1], dtype=torch.bfloat16, device=x.device)
-        for e in range(experts_here):
-            token, slot = (local == e).nonzero(as_tuple=True)
-            if not token.numel():
-                continue
+def tensor_core_order(x, topk_ids, topk_weights, w13, w2, *, ep_size=1, ep_rank=0, num_experts=None,
+                      gate_up_order="gate_up", **_layout_and_backend):
+    """An honest peer: the contract's arithmetic with fp32 K-chunked GEMM accumulation (plain torch)."""
+    experts_here = w13.shape[0]
+    local = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts or experts_here * ep_size)
+    y = torch.zeros(*topk_ids.shape, x.shape[1], dtype=torch.bfloat16, device=x.device)
+    for e in range(experts_here):
+        token, slot = (local == e).nonzero(as_tuple=True)
+        if token.numel():
             first, second = _chunked_gemm_nt(x[token], w13[e]).float().chunk(2, dim=-1)
             gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
-            silu = F.silu(gate)
-            if variant == "silu_in_bf16":
-                silu = silu.to(torch.bfloat16).float()
-            out = _chunked_gemm_nt((silu * up).to(torch.bfloat16), w2[e])
-            if variant == "one_expert_2pct" and e == 0:
-                out = (out.float() * 1.02).to(torch.bfloat16)
-            y[token, slot] = out
-        acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        for k in range(topk_ids.shape[1]):
-            summed = acc + topk_weights[:, k, None] * y[:, k].float()
-            if variant == "gather_in_bf16":
-                summed = summed.to(torch.bfloat16).float()
-            acc = torch.where((local[:, k] >= 0)[:, None], summed, acc)
-        return acc.to(torch.bfloat16)
-
-    impl.__name__ = variant
-    return impl
+            y[token, slot] = _chunked_gemm_nt((F.silu(gate) * up).to(torch.bfloat16), w2[e])
+    acc = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for k in range(topk_ids.shape[1]):
+        acc = torch.where((local[:, k] >= 0)[:, None], acc + topk_weights[:, k, None] * y[:, k].float(), acc)
+    return acc.to(torch.bfloat16)
 
 
-VARIANTS = ("honest", "silu_in_bf16", "gather_in_bf16", "one_expert_2pct")
-tensor_core_order = _implementation("honest")
+# The honest peer, and the subtle bugs of the mutant catalogue that only a tight band can see.
+VARIANTS = {"honest": tensor_core_order, **{name: MUTANTS_BY_NAME[name].impl for name in (
+    "silu_in_bf16", "gather_in_bf16", "weight_in_bf16", "perturb_one_expert")}}
 
 
 def measure(sizes: Sizes, variant: str, seeds: int = 3, ep_size: int = 2) -> dict[str, float]:
     """Worst value of each metric over seeds x ranks, in units of u."""
-    impl, worst = _implementation(variant), {}
+    impl, worst = VARIANTS[variant], {}
     for seed in range(seeds):
         problem = random_problem(sizes, "uniform", seed)
         for rank in range(ep_size):

@@ -157,7 +157,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"case": case.name, "impl": args.impl, "device": args.device, "seed": args.seed,
                        "seconds": elapsed,
-                       "rows": [{"id": r.test_id, "verdict": r.verdict, "notes": r.notes, "worst": r.worst,
+                       "rows": [{"id": r.test_id, "verdict": r.verdict, "checks": r.checks, "notes": r.notes,
+                                 "worst": r.worst,
                                  "metrics": r.metrics.as_dict() if r.metrics else None} for r in rows]},
                       f, indent=1)
     return 1 if failed else 0

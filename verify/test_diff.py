@@ -78,8 +78,10 @@ def test_broken_implementation_fails_and_is_localised(capsys, tmp_path, name):
         assert all(v != "FAIL" for k, v in verdicts.items() if k.endswith("contiguous"))
 
 
-def test_the_reference_as_an_implementation_passes(capsys):
-    code, out, _ = run(capsys, "--case", "skewed", "--impl", "verify.broken:reference_impl")
+@pytest.mark.parametrize("impl", ["verify.broken:reference_impl", "verify.calibrate:tensor_core_order"])
+def test_honest_implementations_pass(capsys, impl):
+    """The reference itself, and a plain-torch peer that accumulates its GEMMs in another order."""
+    code, out, _ = run(capsys, "--case", "skewed", "--impl", impl)
     assert code == 0, out
 
 
