@@ -132,10 +132,11 @@ class Sweep:
             return self._run_combine(target)
         return self._run_rank(target)
 
-    def _call(self, view: RankView, ep_size: int, rank: int, layout: str, **extra) -> torch.Tensor:
+    def _call(self, view: RankView, ep_size: int, rank: int, **options) -> torch.Tensor:
+        """The implementation on one rank view; `options`: layout, and stages / masked_max_tokens where used."""
         w13, w2 = self.problem.rank_weights(ep_size, rank)
         return self.impl(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
-                         num_experts=self.problem.sizes.num_experts, layout=layout, **extra)
+                         num_experts=self.problem.sizes.num_experts, **options)
 
     def _run_rank(self, target: Target) -> Row:
         view = self.view(target.ep_size, target.rank)
@@ -155,7 +156,7 @@ class Sweep:
         row = Row(self.case.name, ep, rank, layout, view.num_tokens)
         faithful, exact = self.references(ep, rank)  # before the implementation can touch the inputs
         try:
-            out = self._call(view, ep, rank, layout)
+            out = self._call(view, ep, rank, layout=layout)
         except Exception as exc:  # a crash is a verdict, not an abort of the sweep
             row.fail(f"raised {type(exc).__name__}: {exc}", "crash")
             return row
@@ -173,7 +174,7 @@ class Sweep:
         self._judge(row, bands.bands_for(*self._hidden_inter()), local_ids, view.token_index, view.topk_ids,
                     expert_offset=rank * view.num_local_experts)
         for _ in range(RERUNS[torch.device(self.device).type]):
-            if not checks.bitwise_equal(self._call(view, ep, rank, layout), out):
+            if not checks.bitwise_equal(self._call(view, ep, rank, layout=layout), out):
                 row.fail("nondeterministic: a rerun on the same inputs differs", "rerun")
                 break
         base = own_stages(self.impl)
@@ -202,12 +203,9 @@ class Sweep:
                      for m in (view.num_tokens, view.num_tokens - 1)]
         for name, transform, change in runs:
             stages = dataclasses.replace(base, after_scatter=contract_then(transform), empty=checks.poisoned_empty)
-            call = {"layout": row.layout, **change}
             layouts_taken.clear()
             try:
-                again = self.impl(view.x, view.topk_ids, view.topk_weights, *self.problem.rank_weights(
-                    row.ep_size, row.rank), ep_size=row.ep_size, ep_rank=row.rank,
-                    num_experts=self.problem.sizes.num_experts, stages=stages, **call)
+                again = self._call(view, row.ep_size, row.rank, stages=stages, **{"layout": row.layout, **change})
             except Exception as exc:
                 row.fail(f"{name} run raised {type(exc).__name__}: {exc}", name.split(" ")[0])
                 continue
