@@ -109,9 +109,7 @@ class Sweep:
             view = rank_view(self.problem.x, self.problem.routing, ep_size, rank)
             if self.case.pad_views:
                 view = pad_view(view, self.problem.routing.num_tokens)
-            # DeepEP sends weight 0 for skipped slots; the contract says they contribute nothing whatever their
-            # weight, so the sweep sends NaN there: an implementation that multiplies a skipped slot shows it.
-            weights = torch.where(view.topk_ids >= 0, view.topk_weights, float("nan"))
+            weights = checks.nan_weights_on_skipped_slots(view.topk_ids, view.topk_weights)
             self._views[key] = dataclasses.replace(view, topk_weights=weights)
         return self._views[key]
 
@@ -146,9 +144,7 @@ class Sweep:
         try:
             return self._judge_rank(target, inputs, before)
         finally:  # later rows share these tensors: undo whatever an implementation wrote into them
-            for t, saved in zip(inputs, before, strict=True):
-                if not checks.bitwise_equal(t, saved):
-                    t.copy_(saved)
+            checks.restore(inputs, before)
 
     def _judge_rank(self, target: Target, inputs, before) -> Row:
         ep, rank, layout = target.ep_size, target.rank, target.layout
@@ -162,8 +158,7 @@ class Sweep:
             return row
         if not all(checks.bitwise_equal(a, b) for a, b in zip(inputs, before, strict=True)):
             row.fail("an input was modified", "inputs")
-            for t, saved in zip(inputs, before, strict=True):
-                t.copy_(saved)
+            checks.restore(inputs, before)  # the row's other runs start from the caller's inputs
         if not isinstance(out, torch.Tensor) or out.shape != view.x.shape or out.dtype != torch.bfloat16:
             row.fail(f"output must be bf16 {tuple(view.x.shape)}, got "
                      f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}", "output")

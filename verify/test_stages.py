@@ -39,7 +39,7 @@ def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=SMALL, **params):
     """A rank's inputs on DEVICE: x, topk_ids (global, -1 for remote), weights (NaN on skipped slots), its weights."""
     p = random_problem(sizes, routing, seed, DEVICE, **params)
     view = rank_view(p.x, p.routing, ep_size, rank)
-    weights = torch.where(view.topk_ids >= 0, view.topk_weights, float("nan"))
+    weights = checks.nan_weights_on_skipped_slots(view.topk_ids, view.topk_weights)
     w13, w2 = p.rank_weights(ep_size, rank)
     return view, weights, w13, w2
 

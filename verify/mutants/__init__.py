@@ -18,6 +18,7 @@ from kernels import PRODUCTION, Dispatch, Stages, choose_layout, moe_expert_forw
 from kernels.gemm.base import GroupedGemm
 from kernels.gemm.loop import Loop
 from kernels.scatter import LocalRouting
+from verify import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _silu_in_bf16(h, dispatch, *, gate_up_order="gate_up", empty=torch.empty):
     first, second = h.float().chunk(2, dim=-1)
     gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
     flat = a.view(-1, a.shape[-1])
-    valid = _valid_rows(dispatch).to(a.device)
+    valid = checks.valid_row_mask(dispatch).to(a.device)
     redo = (torch.nn.functional.silu(gate).to(torch.bfloat16).float() * up).to(torch.bfloat16)
     flat[valid] = redo.view(-1, a.shape[-1])[valid]
     return a
@@ -158,13 +159,6 @@ def _silu_spills_into_next_block(h, dispatch, *, gate_up_order="gate_up", empty=
             if count < dispatch.block_rows:
                 a[e + 1, 0] = spill[e, count]
     return a
-
-
-def _valid_rows(dispatch: Dispatch) -> torch.Tensor:
-    counts = torch.tensor(dispatch.counts_host)
-    if dispatch.layout == "masked":
-        return (torch.arange(dispatch.block_rows)[None, :] < counts[:, None]).flatten()
-    return (dispatch.m_indices >= 0).cpu()
 
 
 # ---- grouped GEMM -----------------------------------------------------------------------------------------------
