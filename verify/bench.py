@@ -1,9 +1,16 @@
-"""python -m verify.bench: time the whole expert stage per GEMM backend and layout, with its accuracy, on a GPU.
+"""python -m verify.bench: time every stage and the whole expert stage, per layout and GEMM backend, beside peers and
+ceilings measured in the same run.
 
-For a realistic shape (`--shape`), each M (tokens RECEIVED by one rank), each available backend and each layout:
-the median time of kernels.moe_expert_forward (triton.testing.do_bench, L2 flushed), its TFLOP/s on the real
-(unpadded) rows, and its error against the faithful reference (row/u, l2/u as in verify.diff). Results print as a
-table and go to --json with the card's name.
+For each bench case (a realistic shape at one ep_size, one routing) and each M (tokens RECEIVED by rank 0):
+- stages: count (+ the host sync), scatter, gemm1 (gate+up), silu_and_mul, gemm2 (down), gather, per layout and
+  backend, each fed the real output of the stage before;
+- whole: kernels.moe_expert_forward per backend x layout, and the hybrid (layout="auto", gemm="auto");
+- peers: the torch-native pipeline (verify.peers), the faithful reference;
+- ceilings: a dense bf16 matmul of the same FLOPs (per M) and, once per run, a large device-to-device copy and a large
+  dense matmul (the roofline's two roofs).
+Times are triton.testing.do_bench medians with L2 flushed (GPU) or perf_counter medians (CPU, plumbing only). Every
+whole-stage output is also judged against the faithful reference with verify.bands. verify.bench_report turns the
+points into the targets table, the fitted layout rule and the plots.
 """
 
 from __future__ import annotations
@@ -12,106 +19,310 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
 
 import torch
 
-from kernels._device import configure_triton
+from kernels._device import configure_triton, default_device
 
 configure_triton()
 
 import triton  # noqa: E402
 
-from kernels import moe_expert_forward  # noqa: E402
-from kernels.gemm import BACKENDS, availability  # noqa: E402
+from kernels import activation, gather, moe_expert_forward, scatter  # noqa: E402
+from kernels.executor import choose_layout, masked_block_bytes  # noqa: E402
+from kernels.gemm import BACKENDS, availability, select  # noqa: E402
 from reference import moe_reference  # noqa: E402
-from reference.routing import rank_view  # noqa: E402
-from verify import bands  # noqa: E402
-from verify.cases import Sizes, random_problem  # noqa: E402
+from reference.routing import make_routing, rank_view  # noqa: E402
+from verify import bands, bench_report, procs  # noqa: E402
 from verify.metrics import compare  # noqa: E402
+from verify.peers import torch_native_forward  # noqa: E402
+
+LAYOUTS = ("masked", "contiguous")
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
+class BenchShape:
     name: str
-    sizes: Sizes  # num_tokens is ignored: M comes from --tokens
-    ep_size: int
+    hidden: int
+    inter: int
+    num_experts: int  # global
+    topk: int
 
     def describe(self) -> str:
-        s = self.sizes
-        return (f"{self.name}: E={s.num_experts} (E_local={s.num_experts // self.ep_size} at ep {self.ep_size}), "
-                f"k={s.topk}, H={s.hidden}, I={s.inter}")
+        return f"{self.name}: E={self.num_experts}, k={self.topk}, H={self.hidden}, I={self.inter}"
 
 
-SHAPES = {
-    "deepseek": Shape("deepseek", Sizes(0, 7168, 2048, 256, 8), ep_size=8),
-    "qwen3": Shape("qwen3", Sizes(0, 2048, 768, 128, 8), ep_size=4),
-    "gpt_oss": Shape("gpt_oss", Sizes(0, 2880, 2880, 128, 4), ep_size=4),
-}
+DEEPSEEK = BenchShape("deepseek", 7168, 2048, 256, 8)  # DeepSeek-V3-like
+QWEN3 = BenchShape("qwen3", 2048, 768, 128, 8)  # Qwen3-30B-A3B-like
+GPT_OSS = BenchShape("gpt_oss", 2880, 2880, 128, 4)  # gpt-oss-120b-like
+TINY = BenchShape("tiny", 256, 128, 16, 4)  # CPU plumbing check
+
+GPU_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+FIT_TOKENS = (1, 4, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)  # the layout rule is fitted on these
 
 
-def received_view(shape: Shape, tokens: int, seed: int = 0):
-    """A uniform routing whose rank-0 view holds exactly `tokens` rows, and rank 0's weights."""
-    s = shape.sizes
-    share = 1 - math.comb(s.num_experts - s.num_experts // shape.ep_size, s.topk) / math.comb(s.num_experts, s.topk)
-    problem = random_problem(dataclasses.replace(s, num_tokens=int(tokens / share * 1.2) + 8), "uniform", seed,
-                             "cuda")
-    view = rank_view(problem.x, problem.routing, shape.ep_size, 0)
-    keep = slice(0, tokens)
-    view = dataclasses.replace(view, x=view.x[keep], topk_ids=view.topk_ids[keep],
-                               topk_weights=view.topk_weights[keep], token_index=view.token_index[keep])
-    return view, problem.rank_weights(shape.ep_size, 0)
+@dataclasses.dataclass(frozen=True)
+class BenchCase:
+    name: str
+    shape: BenchShape
+    ep_size: int
+    routing: str  # a reference.routing.ROUTINGS name
+    tokens: tuple[int, ...] = GPU_TOKENS
+    device: str = "cuda"
+
+    @property
+    def experts_here(self) -> int:
+        return self.shape.num_experts // self.ep_size
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.shape.describe()}, ep {self.ep_size} (E_local={self.experts_here}), "
+                f"{self.routing} routing, M in {list(self.tokens)}")
 
 
-def run(shape: Shape, tokens_list, backends, layouts, reps_ms: int) -> list[dict]:
-    rows = []
-    for tokens in tokens_list:
-        view, (w13, w2) = received_view(shape, tokens)
-        args = (view.x, view.topk_ids, view.topk_weights, w13, w2)
-        kw = dict(ep_size=shape.ep_size, ep_rank=0, num_experts=shape.sizes.num_experts)
-        refs = [moe_reference(*args, **kw, mode=m) for m in ("faithful", "exact")]
-        local = view.local_ids()
-        slots = int((local >= 0).sum())
-        flops = 2 * slots * shape.sizes.hidden * 3 * shape.sizes.inter
-        for backend in backends:
-            for layout in layouts:
-                def fn(layout=layout, backend=backend, args=args, kw=kw):
-                    return moe_expert_forward(*args, **kw, layout=layout, gemm=backend)
+CASES = {c.name: c for c in (
+    BenchCase("deepseek-ep8", DEEPSEEK, 8, "uniform", FIT_TOKENS),
+    BenchCase("deepseek-ep8-skewed", DEEPSEEK, 8, "skewed", FIT_TOKENS),
+    BenchCase("deepseek-ep16", DEEPSEEK, 16, "uniform"),
+    BenchCase("deepseek-ep32", DEEPSEEK, 32, "uniform"),
+    BenchCase("qwen3-ep8", QWEN3, 8, "uniform"),
+    BenchCase("qwen3-ep8-skewed", QWEN3, 8, "skewed"),
+    BenchCase("gpt_oss-ep8", GPT_OSS, 8, "uniform"),
+    BenchCase("tiny", TINY, 2, "skewed", (1, 16, 64), device="cpu"),
+)}
 
-                m = compare(fn().float(), *refs, local)
-                ms = triton.testing.do_bench(fn, warmup=max(reps_ms // 4, 5), rep=reps_ms, return_mode="median")
-                rows.append(dict(shape=shape.name, tokens=tokens, slots=slots, backend=backend, layout=layout, ms=ms,
-                                 tflops=flops / ms / 1e9, row_u=m.row_err / bands.U_BF16,
-                                 l2_u=m.rel_l2 / bands.U_BF16, exact_l2_u=m.exact_rel_l2 / bands.U_BF16,
-                                 verdict=bands.judge(m, bands.bands_for(shape.sizes.hidden, shape.sizes.inter))[0]))
-                r = rows[-1]
-                print(f"{shape.name:9s} M={tokens:6d} slots={slots:7d} {backend:10s} {layout:10s} {ms:9.3f} ms "
-                      f"{r['tflops']:7.1f} TFLOP/s  row/u={r['row_u']:.2f} l2/u={r['l2_u']:.3f} "
-                      f"exact_l2/u={r['exact_l2_u']:.2f} {r['verdict']}", flush=True)
-    return rows
+
+def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
+    """fn -> median ms: triton.testing.do_bench (L2 flushed before every call) on a GPU, perf_counter on a CPU."""
+    if torch.device(device).type == "cuda":
+        return lambda fn: triton.testing.do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median")
+
+    def cpu(fn):
+        fn()
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(runs)
+
+    return cpu
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Rank 0's view of M received tokens and its experts' weights."""
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    local_ids: torch.Tensor  # int64 [M, k], -1 where not local
+
+
+def draw_weights(case: BenchCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 weights of rank 0's experts, N(0, 1/K) as in verify.cases, drawn on the case's device."""
+    s, gen = case.shape, torch.Generator(device=case.device).manual_seed(seed)
+    w13 = torch.randn(case.experts_here, 2 * s.inter, s.hidden, generator=gen, device=case.device,
+                      dtype=torch.bfloat16).mul_(s.hidden**-0.5)
+    w2 = torch.randn(case.experts_here, s.hidden, s.inter, generator=gen, device=case.device,
+                     dtype=torch.bfloat16).mul_(s.inter**-0.5)
+    return w13, w2
+
+
+def received(case: BenchCase, tokens: int, weights, seed: int = 0) -> Inputs:
+    """The first `tokens` rows that rank 0 receives from a global batch of the case's routing."""
+    s = case.shape
+    share = 1 - math.comb(s.num_experts - case.experts_here, s.topk) / math.comb(s.num_experts, s.topk)
+    num_global = int(tokens / share * 1.3) + 16
+    while True:
+        routing = make_routing(case.routing, num_global, s.num_experts, s.topk, seed=seed)
+        view = rank_view(torch.empty(num_global, 0), routing, case.ep_size, 0)
+        if view.num_tokens >= tokens:
+            break
+        num_global *= 2
+    gen = torch.Generator(device=case.device).manual_seed(seed + 1)
+    x = torch.randn(tokens, s.hidden, generator=gen, device=case.device, dtype=torch.bfloat16)
+    ids, w = view.topk_ids[:tokens].to(case.device), view.topk_weights[:tokens].to(case.device)
+    return Inputs(x, ids, w, *weights, view.local_ids()[:tokens].to(case.device))
+
+
+def _stage_times(case: BenchCase, inp: Inputs, backends: list[str], bench) -> dict[str, float]:
+    """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2."""
+    ms, kw = {}, dict(ep_rank=0, experts_per_rank=case.experts_here, num_experts=case.shape.num_experts)
+    ms["count"] = bench(lambda: scatter.count_local_experts(inp.topk_ids, **kw))
+    routing = scatter.count_local_experts(inp.topk_ids, **kw)
+    for layout in LAYOUTS:
+        scatter_to = scatter.scatter_masked if layout == "masked" else scatter.scatter_contiguous
+        ms[f"scatter/{layout}"] = bench(lambda scatter_to=scatter_to: scatter_to(inp.x, routing))
+        dispatch = scatter_to(inp.x, routing)
+        for i, name in enumerate(backends):
+            gemm = BACKENDS[name]
+            h = gemm(dispatch.rows, inp.w13, dispatch)
+            a = activation.silu_and_mul(h, dispatch)
+            if i == 0:  # silu and gather do not depend on the backend
+                ms[f"silu/{layout}"] = bench(lambda h=h, d=dispatch: activation.silu_and_mul(h, d))
+                y = gemm(a, inp.w2, dispatch)
+                ms[f"gather/{layout}"] = bench(lambda y=y, d=dispatch: gather.gather(y, d, inp.topk_weights))
+            ms[f"gemm1/{name}/{layout}"] = bench(lambda g=gemm, d=dispatch: g(d.rows, inp.w13, d))
+            ms[f"gemm2/{name}/{layout}"] = bench(lambda g=gemm, a=a, d=dispatch: g(a, inp.w2, d))
+    return ms
+
+
+def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], bench, seed: int = 0) -> dict:
+    s = case.shape
+    inp = received(case, tokens, weights, seed)
+    args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
+    kw = dict(ep_size=case.ep_size, ep_rank=0, num_experts=s.num_experts)
+    counts = [int((inp.local_ids == e).sum()) for e in range(case.experts_here)]
+    active = [c for c in counts if c]
+    slots = sum(counts)
+    auto_backend = select("auto", case.device, s.hidden, s.inter)[0]
+    point = dict(
+        case=case.name, shape=s.name, hidden=s.hidden, inter=s.inter, ep_size=case.ep_size, routing=case.routing,
+        tokens=tokens, slots=slots,
+        active_experts=len(active), max_count=max(counts), mean_rows=slots / max(len(active), 1),
+        flops=2 * slots * s.hidden * 3 * s.inter,
+        weight_bytes=len(active) * 3 * s.hidden * s.inter * 2,
+        io_bytes=2 * tokens * s.hidden * 2 + 2 * slots * s.hidden * 2,  # x in, out; the slots' rows scattered/gathered
+        masked_block_bytes=masked_block_bytes(counts, s.hidden, s.inter, auto_backend.m_alignment),
+        auto_backend=auto_backend.name,
+        auto_layout=choose_layout(counts, tokens, s.hidden, s.inter, auto_backend.m_alignment, None),
+        ms={}, accuracy={}, errors={},
+    )
+    refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
+    runs = {f"whole/{b}/{layout}": (lambda b=b, layout=layout: moe_expert_forward(*args, **kw, layout=layout, gemm=b))
+            for b in backends for layout in LAYOUTS}
+    runs["hybrid"] = lambda: moe_expert_forward(*args, **kw)
+    runs["torch_native"] = lambda: torch_native_forward(*args, **kw)
+    for name, fn in runs.items():
+        try:
+            out = fn()
+        except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
+            point["errors"][name] = f"{type(exc).__name__}: {exc}"
+            continue
+        m = compare(out.float(), *refs, inp.local_ids)
+        verdict = bands.judge(m, bands.bands_for(s.hidden, s.inter), rows=slots)[0]
+        point["accuracy"][name] = dict(row_u=m.row_err / bands.U_BF16, expert_u=m.expert_err / bands.U_BF16,
+                                       l2_u=m.rel_l2 / bands.U_BF16, verdict=verdict)
+        point["ms"][name] = bench(fn)
+    point["ms"].update(_stage_times(case, inp, backends, bench))
+    point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
+    a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
+    b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)
+    a2 = torch.randn(slots, s.inter, device=case.device, dtype=torch.bfloat16)
+    b2 = torch.randn(s.inter, s.hidden, device=case.device, dtype=torch.bfloat16)
+    point["ms"]["dense"] = bench(lambda: (a @ b1, a2 @ b2))
+    return point
+
+
+def ceilings(device: str, bench) -> dict:
+    """The two roofs, measured now: device-to-device copy (bytes read + written per second) and a dense bf16 matmul."""
+    gpu = torch.device(device).type == "cuda"
+    n, size = (8192, 1 << 30) if gpu else (512, 1 << 24)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mm_ms = bench(lambda: a @ b)
+    return dict(copy_gbps=2 * size / copy_ms / 1e6, copy_bytes=size, peak_tflops=2 * n**3 / mm_ms / 1e9, matmul_n=n)
+
+
+def available_backends(case: BenchCase, names=None) -> list[str]:
+    names = names or [b for b in BACKENDS if b != "loop" or torch.device(case.device).type == "cpu"]
+    return [b for b in names if availability(b, case.device, case.shape.hidden, case.shape.inter)[0]]
+
+
+def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point=None) -> list[dict]:
+    bench, weights, points = timer(case.device, rep_ms), draw_weights(case), []
+    for m in tokens:
+        points.append(measure_point(case, m, weights, backends, bench))
+        print(bench_report.point_line(points[-1]), flush=True)
+        if on_point:
+            on_point(points[-1])
+    return points
+
+
+def warm(case: BenchCase, tokens, backends) -> None:
+    """Run every configuration once, untimed: compiles (and caches) each JIT kernel the timed run will meet."""
+    weights = draw_weights(case)
+    for m in tokens:
+        inp = received(case, m, weights)
+        args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
+        for b in backends:
+            for layout in LAYOUTS:
+                moe_expert_forward(*args, ep_size=case.ep_size, num_experts=case.shape.num_experts, layout=layout,
+                                   gemm=b)
+    torch.cuda.synchronize() if torch.device(case.device).type == "cuda" else None
+
+
+def warm_in_parallel(names: list[str], jobs: int) -> None:
+    """`warm` each case in its own process, `jobs` at a time (JIT compilers run on the host's cores)."""
+    done = procs.run_modules([["-m", "verify.bench", "--case", n, "--warm-only"] for n in names], jobs)
+    for name, proc in zip(names, done, strict=True):
+        print(f"warmed {name}: rc {proc.returncode}" + (f"\n{proc.stderr[-2000:]}" if proc.returncode else ""),
+              flush=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m verify.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="deepseek")
-    p.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 4096, 16384])
-    p.add_argument("--backends", nargs="+", default=[b for b in BACKENDS if b != "loop"])
-    p.add_argument("--layouts", nargs="+", default=["masked", "contiguous"])
-    p.add_argument("--rep-ms", type=int, default=100)
-    p.add_argument("--json")
+    p.add_argument("--case", action="append", choices=CASES, help="a bench case (repeatable); default: every one "
+                   "for this machine's device")
+    p.add_argument("--tokens", type=int, nargs="+", help="M values (tokens received per rank); default: the case's")
+    p.add_argument("--backends", nargs="+", help="GEMM backends; default: every available one")
+    p.add_argument("--rep-ms", type=int, default=25, help="do_bench's rep (ms) per timing")
+    p.add_argument("--json", help="write the results here (written again after every point)")
+    p.add_argument("--plot", help="write the roofline and masked-vs-contiguous plot (PNG) here")
+    p.add_argument("--from-json", help="no measuring: report (tables, targets, fit, --plot) from a saved --json")
+    p.add_argument("--warm-only", action="store_true", help="run each configuration once, untimed (JIT warm-up)")
+    p.add_argument("--jobs", type=int, default=1, help="warm the cases in this many processes before timing")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("verify.bench: needs a CUDA GPU")
-        return 2
-    shape = SHAPES[args.shape]
-    s = shape.sizes
-    backends = [b for b in args.backends if availability(b, "cuda", s.hidden, s.inter)[0]]
-    card = torch.cuda.get_device_name()
-    print(f"{card}: {shape.describe()}; backends {backends}")
-    rows = run(shape, args.tokens, backends, args.layouts, args.rep_ms)
-    if args.json:
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+    else:
+        device = default_device()
+        names = args.case or [n for n, c in CASES.items() if torch.device(c.device).type == torch.device(device).type]
+        cases = [CASES[n] for n in names]
+        if any(torch.device(c.device).type != torch.device(device).type for c in cases):
+            print(f"verify.bench: case(s) {[c.name for c in cases if c.device != device]} need a {device} machine "
+                  f"this one is not", file=sys.stderr)
+            return 2
+        if args.warm_only:
+            for c in cases:
+                warm(c, args.tokens or c.tokens, available_backends(c, args.backends))
+            return 0
+        if args.jobs > 1:
+            warm_in_parallel(names, args.jobs)
+        card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        results = dict(card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms,
+                       cases={c.name: c.describe() for c in cases}, points=[])
+        results["ceilings"] = ceilings(device, timer(device, args.rep_ms))
+        print(f"{card}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
+              f"{results['ceilings']['peak_tflops']:.0f} TFLOP/s", flush=True)
+
+        def save(point):
+            results["points"].append(point)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+
+        for c in cases:
+            print(c.describe(), flush=True)
+            run_case(c, args.tokens or c.tokens, available_backends(c, args.backends), args.rep_ms, save)
+    results["report"] = bench_report.report(results)
+    print(bench_report.format_report(results))
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
-            json.dump({"card": card, "torch": torch.__version__, "triton": triton.__version__,
-                       "shape": shape.describe(), "rows": rows}, f, indent=1)
+            json.dump(results, f, indent=1)
+    if args.plot:
+        bench_report.plot(results, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 

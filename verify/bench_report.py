@@ -1,0 +1,205 @@
+"""What verify.bench's measurements mean: the performance targets as measured ratios, the layout rule fitted to the
+data, markdown tables and the plots. Pure functions of the results dict (so `--from-json` re-reports a saved run).
+
+Each ratio uses times and ceilings from ONE run on one card. "Ours" is the production configuration the hybrid picks
+at that point (point["auto_layout"], point["auto_backend"]); the targets are the issue's, declared once in TARGETS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+from kernels.executor import MASKED_BLOCK_BUDGET_BYTES
+
+
+def _ours(p: dict, stage: str) -> float:
+    """ms of `stage` in the hybrid's layout (and backend, for gemm / whole)."""
+    layout, backend = p["auto_layout"], p["auto_backend"]
+    if stage in ("gemm1", "gemm2", "whole"):
+        return p["ms"][f"{stage}/{backend}/{layout}"]
+    return p["ms"][f"{stage}/{layout}"]
+
+
+def floor_ms(p: dict, ceil: dict) -> float:
+    """Reading the weights of the experts that received tokens once, at the measured copy bandwidth."""
+    return p["weight_bytes"] / (ceil["copy_gbps"] * 1e6)
+
+
+def scatter_gbps(p: dict) -> float:
+    return 2 * p["slots"] * p["hidden"] * 2 / _ours(p, "scatter") / 1e6  # rows read + rows written
+
+
+def gather_gbps(p: dict) -> float:
+    return (p["slots"] + p["tokens"]) * p["hidden"] * 2 / _ours(p, "gather") / 1e6  # slot rows read + output written
+
+
+def best_whole(p: dict, layout: str) -> tuple[str, float]:
+    runs = {k.split("/")[1]: v for k, v in p["ms"].items() if k.startswith("whole/") and k.endswith("/" + layout)}
+    name = min(runs, key=runs.get)
+    return name, runs[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    what: str
+    goal: str  # ">=" or "<="
+    bound: float
+    applies: Callable[[dict], bool]
+    value: Callable[[dict, dict], float]
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.goal == ">=" else value <= self.bound
+
+
+TARGETS = (
+    Target("gemm_share", "the two grouped GEMMs' share of the whole stage (M >= 256)", ">=", 0.85,
+           lambda p: p["tokens"] >= 256,
+           lambda p, c: (_ours(p, "gemm1") + _ours(p, "gemm2")) / _ours(p, "whole")),
+    Target("decode_floor", "whole stage / weight-read floor at the measured copy bandwidth (M <= 256)", "<=", 1.15,
+           lambda p: p["tokens"] <= 256, lambda p, c: p["ms"]["hybrid"] / floor_ms(p, c)),
+    Target("scatter_bw", "scatter bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
+           lambda p: p["tokens"] >= 4096, lambda p, c: scatter_gbps(p) / c["copy_gbps"]),
+    Target("gather_bw", "gather bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
+           lambda p: p["tokens"] >= 4096, lambda p, c: gather_gbps(p) / c["copy_gbps"]),
+    Target("vs_torch_native_large", "torch-native pipeline time / ours (M >= 4096)", ">=", 1.5,
+           lambda p: p["tokens"] >= 4096, lambda p, c: p["ms"]["torch_native"] / p["ms"]["hybrid"]),
+    Target("vs_torch_native_small", "torch-native pipeline time / ours (M <= 1024)", ">=", 1.3,
+           lambda p: p["tokens"] <= 1024, lambda p, c: p["ms"]["torch_native"] / p["ms"]["hybrid"]),
+    Target("auto_backend", "gemm='auto' backend / fastest backend, whole stage in the hybrid's layout", "<=", 1.05,
+           lambda p: True, lambda p, c: _ours(p, "whole") / best_whole(p, p["auto_layout"])[1]),
+    Target("hybrid_layout", "hybrid (layout='auto') / the better layout, with the auto backend", "<=", 1.05,
+           lambda p: True,
+           lambda p, c: p["ms"]["hybrid"] / min(p["ms"][f"whole/{p['auto_backend']}/{lay}"]
+                                                for lay in ("masked", "contiguous"))),
+    Target("hybrid_memory", "masked block bytes / budget when the hybrid picks masked", "<=", 1.0,
+           lambda p: p["auto_layout"] == "masked", lambda p, c: p["masked_block_bytes"] / MASKED_BLOCK_BUDGET_BYTES),
+)
+
+
+def evaluate(results: dict) -> list[dict]:
+    """One entry per target: every applicable point's value, how many met it, the worst one."""
+    out, ceil = [], results["ceilings"]
+    for t in TARGETS:
+        rows = []
+        for p in results["points"]:
+            if t.applies(p):
+                try:
+                    rows.append(dict(case=p["case"], tokens=p["tokens"], value=t.value(p, ceil)))
+                except KeyError as missing:  # a run that failed at this point (see the point's "errors")
+                    rows.append(dict(case=p["case"], tokens=p["tokens"], value=math.nan, missing=str(missing)))
+        for r in rows:
+            r["met"] = t.met(r["value"])  # NaN (not measured) never meets a target
+        measured = [r for r in rows if not math.isnan(r["value"])]
+        worst = (min if t.goal == ">=" else max)(measured, key=lambda r: r["value"], default=None)
+        out.append(dict(name=t.name, what=t.what, goal=f"{t.goal} {t.bound}", met=sum(r["met"] for r in rows),
+                        total=len(rows), worst=worst, rows=rows))
+    return out
+
+
+def fit_layout_rule(points: list[dict]) -> dict | None:
+    """The threshold T on mean rows per active expert for "masked iff mean_rows <= T and the block fits the budget"
+    that minimises the worst, then the total, excess time over the better layout (auto backend) on these points."""
+    data = []
+    for p in points:
+        b = p["auto_backend"]
+        masked, contiguous = (p["ms"].get(f"whole/{b}/{lay}") for lay in ("masked", "contiguous"))
+        if masked is not None and contiguous is not None:
+            fits = p["masked_block_bytes"] <= MASKED_BLOCK_BUDGET_BYTES
+            data.append((p["mean_rows"], fits, masked, contiguous))
+    if not data:
+        return None
+    means = sorted({d[0] for d in data})
+    candidates = [means[0] / 2] + [math.sqrt(a * b) for a, b in zip(means, means[1:], strict=False)] + [means[-1] * 2]
+
+    def excess(threshold):
+        ex = [(m if mean <= threshold and fits else c) / min(m, c) - 1 for mean, fits, m, c in data]
+        return max(ex), sum(ex)
+
+    best = min(candidates, key=excess)
+    worst, total = excess(best)
+    return dict(threshold=best, worst_excess=worst, mean_excess=total / len(data), points=len(data))
+
+
+def report(results: dict) -> dict:
+    return dict(targets=evaluate(results), layout_fit=fit_layout_rule(results["points"]))
+
+
+def point_line(p: dict) -> str:
+    return (f"{p['case']:20s} M={p['tokens']:6d} slots={p['slots']:6d} hybrid {p['ms']['hybrid']:8.3f} ms "
+            f"({p['auto_layout']}, {p['auto_backend']}) {p['flops'] / p['ms']['hybrid'] / 1e9:6.1f} TFLOP/s "
+            f"torch-native {p['ms']['torch_native']:8.3f} ms  l2/u {p['accuracy']['hybrid']['l2_u']:.2f} "
+            f"{p['accuracy']['hybrid']['verdict']}")
+
+
+def format_report(results: dict) -> str:
+    """Markdown: the per-point table (ratios), then the targets and the fitted layout rule."""
+    ceil = results["ceilings"]
+    lines = [f"Card: {results['card']} (torch {results['torch']}, triton {results['triton']}); same-run ceilings: "
+             f"copy {ceil['copy_gbps']:.0f} GB/s, dense bf16 matmul {ceil['peak_tflops']:.0f} TFLOP/s", "",
+             "| case | M | slots | layout, backend | whole ms | TFLOP/s | / dense same FLOPs | / weight floor | GEMM "
+             "share | scatter / copy | gather / copy | torch-native / ours | masked / contiguous | l2/u |",
+             "|" + "---|" * 14]
+    for p in results["points"]:
+        b = p["auto_backend"]
+        ratio_layouts = p["ms"][f"whole/{b}/masked"] / p["ms"][f"whole/{b}/contiguous"]
+        lines.append(
+            f"| {p['case']} | {p['tokens']} | {p['slots']} | {p['auto_layout']}, {b} | {p['ms']['hybrid']:.3f} | "
+            f"{p['flops'] / p['ms']['hybrid'] / 1e9:.1f} | {p['ms']['hybrid'] / p['ms']['dense']:.2f} | "
+            f"{p['ms']['hybrid'] / floor_ms(p, ceil):.2f} | "
+            f"{(_ours(p, 'gemm1') + _ours(p, 'gemm2')) / _ours(p, 'whole'):.2f} | "
+            f"{scatter_gbps(p) / ceil['copy_gbps']:.2f} | {gather_gbps(p) / ceil['copy_gbps']:.2f} | "
+            f"{p['ms']['torch_native'] / p['ms']['hybrid']:.2f} | {ratio_layouts:.2f} | "
+            f"{p['accuracy']['hybrid']['l2_u']:.2f} |")
+    rep = results.get("report") or report(results)
+    lines += ["", "| target | goal | met | worst (case, M) |", "|---|---|---|---|"]
+    for t in rep["targets"]:
+        w = t["worst"]
+        worst = f"{w['value']:.3f} ({w['case']}, M={w['tokens']})" if w else "-"
+        lines.append(f"| {t['name']}: {t['what']} | {t['goal']} | {t['met']}/{t['total']} | {worst} |")
+    fit = rep["layout_fit"]
+    if fit:
+        lines += ["", f"Layout rule fitted on {fit['points']} points: masked iff mean rows per active expert <= "
+                      f"{fit['threshold']:.0f} and the masked block <= {MASKED_BLOCK_BUDGET_BYTES >> 30} GiB; worst "
+                      f"excess over the better layout {100 * fit['worst_excess']:.1f}%, mean "
+                      f"{100 * fit['mean_excess']:.2f}%"]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Left: roofline (whole stage, hybrid, per case); right: masked / contiguous whole-stage time per M."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ceil = results["ceilings"]
+    fig, (roof, lay) = plt.subplots(1, 2, figsize=(13, 5))
+    cases = list(dict.fromkeys(p["case"] for p in results["points"]))
+    intensities = [p["flops"] / (p["weight_bytes"] + p["io_bytes"]) for p in results["points"]]
+    lo, hi = min(intensities) / 2, max(intensities) * 2
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    roof.plot(xs, [min(ceil["peak_tflops"], x * ceil["copy_gbps"] / 1e3) for x in xs], "k-",
+              label=f"roofline (copy {ceil['copy_gbps']:.0f} GB/s, matmul {ceil['peak_tflops']:.0f} TFLOP/s)")
+    for case in cases:
+        pts = [p for p in results["points"] if p["case"] == case]
+        roof.plot([p["flops"] / (p["weight_bytes"] + p["io_bytes"]) for p in pts],
+                  [p["flops"] / p["ms"]["hybrid"] / 1e9 for p in pts], "o-", label=case, ms=4)
+        b = pts[0]["auto_backend"]
+        lay.plot([p["tokens"] for p in pts],
+                 [p["ms"][f"whole/{b}/masked"] / p["ms"][f"whole/{b}/contiguous"] for p in pts], "o-", label=case,
+                 ms=4)
+    roof.set(xscale="log", yscale="log", xlabel="FLOP per byte (weights of active experts + token rows)",
+             ylabel="TFLOP/s (routed rows)", title=f"Whole expert stage, hybrid, {results['card']}")
+    roof.legend(fontsize=7)
+    lay.axhline(1.0, color="k", lw=0.8)
+    fit = (results.get("report") or report(results))["layout_fit"]
+    lay.set(xscale="log", xlabel="M (tokens received per rank)", ylabel="masked / contiguous time (auto backend)",
+            title="Layout: below 1, masked is faster" + (f" (fitted rule: mean rows <= {fit['threshold']:.0f})"
+                                                       if fit else ""))
+    lay.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,72 @@
+"""GPU reliability workloads (verify/test_reliability.py runs them): a small run through every Triton kernel for
+compute-sanitizer, the whole stage rerun for bitwise determinism, and a sweep over changing routings for memory growth.
+
+`python -m verify.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
+histogram, both scatters, m_indices, silu_and_mul in both layouts, our Triton grouped GEMM in both layouts, the gather)
+on a small skewed problem whose rank view is padded with NaN rows, checked against the reference. Run it under
+`compute-sanitizer --tool memcheck|racecheck` with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every buffer is its
+own allocation and an out-of-bounds access cannot land inside a cached block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kernels import moe_expert_forward
+from kernels._device import default_device
+from reference import moe_reference
+from reference.routing import pad_view, rank_view
+from verify import bands
+from verify.cases import Sizes, random_problem
+from verify.metrics import compare
+
+SANITIZER_SIZES = Sizes(num_tokens=96, hidden=320, inter=192, num_experts=16, topk=4)  # H, I not powers of 2
+
+
+def rank_inputs(sizes: Sizes, routing: str, seed: int, device: str, ep_size: int = 2, rank: int = 1, pad: int = 0):
+    """(args, kwargs) of moe_expert_forward for one rank view, padded with `pad` NaN rows of -1 ids."""
+    problem = random_problem(sizes, routing, seed, device)
+    view = rank_view(problem.x, problem.routing, ep_size, rank)
+    if pad:
+        view = pad_view(view, view.num_tokens + pad)
+    w13, w2 = problem.rank_weights(ep_size, rank)
+    args = (view.x, view.topk_ids, view.topk_weights, w13, w2)
+    return args, dict(ep_size=ep_size, ep_rank=rank, num_experts=sizes.num_experts), view.local_ids()
+
+
+def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
+    """Every Triton kernel once per layout; raises AssertionError if an output leaves its band."""
+    args, kw, local_ids = rank_inputs(SANITIZER_SIZES, "skewed", seed, device, pad=8)
+    refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
+    for layout in ("masked", "contiguous"):
+        out = moe_expert_forward(*args, **kw, layout=layout, gemm="triton")
+        verdict, notes = bands.judge(compare(out.float(), *refs, local_ids),
+                                     bands.bands_for(SANITIZER_SIZES.hidden, SANITIZER_SIZES.inter))
+        assert verdict != bands.FAIL, f"{layout}: {notes}"
+    torch.cuda.synchronize() if torch.device(device).type == "cuda" else None
+
+
+def rerun_outputs(args, kw, runs: int, **options) -> list[torch.Tensor]:
+    return [moe_expert_forward(*args, **kw, **options) for _ in range(runs)]
+
+
+def memory_sweep(device: str, iterations: int, sizes: Sizes, seed: int = 0) -> list[int]:
+    """torch.cuda.memory_allocated() after each of `iterations` runs over routings of changing size and skew, both
+    layouts (inputs built once up front and kept)."""
+    problems = [rank_inputs(dataclasses.replace(sizes, num_tokens=t), routing, seed + i, device)
+                for i, (t, routing) in enumerate([(64, "uniform"), (1024, "skewed"), (256, "hot_expert"),
+                                                  (2048, "uniform")])]
+    allocated = []
+    for i in range(iterations):
+        args, kw, _ = problems[i % len(problems)]
+        out = moe_expert_forward(*args, **kw, layout=("masked", "contiguous")[i // len(problems) % 2])
+        del out
+        allocated.append(torch.cuda.memory_allocated(device))
+    return allocated
+
+
+if __name__ == "__main__":
+    sanitizer_workload(default_device())
+    print("sanitizer workload: done")

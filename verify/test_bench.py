@@ -1,0 +1,125 @@
+"""verify.bench, verify.bench_report, verify.gate and verify.peers: the targets and the layout fit computed right on
+known numbers, the CLIs' plumbing on the CPU (tiny shapes), the gate's verdicts, and the committed GPU results
+consistent with the layout rule the executor ships."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pytest
+
+from kernels import executor
+from verify import bench, bench_report, gate
+from verify.diff import main as diff_main
+
+
+def _point(tokens=4096, mean_rows=64.0, masked=1.0, contiguous=1.2, layout="masked", block=1 << 20, **ms):
+    times = {"whole/deep_gemm/masked": masked, "whole/deep_gemm/contiguous": contiguous,
+             "whole/triton/masked": 2 * masked, "whole/triton/contiguous": 2 * contiguous, "hybrid": masked,
+             "torch_native": 2.0, "gemm1/deep_gemm/masked": 0.5, "gemm2/deep_gemm/masked": 0.3,
+             "scatter/masked": 0.1, "gather/masked": 0.1, "dense": 0.8}
+    times.update(ms)
+    return dict(case="c", tokens=tokens, slots=2 * tokens, hidden=1024, inter=512, mean_rows=mean_rows,
+                weight_bytes=10**9, io_bytes=10**6, flops=10**12, masked_block_bytes=block, auto_layout=layout,
+                auto_backend="deep_gemm", ms=times, accuracy={"hybrid": {"l2_u": 0.3, "verdict": "PASS"}})
+
+
+CEILINGS = {"copy_gbps": 4000.0, "peak_tflops": 800.0}
+
+
+def test_targets_are_the_declared_ratios():
+    results = {"ceilings": CEILINGS, "points": [_point(tokens=256)]}
+    got = {t["name"]: t for t in bench_report.evaluate(results)}
+    assert got["gemm_share"]["rows"][0]["value"] == pytest.approx(0.8)
+    assert not got["gemm_share"]["rows"][0]["met"]
+    assert got["decode_floor"]["rows"][0]["value"] == pytest.approx(1.0 / (1e9 / 4000e6))
+    assert got["vs_torch_native_small"]["rows"][0]["value"] == pytest.approx(2.0)
+    assert got["vs_torch_native_large"]["total"] == 0  # M = 256 is not >= 4096
+    assert got["auto_backend"]["rows"][0]["value"] == pytest.approx(1.0)
+    assert got["hybrid_layout"]["rows"][0]["value"] == pytest.approx(1.0)
+    big = {"ceilings": CEILINGS, "points": [_point(block=executor.MASKED_BLOCK_BUDGET_BYTES + 1)]}
+    memory = {t["name"]: t for t in bench_report.evaluate(big)}["hybrid_memory"]
+    assert memory["met"] == 0 and memory["total"] == 1
+    scatter = {t["name"]: t for t in bench_report.evaluate(big)}["scatter_bw"]["rows"][0]["value"]
+    assert scatter == pytest.approx(2 * 8192 * 1024 * 2 / 0.1 / 1e6 / 4000.0)
+
+
+def test_layout_fit_finds_the_crossover_and_respects_the_budget():
+    points = [_point(mean_rows=r, masked=1.0, contiguous=1.1 if r <= 256 else 0.9) for r in (8, 64, 256, 1024, 4096)]
+    fit = bench_report.fit_layout_rule(points)
+    assert 256 < fit["threshold"] < 1024 and fit["worst_excess"] == 0.0
+    # a masked block over the budget must go contiguous whatever the threshold: the fit pays its excess
+    points.append(_point(mean_rows=8, masked=1.0, contiguous=1.5, block=executor.MASKED_BLOCK_BUDGET_BYTES + 1))
+    assert bench_report.fit_layout_rule(points)["worst_excess"] == pytest.approx(0.5)
+
+
+def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert bench.main(["--case", "tiny", "--tokens", "16", "--backends", "loop", "grouped_mm", "--json", str(out),
+                       "--plot", str(png)]) == 0
+    results = json.loads(out.read_text())
+    (point,) = results["points"]
+    expected = {"count", "scatter/masked", "gemm1/loop/contiguous", "silu/masked", "gemm2/grouped_mm/masked",
+                "gather/contiguous", "whole/loop/masked", "hybrid", "torch_native", "reference", "dense"}
+    assert expected <= set(point["ms"]) and not point["errors"]
+    assert all(v > 0 for v in point["ms"].values())
+    assert all(a["verdict"] != "FAIL" for a in point["accuracy"].values()), point["accuracy"]
+    assert {t["name"] for t in results["report"]["targets"]} == {t.name for t in bench_report.TARGETS}
+    assert png.stat().st_size > 10_000
+    assert bench.main(["--from-json", str(out)]) == 0  # re-reports without measuring
+
+
+def test_committed_gpu_bench_fits_the_executors_layout_rule():
+    fitted = []
+    for path in sorted(glob.glob("docs/bench-*.json")):
+        with open(path) as f:
+            fit = json.load(f).get("report", {}).get("layout_fit")
+        if fit:
+            fitted.append((path, fit))
+    if not fitted:
+        pytest.skip("no committed bench results with a layout fit")
+    for path, fit in fitted:
+        assert executor.MASKED_MAX_MEAN_ROWS == round(fit["threshold"]), path
+
+
+def _gate_results(accuracy=None, speed=None, card="cpu"):
+    return dict(card=card, accuracy=accuracy or {}, speed=speed or {})
+
+
+def test_gate_compare_flags_what_regressed():
+    row = dict(verdict="PASS", checks=[], l2_u=0.3, row_u=2.0)
+    base = _gate_results({"a": row, "b": row}, {"s": dict(ms=1.0, spread=0.01), "t": dict(ms=1.0, spread=0.01)})
+    now = _gate_results({"a": dict(row, verdict="WARN"), "b": row},
+                        {"s": dict(ms=1.02, spread=0.01), "t": dict(ms=1.10, spread=0.01)})
+    regressions = gate.compare(base, now)
+    assert len(regressions) == 2
+    assert regressions[0].startswith("accuracy a: PASS -> WARN") and regressions[1].startswith("speed t")
+    assert gate.compare(base, base) == []
+
+
+def test_gate_margin_is_measured_noise_not_a_constant():
+    base = _gate_results(speed={"s": dict(ms=1.0, spread=0.05)})
+    assert gate.compare(base, _gate_results(speed={"s": dict(ms=1.10, spread=0.05)})) == []  # 3 x 5% noise
+    assert gate.compare(base, _gate_results(speed={"s": dict(ms=1.20, spread=0.05)}))
+
+
+def test_gate_cli_update_then_injected_slowdown_fails(tmp_path, capsys):
+    baseline = tmp_path / "base.json"
+    assert gate.main(["--baseline", str(baseline), "--no-accuracy", "--repeats", "3", "--update"]) == 0
+    # a 3x slowdown stands far outside the noise of even a busy CPU (the GPU run shows 10%: see the README)
+    assert gate.main(["--baseline", str(baseline), "--no-accuracy", "--repeats", "3", "--inject-slowdown", "3"]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+
+
+def test_gate_usage_errors(tmp_path):
+    missing = tmp_path / "none.json"
+    assert gate.main(["--baseline", str(missing)]) == 2
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_gate_results(card="NVIDIA H20")))
+    assert gate.main(["--baseline", str(other)]) == 2
+    assert gate.main(["--baseline", str(other), "--update", "--inject-slowdown", "0.1"]) == 2
+
+
+def test_torch_native_peer_passes_the_differential_tester():
+    assert diff_main(["--case", "skewed", "--impl", "verify.peers:torch_native_forward"]) == 0
