@@ -24,11 +24,13 @@ LAYOUTS = ("auto", "masked", "contiguous")
 GEMMS = ("auto", "deep_gemm", "grouped_mm", "triton", "loop")
 GATE_UP_ORDERS = activation.GATE_UP_ORDERS
 
-# Layout rule used when `masked_max_tokens` is not given (see README, "Choosing the layout").
-# Masked wins while experts get few rows each: measured on an H100 with DeepGEMM at the DeepSeek-like shape, masked
-# GEMMs were 10-18% faster up to 128 rows per expert and about even at 512-1024 (ANCHORS.md). Its cost is memory:
-# the block holds E_local x block_rows rows of x, h, a and y, however skewed the counts are.
-MASKED_MAX_MEAN_ROWS = 1024
+# Layout rule used when `masked_max_tokens` is not given (see README, "Choosing the layout"), fitted by
+# verify.bench_report.fit_layout_rule to the bench run in docs/bench-h200.json (NVIDIA H200, DeepGEMM, 62 points: 7
+# shapes x uniform and skewed routings, M = 1..16384): masked was the faster layout wherever its block fitted the
+# budget, up to the largest mean measured (2250 rows per active expert), so the fitted bound sits at twice that.
+# Its cost is memory: the block holds E_local x block_rows rows of x, h, a and y, however skewed the counts are, and
+# the budget is what turns skewed and prefill-sized batches contiguous.
+MASKED_MAX_MEAN_ROWS = 4500
 MASKED_BLOCK_BUDGET_BYTES = 2 << 30
 
 
