@@ -1,12 +1,15 @@
 """python -m verify.gate --baseline baselines/<gpu>.json [--update]: accuracy and speed against a stored baseline.
 
-Accuracy: the catalogue (verify.cases, this device's sizes) through verify.sweep; a row regresses when it FAILs its
-band, or drops from PASS to WARN. Speed: the whole stage (production pipeline, hybrid layout and backend) at the
-SPEED_POINTS of verify.bench's cases, measured in REPEATS interleaved passes; an entry regresses when its median is
-slower than the baseline's by more than its noise margin, NOISE_FACTOR x the larger pass-to-pass spread ((max - min)
-/ median) of the baseline and of this run (pooled: never below the median spread of all entries). `--update` writes
-the baseline instead. `--inject-slowdown F` delays every timed call by F x the baseline's time for that entry (a GPU
-sleep inside the pipeline, after the scatter): the gate must then fail.
+Accuracy: the catalogue (verify.cases, this device's sizes) through verify.diff, one process per case; a row
+regresses when it FAILs its band, or drops from PASS to WARN. Speed: the whole stage (production pipeline, hybrid
+layout and backend) at the SPEED_POINTS of verify.bench's cases, measured in REPEATS interleaved passes. The noise
+of each entry is measured, not guessed: a pass's robust relative spread (1.4826 x the median absolute deviation over
+the median) gives the standard error of the median of the passes (x 1.253 / sqrt(passes)); an entry regresses when
+its median is slower than the baseline's by more than NOISE_FACTOR standard errors of the difference (the baseline's
+and this run's combined, each at least the median standard error of all entries). `--update` writes the baseline
+instead. `--inject-slowdown F` stalls every timed call by F x the baseline's time for that entry (a GPU sleep that
+the count's host read-back waits for, so it lengthens the call whether it is GPU- or host-bound): the gate must then
+fail.
 Exit codes: 0 no regression, 1 regression, 2 usage error (no baseline, other card).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -94,10 +98,10 @@ def speed(points, repeats: int, slowdown: float = 0.0, baseline: dict | None = N
         if slowdown:
             delay = sleeper(slowdown * baseline["speed"][entry]["ms"])
 
-            def after_scatter(dispatch, delay=delay):
+            def count(topk_ids, delay=delay, **kwargs):
                 delay()
-                return dispatch
-            stages = dataclasses.replace(PRODUCTION, after_scatter=after_scatter)
+                return PRODUCTION.count(topk_ids, **kwargs)
+            stages = dataclasses.replace(PRODUCTION, count=count)
         calls[entry] = (lambda inp=inp, case=case, stages=stages: moe_expert_forward(
             inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2, ep_size=case.ep_size,
             num_experts=case.shape.num_experts, stages=stages))
@@ -105,11 +109,14 @@ def speed(points, repeats: int, slowdown: float = 0.0, baseline: dict | None = N
     for _ in range(repeats):
         for entry, fn in calls.items():
             runs[entry].append(timer(fn))
-    out = {}
-    for entry, ms in runs.items():
-        med = statistics.median(ms)
-        out[entry] = dict(ms=med, spread=(max(ms) - min(ms)) / med, runs=ms)
-    return out
+    return {entry: summary(ms) for entry, ms in runs.items()}
+
+
+def summary(ms: list[float]) -> dict:
+    """Median of the passes and its relative standard error, from the median absolute deviation."""
+    med = statistics.median(ms)
+    sigma = 1.4826 * statistics.median(abs(x - med) for x in ms) / med
+    return dict(ms=med, se=1.253 * sigma / math.sqrt(len(ms)), runs=ms)
 
 
 def compare(baseline: dict, current: dict) -> list[str]:
@@ -130,16 +137,17 @@ def compare(baseline: dict, current: dict) -> list[str]:
     print(f"  {len(current['accuracy'])} rows, {sum(r['verdict'] != bands.FAIL for r in current['accuracy'].values())} "
           f"pass; largest l2/u increase: " + (", ".join(f"{t} {d:+.3f}" for d, t in sorted(drift)[-3:][::-1])
                                              if drift else "-"))
-    spreads = [e["spread"] for e in baseline["speed"].values()] + [e["spread"] for e in current["speed"].values()]
-    pooled = statistics.median(spreads) if spreads else 0.0
-    print(f"speed (noise margin = {NOISE_FACTOR:g} x max(spread of baseline, of this run, pooled {pooled:.2%})):")
+    errors = [e["se"] for e in baseline["speed"].values()] + [e["se"] for e in current["speed"].values()]
+    pooled = statistics.median(errors) if errors else 0.0
+    print(f"speed (margin = {NOISE_FACTOR:g} standard errors of the difference of the medians; pooled floor "
+          f"{pooled:.2%} per median):")
     print(f"  {'entry':28s} {'baseline ms':>11s} {'now ms':>9s} {'ratio':>7s} {'margin':>7s}")
     for entry, now in current["speed"].items():
         base = baseline["speed"].get(entry)
         if base is None:
             print(f"  {entry:28s} {'-':>11s} {now['ms']:9.3f}  (new entry)")
             continue
-        margin = NOISE_FACTOR * max(base["spread"], now["spread"], pooled)
+        margin = NOISE_FACTOR * math.hypot(max(base["se"], pooled), max(now["se"], pooled))
         ratio = now["ms"] / base["ms"]
         slow = ratio > 1 + margin
         print(f"  {entry:28s} {base['ms']:11.3f} {now['ms']:9.3f} {ratio:7.3f} {margin:7.1%}"

@@ -89,9 +89,9 @@ def _gate_results(accuracy=None, speed=None, card="cpu"):
 
 def test_gate_compare_flags_what_regressed():
     row = dict(verdict="PASS", checks=[], l2_u=0.3, row_u=2.0)
-    base = _gate_results({"a": row, "b": row}, {"s": dict(ms=1.0, spread=0.01), "t": dict(ms=1.0, spread=0.01)})
+    base = _gate_results({"a": row, "b": row}, {"s": dict(ms=1.0, se=0.01), "t": dict(ms=1.0, se=0.01)})
     now = _gate_results({"a": dict(row, verdict="WARN"), "b": row},
-                        {"s": dict(ms=1.02, spread=0.01), "t": dict(ms=1.10, spread=0.01)})
+                        {"s": dict(ms=1.02, se=0.01), "t": dict(ms=1.10, se=0.01)})
     regressions = gate.compare(base, now)
     assert len(regressions) == 2
     assert regressions[0].startswith("accuracy a: PASS -> WARN") and regressions[1].startswith("speed t")
@@ -99,9 +99,13 @@ def test_gate_compare_flags_what_regressed():
 
 
 def test_gate_margin_is_measured_noise_not_a_constant():
-    base = _gate_results(speed={"s": dict(ms=1.0, spread=0.05)})
-    assert gate.compare(base, _gate_results(speed={"s": dict(ms=1.10, spread=0.05)})) == []  # 3 x 5% noise
-    assert gate.compare(base, _gate_results(speed={"s": dict(ms=1.20, spread=0.05)}))
+    quiet = gate.summary([1.00, 1.01, 0.99, 1.00, 1.02])
+    noisy = gate.summary([1.0, 1.3, 0.8, 1.1, 0.9])
+    assert quiet["ms"] == 1.00 and quiet["se"] == pytest.approx(1.253 * 1.4826 * 0.01 / 5**0.5)
+    assert noisy["se"] > 5 * quiet["se"]
+    slower = dict(quiet, ms=1.10)
+    assert gate.compare(_gate_results(speed={"s": quiet}), _gate_results(speed={"s": slower}))  # 10% > 3 x 1.2%
+    assert not gate.compare(_gate_results(speed={"s": noisy}), _gate_results(speed={"s": dict(noisy, ms=1.10)}))
 
 
 def test_gate_cli_update_then_injected_slowdown_fails(tmp_path, capsys):
