@@ -261,7 +261,6 @@ def warm(case: BenchCase, tokens, backends) -> None:
             for layout in LAYOUTS:
                 moe_expert_forward(*args, ep_size=case.ep_size, num_experts=case.shape.num_experts, layout=layout,
                                    gemm=b)
-    torch.cuda.synchronize() if torch.device(case.device).type == "cuda" else None
 
 
 def warm_in_parallel(names: list[str], jobs: int) -> None:

@@ -44,8 +44,8 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
         out = moe_expert_forward(*args, **kw, layout=layout, gemm="triton")
         verdict, notes = bands.judge(compare(out.float(), *refs, local_ids),
                                      bands.bands_for(SANITIZER_SIZES.hidden, SANITIZER_SIZES.inter))
-        assert verdict != bands.FAIL, f"{layout}: {notes}"
-    torch.cuda.synchronize() if torch.device(device).type == "cuda" else None
+        if verdict == bands.FAIL:
+            raise AssertionError(f"sanitizer workload, {layout} layout: {notes}")
 
 
 def rerun_outputs(args, kw, runs: int, **options) -> list[torch.Tensor]:
