@@ -291,9 +291,9 @@ def main(argv=None) -> int:
         device = default_device()
         names = args.case or [n for n, c in CASES.items() if torch.device(c.device).type == torch.device(device).type]
         cases = [CASES[n] for n in names]
-        if any(torch.device(c.device).type != torch.device(device).type for c in cases):
-            print(f"verify.bench: case(s) {[c.name for c in cases if c.device != device]} need a {device} machine "
-                  f"this one is not", file=sys.stderr)
+        elsewhere = [f"{c.name} ({c.device})" for c in cases if c.device != device]
+        if elsewhere:
+            print(f"verify.bench: --case {', '.join(elsewhere)} cannot run on this {device} machine", file=sys.stderr)
             return 2
         if args.warm_only:
             for c in cases:

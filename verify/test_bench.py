@@ -8,6 +8,7 @@ import glob
 import json
 
 import pytest
+import torch
 
 from kernels import executor
 from verify import bench, bench_report, gate
@@ -68,6 +69,13 @@ def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
     assert {t["name"] for t in results["report"]["targets"]} == {t.name for t in bench_report.TARGETS}
     assert png.stat().st_size > 10_000
     assert bench.main(["--from-json", str(out)]) == 0  # re-reports without measuring
+
+
+def test_bench_cli_refuses_a_gpu_case_on_the_cpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main(["--case", "deepseek-ep8"]) == 2
+    assert "deepseek-ep8" in capsys.readouterr().err
 
 
 def test_committed_gpu_bench_fits_the_executors_layout_rule():
