@@ -8,7 +8,8 @@ For each bench case (a realistic shape at one ep_size, one routing) and each M (
 - peers: the torch-native pipeline (verify.peers), the faithful reference;
 - ceilings: a dense bf16 matmul of the same FLOPs (per M) and, once per run, a large device-to-device copy and a large
   dense matmul (the roofline's two roofs).
-Times are triton.testing.do_bench medians with L2 flushed (GPU) or perf_counter medians (CPU, plumbing only). Every
+Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
+plumbing only). Every
 whole-stage output is also judged against the faithful reference with verify.bands. verify.bench_report turns the
 points into the targets table, the fitted layout rule and the plots.
 """
@@ -36,6 +37,7 @@ from kernels import activation, gather, moe_expert_forward, scatter  # noqa: E40
 from kernels.executor import choose_layout, masked_block_bytes  # noqa: E402
 from kernels.gemm import BACKENDS, availability, select  # noqa: E402
 from reference import moe_reference  # noqa: E402
+from reference.layouts import expert_counts  # noqa: E402
 from reference.routing import make_routing, rank_view  # noqa: E402
 from verify import bands, bench_report, procs  # noqa: E402
 from verify.metrics import compare  # noqa: E402
@@ -179,7 +181,7 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     inp = received(case, tokens, weights, seed)
     args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
     kw = dict(ep_size=case.ep_size, ep_rank=0, num_experts=s.num_experts)
-    counts = [int((inp.local_ids == e).sum()) for e in range(case.experts_here)]
+    counts = expert_counts(inp.local_ids, case.experts_here).tolist()
     active = [c for c in counts if c]
     slots = sum(counts)
     auto_backend = select("auto", case.device, s.hidden, s.inter)[0]
@@ -241,14 +243,13 @@ def available_backends(case: BenchCase, names=None) -> list[str]:
     return [b for b in names if availability(b, case.device, case.shape.hidden, case.shape.inter)[0]]
 
 
-def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point=None) -> list[dict]:
-    bench, weights, points = timer(case.device, rep_ms), draw_weights(case), []
+def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[[dict], None]) -> None:
+    """Measure each M of the case; hand every point to `on_point` as soon as it is measured."""
+    bench, weights = timer(case.device, rep_ms), draw_weights(case)
     for m in tokens:
-        points.append(measure_point(case, m, weights, backends, bench))
-        print(bench_report.point_line(points[-1]), flush=True)
-        if on_point:
-            on_point(points[-1])
-    return points
+        point = measure_point(case, m, weights, backends, bench)
+        print(bench_report.point_line(point), flush=True)
+        on_point(point)
 
 
 def warm(case: BenchCase, tokens, backends) -> None:

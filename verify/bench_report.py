@@ -47,6 +47,24 @@ def glue_ms(p: dict) -> float:
     return _ours(p, "whole") - sum(p["ms"]["count"] if s == "count" else _ours(p, s) for s in stages)
 
 
+def gemm_share(p: dict) -> float:
+    return (_ours(p, "gemm1") + _ours(p, "gemm2")) / _ours(p, "whole")
+
+
+def floor_ratio(p: dict, ceil: dict) -> float:
+    return ours_ms(p) / floor_ms(p, ceil)
+
+
+def torch_native_ratio(p: dict) -> float:
+    return p["ms"]["torch_native"] / ours_ms(p)
+
+
+def masked_over_contiguous(p: dict) -> float:
+    """Whole-stage time of the masked layout over the contiguous one, with the auto backend."""
+    b = p["auto_backend"]
+    return p["ms"][f"whole/{b}/masked"] / p["ms"][f"whole/{b}/contiguous"]
+
+
 def best_whole(p: dict, layout: str) -> tuple[str, float]:
     runs = {k.split("/")[1]: v for k, v in p["ms"].items() if k.startswith("whole/") and k.endswith("/" + layout)}
     name = min(runs, key=runs.get)
@@ -69,17 +87,17 @@ class Target:
 TARGETS = (
     Target("gemm_share", "the two grouped GEMMs' share of the whole stage (M >= 256)", ">=", 0.85,
            lambda p: p["tokens"] >= 256,
-           lambda p, c: (_ours(p, "gemm1") + _ours(p, "gemm2")) / _ours(p, "whole")),
+           lambda p, c: gemm_share(p)),
     Target("decode_floor", "whole stage / weight-read floor at the measured copy bandwidth (M <= 256)", "<=", 1.15,
-           lambda p: p["tokens"] <= 256, lambda p, c: ours_ms(p) / floor_ms(p, c)),
+           lambda p: p["tokens"] <= 256, floor_ratio),
     Target("scatter_bw", "scatter bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
            lambda p: p["tokens"] >= 4096, lambda p, c: scatter_gbps(p) / c["copy_gbps"]),
     Target("gather_bw", "gather bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
            lambda p: p["tokens"] >= 4096, lambda p, c: gather_gbps(p) / c["copy_gbps"]),
     Target("vs_torch_native_large", "torch-native pipeline time / ours (M >= 4096)", ">=", 1.5,
-           lambda p: p["tokens"] >= 4096, lambda p, c: p["ms"]["torch_native"] / ours_ms(p)),
+           lambda p: p["tokens"] >= 4096, lambda p, c: torch_native_ratio(p)),
     Target("vs_torch_native_small", "torch-native pipeline time / ours (M <= 1024)", ">=", 1.3,
-           lambda p: p["tokens"] <= 1024, lambda p, c: p["ms"]["torch_native"] / ours_ms(p)),
+           lambda p: p["tokens"] <= 1024, lambda p, c: torch_native_ratio(p)),
     Target("auto_backend", "gemm='auto' backend / fastest backend, whole stage in the hybrid's layout", "<=", 1.05,
            lambda p: True, lambda p, c: _ours(p, "whole") / best_whole(p, p["auto_layout"])[1]),
     Target("hybrid_layout", "the layout layout='auto' picks / the better layout, auto backend", "<=", 1.05,
@@ -155,15 +173,12 @@ def format_report(results: dict) -> str:
              "share | glue ms | scatter / copy | gather / copy | torch-native / ours | masked / contiguous | l2/u |",
              "|" + "---|" * 15]
     for p in results["points"]:
-        b = p["auto_backend"]
-        ratio_layouts = p["ms"][f"whole/{b}/masked"] / p["ms"][f"whole/{b}/contiguous"]
         lines.append(
-            f"| {p['case']} | {p['tokens']} | {p['slots']} | {p['auto_layout']}, {b} | {ours_ms(p):.3f} | "
-            f"{p['flops'] / ours_ms(p) / 1e9:.1f} | {ours_ms(p) / p['ms']['dense']:.2f} | "
-            f"{ours_ms(p) / floor_ms(p, ceil):.2f} | "
-            f"{(_ours(p, 'gemm1') + _ours(p, 'gemm2')) / _ours(p, 'whole'):.2f} | {glue_ms(p):.3f} | "
+            f"| {p['case']} | {p['tokens']} | {p['slots']} | {p['auto_layout']}, {p['auto_backend']} | "
+            f"{ours_ms(p):.3f} | {p['flops'] / ours_ms(p) / 1e9:.1f} | {ours_ms(p) / p['ms']['dense']:.2f} | "
+            f"{floor_ratio(p, ceil):.2f} | {gemm_share(p):.2f} | {glue_ms(p):.3f} | "
             f"{scatter_gbps(p) / ceil['copy_gbps']:.2f} | {gather_gbps(p) / ceil['copy_gbps']:.2f} | "
-            f"{p['ms']['torch_native'] / ours_ms(p):.2f} | {ratio_layouts:.2f} | "
+            f"{torch_native_ratio(p):.2f} | {masked_over_contiguous(p):.2f} | "
             f"{p['accuracy']['hybrid']['l2_u']:.2f} |")
     rep = results.get("report") or report(results)
     lines += ["", "| target | goal | met | worst (case, M) |", "|---|---|---|---|"]
@@ -199,10 +214,7 @@ def plot(results: dict, path: str) -> None:
         pts = [p for p in results["points"] if p["case"] == case]
         roof.plot([p["flops"] / (p["weight_bytes"] + p["io_bytes"]) for p in pts],
                   [p["flops"] / ours_ms(p) / 1e9 for p in pts], "o-", label=case, ms=4)
-        b = pts[0]["auto_backend"]
-        lay.plot([p["tokens"] for p in pts],
-                 [p["ms"][f"whole/{b}/masked"] / p["ms"][f"whole/{b}/contiguous"] for p in pts], "o-", label=case,
-                 ms=4)
+        lay.plot([p["tokens"] for p in pts], [masked_over_contiguous(p) for p in pts], "o-", label=case, ms=4)
     roof.set(xscale="log", yscale="log", xlabel="FLOP per byte (weights of active experts + token rows)",
              ylabel="TFLOP/s (routed rows)", title=f"Whole expert stage, hybrid, {results['card']}")
     roof.legend(fontsize=7)

@@ -84,10 +84,10 @@ def _sleeper(device_type: str):
 
 
 def speed(points, repeats: int, slowdown: float = 0.0, baseline: dict | None = None) -> dict:
-    """entry -> median ms over `repeats` interleaved passes, the spread, every pass's ms."""
+    """entry -> `summary` of its `repeats` interleaved passes (median ms, its standard error, every pass's ms)."""
     device_type = _device_type()
     timer = bench.timer(device_type, REP_MS[device_type])
-    sleeper = _sleeper(device_type)
+    sleeper = _sleeper(device_type) if slowdown else None
     calls, weights = {}, {}
     for case_name, tokens in points:
         case = bench.CASES[case_name]

@@ -26,7 +26,8 @@ SANITIZER_SIZES = Sizes(num_tokens=96, hidden=320, inter=192, num_experts=16, to
 
 
 def rank_inputs(sizes: Sizes, routing: str, seed: int, device: str, ep_size: int = 2, rank: int = 1, pad: int = 0):
-    """(args, kwargs) of moe_expert_forward for one rank view, padded with `pad` NaN rows of -1 ids."""
+    """(args, kwargs) of moe_expert_forward for one rank view, padded with `pad` NaN rows of -1 ids, and the view's
+    local ids."""
     problem = random_problem(sizes, routing, seed, device)
     view = rank_view(problem.x, problem.routing, ep_size, rank)
     if pad:
@@ -46,10 +47,6 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
                                      bands.bands_for(SANITIZER_SIZES.hidden, SANITIZER_SIZES.inter))
         if verdict == bands.FAIL:
             raise AssertionError(f"sanitizer workload, {layout} layout: {notes}")
-
-
-def rerun_outputs(args, kw, runs: int, **options) -> list[torch.Tensor]:
-    return [moe_expert_forward(*args, **kw, **options) for _ in range(runs)]
 
 
 def memory_sweep(device: str, iterations: int, sizes: Sizes, seed: int = 0) -> list[int]:
