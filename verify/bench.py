@@ -9,9 +9,8 @@ For each bench case (a realistic shape at one ep_size, one routing) and each M (
 - ceilings: a dense bf16 matmul of the same FLOPs (per M) and, once per run, a large device-to-device copy and a large
   dense matmul (the roofline's two roofs).
 Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
-plumbing only). Every
-whole-stage output is also judged against the faithful reference with verify.bands. verify.bench_report turns the
-points into the targets table, the fitted layout rule and the plots.
+plumbing only). Every whole-stage output is also judged against the faithful reference with verify.bands.
+verify.bench_report turns the points into the targets table, the fitted layout rule and the plots.
 """
 
 from __future__ import annotations
