@@ -17,13 +17,7 @@ configure_triton()  # before anything imports triton
 MARKERS = {
     "gpu": "needs a CUDA GPU",
     "deep_gemm": "needs deep_gemm with its bf16 grouped GEMMs on an SM90/SM100 GPU",
-    "multi_gpu": "needs at least two CUDA GPUs",
-    "slow": "long-running; opt in with --run-slow",
 }
-
-
-def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
 def pytest_configure(config):
@@ -39,20 +33,15 @@ def pytest_configure(config):
             torch.set_num_threads(1)
 
 
-def _skip_reasons(config) -> dict[str, str | None]:
+def _skip_reasons() -> dict[str, str | None]:
     from kernels.gemm import availability
 
     ok, why = availability("deep_gemm", "cuda" if gpu_present() else "cpu")
-    return {
-        "gpu": None if gpu_present() else "no CUDA GPU on this machine",
-        "deep_gemm": None if ok else why,
-        "multi_gpu": None if gpu_present() and torch.cuda.device_count() > 1 else "fewer than two CUDA GPUs",
-        "slow": None if config.getoption("--run-slow") else "slow: pass --run-slow to run it",
-    }
+    return {"gpu": None if gpu_present() else "no CUDA GPU on this machine", "deep_gemm": None if ok else why}
 
 
 def pytest_collection_modifyitems(config, items):
-    reasons = _skip_reasons(config)
+    reasons = _skip_reasons()
     for item in items:
         for name, reason in reasons.items():
             if reason and item.get_closest_marker(name):

@@ -6,7 +6,7 @@ from kernels._device import configure_triton
 
 configure_triton()  # TRITON_INTERPRET=1 on a CPU-only machine, before triton is imported
 
+from kernels.dispatch import Dispatch, Layout  # noqa: E402
 from kernels.executor import PRODUCTION, Stages, choose_layout, moe_expert_forward  # noqa: E402
-from kernels.scatter import Dispatch  # noqa: E402
 
-__all__ = ["PRODUCTION", "Dispatch", "Stages", "choose_layout", "moe_expert_forward"]
+__all__ = ["PRODUCTION", "Dispatch", "Layout", "Stages", "choose_layout", "moe_expert_forward"]

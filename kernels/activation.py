@@ -13,7 +13,7 @@ import triton
 
 from kernels._details import stage_kernels as K
 from kernels._device import interpreting
-from kernels.scatter import Allocator, Dispatch
+from kernels.dispatch import Allocator, Dispatch, Layout
 
 GATE_UP_ORDERS = ("gate_up", "up_gate")
 
@@ -32,7 +32,7 @@ def silu_and_mul(
     inter = h.shape[-1] // 2
     a = empty((*h.shape[:-1], inter), dtype=torch.bfloat16, device=h.device)
     num_rows = dispatch.flat_rows().shape[0]
-    masked = dispatch.layout == "masked"
+    masked = dispatch.layout is Layout.MASKED
     if interpreting():
         cfg = dict(BLOCK_R=256, BLOCK_I=min(triton.next_power_of_2(inter), 1024))
     else:

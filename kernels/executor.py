@@ -4,9 +4,10 @@
       -> layout choice (masked 3D block or contiguous flat rows)
       -> scatter -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
 
-Every buffer is sized from the routing actually seen (the masked block from the largest per-expert count, the
-contiguous rows from the aligned counts). Inputs are never modified. `Stages` lists the replaceable pieces: tests
-swap one to inject legal slot permutations, poisoned allocations or mutants, without touching this file.
+Every buffer is sized from the routing actually seen, by the arithmetic of kernels/dispatch.py (the masked block
+from the largest per-expert count, the contiguous rows from the aligned counts). Inputs are never modified.
+`Stages` lists the replaceable pieces: tests swap one to inject legal slot permutations, poisoned allocations or
+mutants, without touching this file. The contract this implements: docs/contract.md, "Entry points".
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels import activation, gather, scatter
-from kernels.gemm import GroupedGemm, select
-from kernels.scatter import Allocator, Dispatch
+from kernels.dispatch import Allocator, Dispatch, Layout, LocalRouting, masked_block_bytes
+from kernels.gemm import BACKENDS, GroupedGemm, select
 
-LAYOUTS = ("auto", "masked", "contiguous")
-GEMMS = ("auto", "deep_gemm", "grouped_mm", "triton", "loop")
+LAYOUT_CHOICES = ("auto", *(str(layout) for layout in Layout))
+GEMMS = ("auto", *BACKENDS)
 GATE_UP_ORDERS = activation.GATE_UP_ORDERS
 
-# Layout rule used when `masked_max_tokens` is not given (see README, "Choosing the layout"), fitted by
-# verify.bench_report.fit_layout_rule to the bench run in docs/bench-h200.json (NVIDIA H200, DeepGEMM, 62 points: 7
+# Layout rule used when `masked_max_tokens` is not given (README.md, "Choosing the layout"), fitted by
+# verify.perf.report.fit_layout_rule to the bench run in docs/bench-h200.json (NVIDIA H200, DeepGEMM, 62 points: 7
 # shapes x uniform and skewed routings, M = 1..16384): masked was the faster layout wherever its block fitted the
 # budget, up to the largest mean measured (2250 rows per active expert), so the fitted bound sits at twice that.
 # Its cost is memory: the block holds E_local x block_rows rows of x, h, a and y, however skewed the counts are, and
@@ -34,22 +35,16 @@ MASKED_MAX_MEAN_ROWS = 4500
 MASKED_BLOCK_BUDGET_BYTES = 2 << 30
 
 
-def masked_block_bytes(counts: Sequence[int], hidden: int, inter: int, alignment: int) -> int:
-    """Bytes of the masked layout's buffers: x [H], h [2I], a [I] and y [H] rows for E_local x block_rows rows."""
-    block_rows = max(alignment, -(-max(counts, default=0) // alignment) * alignment)
-    return len(counts) * block_rows * (2 * hidden + 3 * inter) * 2
-
-
 def choose_layout(
     counts: Sequence[int], num_tokens: int, hidden: int, inter: int, alignment: int, masked_max_tokens: int | None
-) -> str:
-    """"masked" or "contiguous" for this routing. With masked_max_tokens: masked iff M <= it (the seed's rule)."""
+) -> Layout:
+    """The layout for this routing. With masked_max_tokens: masked iff M <= it (the seed's rule)."""
     if masked_max_tokens is not None:
-        return "masked" if num_tokens <= masked_max_tokens else "contiguous"
+        return Layout.MASKED if num_tokens <= masked_max_tokens else Layout.CONTIGUOUS
     active = [c for c in counts if c]
     mean_rows = sum(active) / max(len(active), 1)
     fits = masked_block_bytes(counts, hidden, inter, alignment) <= MASKED_BLOCK_BUDGET_BYTES
-    return "masked" if fits and mean_rows <= MASKED_MAX_MEAN_ROWS else "contiguous"
+    return Layout.MASKED if fits and mean_rows <= MASKED_MAX_MEAN_ROWS else Layout.CONTIGUOUS
 
 
 def _unchanged(dispatch: Dispatch) -> Dispatch:
@@ -60,8 +55,8 @@ def _unchanged(dispatch: Dispatch) -> Dispatch:
 class Stages:
     """The pipeline's replaceable pieces. Defaults are production; `dataclasses.replace` one to test it."""
 
-    count: Callable[..., scatter.LocalRouting] = scatter.count_local_experts
-    choose_layout: Callable[..., str] = choose_layout
+    count: Callable[..., LocalRouting] = scatter.count_local_experts
+    choose_layout: Callable[..., Layout] = choose_layout
     scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
     scatter_masked: Callable[..., Dispatch] = scatter.scatter_masked
     after_scatter: Callable[[Dispatch], Dispatch] = _unchanged  # e.g. a legal permutation of rows in a segment
@@ -90,7 +85,7 @@ def moe_expert_forward(
     gate_up_order: str = "gate_up",
     stages: Stages = PRODUCTION,
 ) -> torch.Tensor:
-    """bf16 [M, H] output of rank `ep_rank`'s experts for the tokens it received (see CONTRACT.md).
+    """bf16 [M, H] output of rank `ep_rank`'s experts for the tokens it received (docs/contract.md, "Entry points").
 
     x bf16 [M, H]; topk_ids int32/int64 [M, k] GLOBAL ids or -1; topk_weights fp32 [M, k]; w13 bf16 [E_local, 2I, H];
     w2 bf16 [E_local, H, I]. layout: "auto" | "masked" | "contiguous"; gemm: "auto" | "deep_gemm" | "grouped_mm" |
@@ -98,20 +93,20 @@ def moe_expert_forward(
     num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout,
                             masked_max_tokens, gemm, gate_up_order)
     num_tokens, hidden = x.shape
-    experts_here, inter = w13.shape[0], w13.shape[1] // 2
+    num_local_experts, inter = w13.shape[0], w13.shape[1] // 2
     backend = stages.gemm or select(gemm, x.device, hidden, inter)[0]
     if num_tokens == 0:
         return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
 
     x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
-    routing = stages.count(topk_ids, ep_rank=ep_rank, experts_per_rank=experts_here, num_experts=num_experts)
+    routing = stages.count(topk_ids, ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
     if sum(routing.counts_host) == 0:  # every id is remote or -1: nothing to compute, no GEMM launched
         return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
     if layout == "auto":
         layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, backend.m_alignment,
                                       masked_max_tokens)
-    scatter_to = stages.scatter_masked if layout == "masked" else stages.scatter_contiguous
+    scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
     dispatch = stages.after_scatter(scatter_to(x, routing, alignment=backend.m_alignment, empty=stages.empty))
     h = backend(dispatch.rows, w13, dispatch, stages.empty)
     a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
@@ -145,25 +140,26 @@ def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts,
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {num_tokens}")
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
-    experts_here, two_inter, w13_hidden = w13.shape
+    num_local_experts, two_inter, w13_hidden = w13.shape
     if w13_hidden != hidden or two_inter == 0 or two_inter % 2:
         raise ValueError(f"w13 must be [E_local, 2*I, H={hidden}] with I > 0, got {tuple(w13.shape)}")
-    if tuple(w2.shape) != (experts_here, hidden, two_inter // 2):
-        raise ValueError(f"w2 must be [E_local={experts_here}, H={hidden}, I={two_inter // 2}], got {tuple(w2.shape)}")
-    if experts_here == 0:
+    if tuple(w2.shape) != (num_local_experts, hidden, two_inter // 2):
+        raise ValueError(f"w2 must be [E_local={num_local_experts}, H={hidden}, I={two_inter // 2}], got "
+                         f"{tuple(w2.shape)}")
+    if num_local_experts == 0:
         raise ValueError("w13 holds no expert (E_local == 0)")
     if not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
     if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank must be in [0, ep_size={ep_size}), got {ep_rank!r}")
     if num_experts is None:
-        num_experts = experts_here * ep_size
+        num_experts = num_local_experts * ep_size
     if not isinstance(num_experts, int) or num_experts % ep_size:
         raise ValueError(f"num_experts={num_experts!r} is not divisible by ep_size={ep_size}")
-    if num_experts // ep_size != experts_here:
-        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {experts_here} experts in w13")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if num_experts // ep_size != num_local_experts:
+        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {num_local_experts} experts in w13")
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(f"layout must be one of {LAYOUT_CHOICES}, got {layout!r}")
     if masked_max_tokens is not None and (not isinstance(masked_max_tokens, int) or masked_max_tokens < 0):
         raise ValueError(f"masked_max_tokens must be None or an int >= 0, got {masked_max_tokens!r}")
     if gemm not in GEMMS:

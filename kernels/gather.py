@@ -11,7 +11,7 @@ import triton
 
 from kernels._details import stage_kernels as K
 from kernels._device import interpreting
-from kernels.scatter import Allocator, Dispatch
+from kernels.dispatch import Allocator, Dispatch
 
 
 def gather(

@@ -4,74 +4,20 @@
 can never make a scatter write out of bounds. The executor reads those counts back to size its buffers: that is the
 pipeline's one device-to-host sync (it also carries the out-of-range id count, so bad ids cost no extra sync).
 
-`scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a `Dispatch`:
-- contiguous: flat rows [padded_rows, H]; expert e's segment starts at the exclusive prefix sum of the counts aligned
-  up to `alignment`; `m_indices` holds e on valid rows and -1 on padding rows (never read, never computed);
-- masked: a block [E_local, block_rows, H]; expert e's tokens are the first masked_m[e] rows of block e.
-Rows inside a segment are assigned by atomics: their order is NOT deterministic on a GPU. `output_index` (flat row
-over the layout's rows, -1 for skipped ids) is the authoritative token -> row map that the gather follows.
+`scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
+`kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there). Rows inside a
+segment are assigned by atomics: their order is NOT deterministic on a GPU. `output_index` is the authoritative
+token -> row map that the gather follows.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from collections.abc import Callable
 
 import torch
 import triton
 
 from kernels._details import stage_kernels as K
 from kernels._device import interpreting
-
-Allocator = Callable[..., torch.Tensor]  # like torch.empty(shape, dtype=, device=)
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalRouting:
-    """This rank's routing on the device, with its counts read back to the host."""
-
-    local_ids: torch.Tensor  # int32 [M, k], -1 where not local
-    counts: torch.Tensor  # int32 [E_local], on the device
-    counts_host: tuple[int, ...]  # the same counts, on the host
-
-
-@dataclasses.dataclass(frozen=True)
-class Dispatch:
-    """The scatter's output, everything the GEMMs, the activation and the gather need."""
-
-    layout: str  # "contiguous" or "masked"
-    rows: torch.Tensor  # contiguous: bf16 [padded_rows, H]; masked: bf16 [E_local, block_rows, H]
-    output_index: torch.Tensor  # int32 [M, k]: flat row of each local slot, -1 for skipped ids
-    counts: torch.Tensor  # int32 [E_local] on the device (masked_m for the masked layout)
-    counts_host: tuple[int, ...]
-    alignment: int  # contiguous: segment alignment; masked: block_rows is a multiple of it
-    m_indices: torch.Tensor | None = None  # contiguous only: int32 [padded_rows]
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.counts_host)
-
-    @property
-    def layout_index(self) -> torch.Tensor:
-        """What marks valid rows: m_indices (contiguous) or masked_m = counts (masked)."""
-        return self.counts if self.layout == "masked" else self.m_indices
-
-    @property
-    def block_rows(self) -> int:
-        """Masked layout: rows per expert block."""
-        return self.rows.shape[1]
-
-    def segment_starts(self) -> list[int]:
-        """Contiguous layout: first row of each expert's segment (host)."""
-        starts, row = [], 0
-        for count in self.counts_host:
-            starts.append(row)
-            row += -(-count // self.alignment) * self.alignment
-        return starts
-
-    def flat_rows(self) -> torch.Tensor:
-        """The rows as [num_rows, H], the view `output_index` indexes."""
-        return self.rows.reshape(-1, self.rows.shape[-1])
+from kernels.dispatch import Allocator, Dispatch, Layout, LocalRouting, contiguous_rows, masked_block_rows
 
 
 def _pow2(n: int) -> int:
@@ -89,43 +35,44 @@ def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: in
 
 
 def count_local_experts(
-    topk_ids: torch.Tensor, *, ep_rank: int, experts_per_rank: int, num_experts: int
+    topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int
 ) -> LocalRouting:
     """Local ids and counts of rank `ep_rank`; raises ValueError if any id lies outside [-1, num_experts).
     Synchronizes once (reads E_local + 1 int32 back)."""
     _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
     local_ids = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
-    stats = torch.zeros(experts_per_rank + 1, dtype=torch.int32, device=topk_ids.device)
+    stats = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=topk_ids.device)
     # one-hot histogram of [block, E_PAD]: big blocks for the interpreter, register-sized ones on a GPU
-    block = 1024 if interpreting() else max(32, 8192 // _pow2(experts_per_rank))
+    block = 1024 if interpreting() else max(32, 8192 // _pow2(num_local_experts))
     K.local_ids_kernel[(triton.cdiv(topk_ids.numel(), block),)](
-        topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * experts_per_rank, experts_per_rank, num_experts,
-        BLOCK=block, E_PAD=_pow2(experts_per_rank),
+        topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * num_local_experts, num_local_experts, num_experts,
+        BLOCK=block, E_PAD=_pow2(num_local_experts),
     )
     *counts_host, num_bad = stats.tolist()
     if num_bad:
         raise ValueError(f"topk_ids: {num_bad} id(s) outside [-1, num_experts={num_experts})")
-    return LocalRouting(local_ids, stats[:experts_per_rank], tuple(counts_host))
+    return LocalRouting(local_ids, stats[:num_local_experts], tuple(counts_host))
 
 
-def _scatter_config(hidden: int, num_experts: int) -> dict:
+def _scatter_config(hidden: int, num_local_experts: int) -> dict:
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
         return dict(BLOCK_S=256, BLOCK_H=min(_pow2(hidden), 1024))
-    return dict(BLOCK_S=max(1, min(16, 4096 // _pow2(num_experts))), BLOCK_H=min(_pow2(hidden), 512), num_warps=4)
+    return dict(BLOCK_S=max(1, min(16, 4096 // _pow2(num_local_experts))), BLOCK_H=min(_pow2(hidden), 512),
+                num_warps=4)
 
 
 def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) -> torch.Tensor:
     _check("x", x, (torch.bfloat16,), 2)
     if routing.local_ids.shape[0] != x.shape[0]:
         raise ValueError(f"local_ids has {routing.local_ids.shape[0]} rows but x has {x.shape[0]}")
-    num_experts = routing.counts.numel()
+    num_local_experts = routing.num_local_experts
     output_index = torch.empty(routing.local_ids.shape, dtype=torch.int32, device=x.device)
-    fill = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
-    cfg = _scatter_config(x.shape[1], num_experts)
+    fill = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
+    cfg = _scatter_config(x.shape[1], num_local_experts)
     K.scatter_kernel[(triton.cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
         x, routing.local_ids, routing.counts, fill, rows, output_index,
-        routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_experts, block_rows,
-        MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_experts), **cfg,
+        routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
+        MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_local_experts), **cfg,
     )
     return output_index
 
@@ -133,28 +80,32 @@ def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) ->
 def scatter_contiguous(
     x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty
 ) -> Dispatch:
-    """Contiguous (flat) layout; see the module docstring. `empty` allocates every output buffer."""
-    if alignment < 1:
-        raise ValueError(f"alignment must be >= 1, got {alignment}")
-    num_rows = sum(-(-c // alignment) * alignment for c in routing.counts_host)
+    """Contiguous (flat) layout (kernels/dispatch.py). `empty` allocates every output buffer."""
+    _check_alignment(alignment)
+    num_rows = contiguous_rows(routing.counts_host, alignment)
     rows = empty((num_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     output_index = _scatter(x, routing, rows, masked=False, block_rows=0, alignment=alignment)
     m_indices = empty((num_rows,), dtype=torch.int32, device=x.device)
-    num_experts = routing.counts.numel()
-    block = 1024 if interpreting() else max(16, 4096 // _pow2(num_experts))
+    num_local_experts = routing.num_local_experts
+    block = 1024 if interpreting() else max(16, 4096 // _pow2(num_local_experts))
     K.m_indices_kernel[(triton.cdiv(num_rows, block),)](
-        routing.counts, m_indices, num_rows, num_experts, ALIGN=alignment, E_PAD=_pow2(num_experts), BLOCK_R=block
+        routing.counts, m_indices, num_rows, num_local_experts, ALIGN=alignment, E_PAD=_pow2(num_local_experts),
+        BLOCK_R=block,
     )
-    return Dispatch("contiguous", rows, output_index, routing.counts, routing.counts_host, alignment, m_indices)
+    return Dispatch(Layout.CONTIGUOUS, rows, output_index, routing.counts, routing.counts_host, alignment, m_indices)
 
 
 def scatter_masked(
     x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty
 ) -> Dispatch:
-    """Masked (3D) layout; block_rows = the largest count aligned up to `alignment` (not M: sized by the routing)."""
+    """Masked (3D) layout (kernels/dispatch.py): blocks of `masked_block_rows` rows, sized by the routing, not M."""
+    _check_alignment(alignment)
+    block_rows = masked_block_rows(routing.counts_host, alignment)
+    rows = empty((routing.num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
+    output_index = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
+    return Dispatch(Layout.MASKED, rows, output_index, routing.counts, routing.counts_host, alignment)
+
+
+def _check_alignment(alignment: int) -> None:
     if alignment < 1:
         raise ValueError(f"alignment must be >= 1, got {alignment}")
-    block_rows = max(alignment, -(-max(routing.counts_host, default=0) // alignment) * alignment)
-    rows = empty((len(routing.counts_host), block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    output_index = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
-    return Dispatch("masked", rows, output_index, routing.counts, routing.counts_host, alignment)

@@ -10,10 +10,10 @@ Ids of -1 and of experts on other ranks contribute nothing; a row with no local 
 
 Two modes:
 - "exact":    float64 all the way on the bf16 inputs; no intermediate rounding.
-- "faithful": the production rounding points (CONTRACT.md): each GEMM accumulates exactly (modelled in float64,
-              the ideal fp32 accumulator) and is stored as bf16; silu is computed in fp32 from the bf16 gate and
-              multiplied by the bf16 up value in fp32, the product stored as bf16; the gather accumulates
-              weight · bf16 row in fp32 in fixed slot order and stores bf16.
+- "faithful": the production rounding points (docs/contract.md, "Rounding points"): each GEMM accumulates
+              exactly (modelled in float64, the ideal fp32 accumulator) and is stored as bf16; silu is computed in
+              fp32 from the bf16 gate and multiplied by the bf16 up value in fp32, the product stored as bf16; the
+              gather accumulates weight · bf16 row in fp32 in fixed slot order and stores bf16.
 The result is float32 [M, H] in both modes.
 """
 
@@ -58,7 +58,8 @@ def moe_reference(
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode) -> int:
-    """Check the arguments as CONTRACT.md states them; returns num_experts. Errors name the argument."""
+    """Check the arguments as docs/contract.md, "Bad input" states them; returns num_experts. Errors name the
+    argument."""
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -79,21 +80,22 @@ def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts,
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {num_tokens}")
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
-    experts_local, two_inter, hidden_w13 = w13.shape
+    num_local_experts, two_inter, hidden_w13 = w13.shape
     if hidden_w13 != hidden or two_inter % 2:
         raise ValueError(f"w13 must be [E_local, 2*I, H={hidden}], got {tuple(w13.shape)}")
-    if tuple(w2.shape) != (experts_local, hidden, two_inter // 2):
-        raise ValueError(f"w2 must be [E_local={experts_local}, H={hidden}, I={two_inter // 2}], got {tuple(w2.shape)}")
+    if tuple(w2.shape) != (num_local_experts, hidden, two_inter // 2):
+        raise ValueError(f"w2 must be [E_local={num_local_experts}, H={hidden}, I={two_inter // 2}], got "
+                         f"{tuple(w2.shape)}")
     if not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
     if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank must be in [0, ep_size={ep_size}), got {ep_rank!r}")
     if num_experts is None:
-        num_experts = experts_local * ep_size
+        num_experts = num_local_experts * ep_size
     if not isinstance(num_experts, int) or num_experts % ep_size:
         raise ValueError(f"num_experts={num_experts!r} is not divisible by ep_size={ep_size}")
-    if num_experts // ep_size != experts_local:
-        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {experts_local} experts in w13")
+    if num_experts // ep_size != num_local_experts:
+        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {num_local_experts} experts in w13")
     if gate_up_order not in GATE_UP_ORDERS:
         raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
     if mode not in MODES:

@@ -37,9 +37,9 @@ def moe_oracle(
     weights = topk_weights.cpu().numpy().astype(np.float32)
     gate_up = w13.float().cpu().numpy().astype(np.float64)
     down = w2.float().cpu().numpy().astype(np.float64)
-    experts_here = gate_up.shape[0]
+    num_local_experts = gate_up.shape[0]
     inter = gate_up.shape[1] // 2
-    first_expert = ep_rank * experts_here
+    first_expert = ep_rank * num_local_experts
     faithful = mode == "faithful"
 
     out = np.zeros((xs.shape[0], xs.shape[1]), dtype=np.float64)
@@ -47,7 +47,7 @@ def moe_oracle(
         acc = np.zeros(xs.shape[1], dtype=np.float32 if faithful else np.float64)
         for k in range(ids.shape[1]):
             global_id = int(ids[t, k])
-            if global_id < first_expert or global_id >= first_expert + experts_here:
+            if global_id < first_expert or global_id >= first_expert + num_local_experts:
                 continue  # -1, or an expert of another rank
             e = global_id - first_expert
             h = gate_up[e] @ xs[t]

@@ -118,11 +118,11 @@ def empty_rank(
     rank = ep_size - 1 if rank is None else rank
     if num_experts % ep_size or not 0 <= rank < ep_size:
         raise ValueError(f"empty_rank needs num_experts % ep_size == 0 and 0 <= rank < ep_size ({rank}, {ep_size})")
-    per_rank = num_experts // ep_size
-    _check_sizes(num_tokens, num_experts, topk, available=num_experts - per_rank)
+    num_local_experts = num_experts // ep_size
+    _check_sizes(num_tokens, num_experts, topk, available=num_experts - num_local_experts)
     gen = _generator(seed)
     probs = torch.ones(num_experts)
-    probs[rank * per_rank : (rank + 1) * per_rank] = 0.0
+    probs[rank * num_local_experts : (rank + 1) * num_local_experts] = 0.0
     return _routing(_sample(probs, num_tokens, topk, gen), num_experts, gen)
 
 

@@ -1,7 +1,8 @@
 """Per-stage references: the arithmetic of each pipeline stage in plain torch, in "exact" or "faithful" form.
 
 moe.py composes them into the whole expert stage; the kernel stage tests compare each Triton stage with its own.
-faithful=True applies the production rounding points (CONTRACT.md); faithful=False keeps float64 throughout.
+faithful=True applies the production rounding points (docs/contract.md, "Rounding points"); faithful=False keeps
+float64 throughout.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Checks that are not about values: the layout contract, order independence, poisoning, inputs left alone.
 
-The layout contract (CONTRACT.md) is checked EXACTLY against what reference.layouts derives from the routing, and
-always through `output_index` (row order inside a segment is not part of the contract; padding rows are never read).
+The layout contract (docs/contract.md, "Layout contracts") is checked EXACTLY against what reference.layouts derives
+from the routing, and always through `output_index` (row order inside a segment is not part of the contract; padding
+rows are never read).
 The hooks here plug into `kernels.Stages` for implementations that expose their stages.
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 
 import torch
 
-from kernels import Dispatch
+from kernels.dispatch import Dispatch, Layout
 from reference import layouts
 
 POISON_INT = -2  # never a legal row (rows are >= 0, skipped ids are -1): an unwritten index shows
@@ -39,8 +40,8 @@ def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor
     problems: list[str] = []
     if dispatch.alignment != alignment:
         problems.append(f"segments aligned to {dispatch.alignment}, the GEMM backend needs {alignment}")
-    num_experts = dispatch.num_experts
-    counts = layouts.expert_counts(local_ids.cpu(), num_experts)
+    num_local_experts = dispatch.num_local_experts
+    counts = layouts.expert_counts(local_ids.cpu(), num_local_experts)
     if list(dispatch.counts_host) != counts.tolist() or dispatch.counts.cpu().tolist() != counts.tolist():
         return [f"counts {dispatch.counts.cpu().tolist()} (host {list(dispatch.counts_host)}) "
                 f"!= routed {counts.tolist()}"]
@@ -51,7 +52,7 @@ def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor
         problems.append("output_index is not -1 on every slot whose id is -1 or remote")
     token, slot, expert = layouts.assignments(local).unbind(1)
     rows = out_index[token, slot]
-    if dispatch.layout == "contiguous":
+    if dispatch.layout is Layout.CONTIGUOUS:
         first = layouts.segment_starts(counts, alignment)[expert]
         expected_m = layouts.expected_m_indices(counts, alignment)
         if dispatch.m_indices is None or not torch.equal(dispatch.m_indices.cpu(), expected_m):
@@ -59,7 +60,7 @@ def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor
                             f"{expected_m.numel()} rows expected, got {tuple(dispatch.rows.shape)})")
     else:
         first = expert * dispatch.block_rows
-        if dispatch.block_rows < int(counts.max()) or dispatch.rows.shape[0] != num_experts:
+        if dispatch.block_rows < int(counts.max()) or dispatch.rows.shape[0] != num_local_experts:
             problems.append(f"masked block {tuple(dispatch.rows.shape)} cannot hold counts {counts.tolist()}")
     inside = (rows >= first) & (rows < first + counts[expert])
     if not inside.all():
@@ -89,7 +90,7 @@ def restore(tensors, saved) -> None:
 def valid_row_mask(dispatch: Dispatch) -> torch.Tensor:
     """Bool [num_rows] over the layout's flat rows: True where a row holds a token."""
     counts = torch.tensor(dispatch.counts_host, dtype=torch.int64)
-    if dispatch.layout == "contiguous":
+    if dispatch.layout is Layout.CONTIGUOUS:
         return layouts.expected_m_indices(counts, dispatch.alignment) >= 0
     return (torch.arange(dispatch.block_rows)[None, :] < counts[:, None]).flatten()
 

@@ -6,6 +6,7 @@
 
 Prints one table (one row per case x ep_size x rank x layout, plus the combine of all ranks) and exits 0 when every
 row passes (WARN passes), 1 when any row fails, 2 on a usage error. A failing row prints the command that replays it.
+The contract of this command: docs/contract.md, "Command line".
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from kernels._device import configure_triton, default_device
 
 configure_triton()  # before anything imports triton
 
+from kernels.dispatch import LAYOUTS  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import CASES, CASES_BY_NAME  # noqa: E402
-from verify.sweep import LAYOUTS, Row, Sweep, default_scale, targets  # noqa: E402
+from verify.findings import Verdict  # noqa: E402
+from verify.sweep import Row, Sweep, default_scale, targets  # noqa: E402
 
 DEFAULT_IMPL = "kernels:moe_expert_forward"
 
@@ -45,7 +48,7 @@ def parse_args(argv):
                    "kernels.moe_expert_forward (default: %(default)s)")
     p.add_argument("--ep-size", type=int, help="only this ep_size (default: the case's list)")
     p.add_argument("--rank", type=int, help="only this rank")
-    p.add_argument("--layout", choices=LAYOUTS, help="only this layout (default: both)")
+    p.add_argument("--layout", choices=[str(layout) for layout in LAYOUTS], help="only this layout (default: both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     p.add_argument("--json", help="also write every row, with all metrics, to this file")
@@ -77,10 +80,10 @@ COLUMNS = ("case", "ep", "rank", "layout", "M", "row/u", "expert/u", "l2/u", "ex
 
 def _cells(row: Row) -> list[str]:
     m = row.metrics
-    values = ["-"] * 5 if m is None else [_u(m.row_err), _u(m.expert_err), _u(m.rel_l2), _u(m.exact_rel_l2),
-                                          f"{m.calc_diff:.1e}"]
+    values = ["-"] * 5 if m is None else [_u(m.row_err), _u(row.band("expert_err").value), _u(m.rel_l2),
+                                          _u(m.exact_rel_l2), f"{m.calc_diff:.1e}"]
     rank = "all" if row.rank is None else str(row.rank)
-    return [row.case, str(row.ep_size), rank, row.layout, str(row.num_tokens), *values, row.verdict]
+    return [row.case, str(row.ep_size), rank, str(row.layout), str(row.num_tokens), *values, str(row.verdict)]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -95,7 +98,7 @@ def replay_command(row: Row, args) -> str:
     cmd = ["python", "-m", "verify.diff", "--case", row.case, "--ep-size", str(row.ep_size)]
     if row.rank is not None:
         cmd += ["--rank", str(row.rank)]
-    cmd += ["--layout", row.layout, "--seed", str(args.seed), "--device", args.device]
+    cmd += ["--layout", str(row.layout), "--seed", str(args.seed), "--device", args.device]
     if args.impl != DEFAULT_IMPL:
         cmd += ["--impl", args.impl]
     return shlex.join(cmd)
@@ -145,21 +148,19 @@ def main(argv=None) -> int:
     print(f"{case.describe(scale)}\nimpl {args.impl} on {args.device}, seed {args.seed}; "
           f"u = 2^-8 (bf16 unit roundoff); bands: verify/bands.py")
     print(format_table(rows))
-    failed = [r for r in rows if r.verdict == bands.FAIL]
-    for row in [r for r in rows if r.verdict != bands.PASS]:
-        print(f"\n{row.verdict} {row.test_id}: {'; '.join(row.notes)}")
-        if row.worst:
-            print(f"  worst: {row.worst}")
-        if row.verdict == bands.FAIL:
+    failed = [r for r in rows if r.verdict is Verdict.FAIL]
+    for row in [r for r in rows if r.verdict is not Verdict.PASS]:
+        print(f"\n{row.verdict} {row.test_id}: {'; '.join(f.message for f in row.problems)}")
+        if row.locus:
+            print(f"  worst: {row.locus.describe()}")
+        if row.verdict is Verdict.FAIL:
             print(f"  replay: {replay_command(row, args)}")
     print(f"\n{len(rows) - len(failed)}/{len(rows)} rows pass ({elapsed:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"case": case.name, "impl": args.impl, "device": args.device, "seed": args.seed,
                        "seconds": elapsed,
-                       "rows": [{"id": r.test_id, "verdict": r.verdict, "checks": r.checks, "notes": r.notes,
-                                 "worst": r.worst,
-                                 "metrics": r.metrics.as_dict() if r.metrics else None} for r in rows]},
+                       "rows": [r.as_dict() for r in rows]},
                       f, indent=1)
     return 1 if failed else 0
 

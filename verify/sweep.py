@@ -1,36 +1,53 @@
 """The sweep: case -> global routing -> ep x rank views -> implementation -> compare -> combine -> compare.
 
 For each ep_size of the case and each rank, the implementation runs on the rank view (DeepEP normal dispatch) in
-each layout; its output is judged against the faithful and exact references of that view (bands.py). Then the
-ranks' outputs are combined and judged against the ep_size = 1 references of the global batch ("all" rows).
+each layout; its output is judged against the faithful and exact references of that view (verify/bands.py), then
+every probe that applies runs it again (verify/probes.py: reruns, poisoned buffers and the layout contract, permuted
+slots, the auto-layout threshold). Then the ranks' outputs are combined and judged against the ep_size = 1
+references of the global batch ("all" rows). Every row is a list of findings (verify/findings.py).
 
 Skipped slots (id -1) carry NaN weights: the contract says they contribute nothing whatever their weight.
-Every implementation is also checked for leaving its inputs untouched and for bitwise-identical reruns. An
-implementation that exposes its stages (a `stages=` keyword, like kernels.moe_expert_forward) is run again with its
-own stages plus the tester's hooks: with poisoned buffers and its layout contract checked, and with a legal
-permutation of the slots inside every expert segment (both must reproduce the plain run bit for bit); and, on its
-masked rows, with layout="auto" and masked_max_tokens = M and M - 1, which must take the masked and the contiguous
-path as the contract's threshold rule says. Every failure names the check that raised it (Row.checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from kernels import Stages
-from kernels.gemm import M_ALIGNMENT
+from kernels.dispatch import LAYOUTS, Layout
 from reference import moe_reference
 from reference.routing import RankView, combine, pad_view, rank_view
 from verify import bands, checks
 from verify.cases import Case, Problem, make_problem
+from verify.findings import Check, Finding, Verdict, failure, worst
 from verify.metrics import Metrics, compare
+from verify.probes import PROBES, Probe, Trial, own_stages
 
-LAYOUTS = ("masked", "contiguous")
-RERUNS = {"cuda": 3, "cpu": 1}  # plain reruns that must reproduce the output bit for bit
+
+@dataclasses.dataclass(frozen=True)
+class Locus:
+    """Where an output's worst row is: the token (its index in the global batch), its experts, and the expert whose
+    rows came closest to (or furthest over) the per-expert band."""
+
+    token: int
+    experts: tuple[int, ...]  # the token's GLOBAL expert ids on this rank (all of them for a combined row)
+    rank: int | None  # None: the combine of all ranks
+    layout: Layout
+    local_expert: int | None = None
+    global_expert: int | None = None
+
+    def describe(self) -> str:
+        rank = "all" if self.rank is None else self.rank
+        text = f"token {self.token} experts {list(self.experts)} rank {rank} {self.layout}"
+        if self.global_expert is not None:
+            text += (f"; worst expert: global {self.global_expert}" if self.rank is None else
+                     f"; worst expert: local {self.local_expert} = global {self.global_expert}")
+        return text
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), layout=str(self.layout))
 
 
 @dataclasses.dataclass
@@ -38,23 +55,44 @@ class Row:
     case: str
     ep_size: int
     rank: int | None  # None: the combine of all ranks
-    layout: str
+    layout: Layout
     num_tokens: int
-    verdict: str = bands.PASS
-    notes: list[str] = dataclasses.field(default_factory=list)
+    findings: list[Finding] = dataclasses.field(default_factory=list)  # every band's, and every other problem
     metrics: Metrics | None = None
-    worst: str = ""  # where the worst row is: token, expert(s), rank, layout
-    checks: list[str] = dataclasses.field(default_factory=list)  # the checks that failed, first first
+    locus: Locus | None = None
 
     @property
     def test_id(self) -> str:
         rank = "all" if self.rank is None else f"rank{self.rank}"
         return f"{self.case}-ep{self.ep_size}-{rank}-{self.layout}"
 
-    def fail(self, note: str, check: str) -> None:
-        self.verdict = bands.FAIL
-        self.notes.append(note)
-        self.checks.append(check)
+    @property
+    def verdict(self) -> Verdict:
+        return worst(self.findings)
+
+    @property
+    def problems(self) -> list[Finding]:
+        """The findings that are not a PASS, in the order they were found."""
+        return [f for f in self.findings if f.verdict is not Verdict.PASS]
+
+    @property
+    def checks(self) -> list[str]:
+        """The kinds of the failing findings, first first."""
+        return [f.kind for f in self.findings if f.verdict is Verdict.FAIL]
+
+    def band(self, metric: str) -> Finding | None:
+        return next((f for f in self.findings if f.check is Check.BAND and f.metric == metric), None)
+
+    def add(self, findings) -> None:
+        for finding in findings:
+            if finding not in self.findings:  # the same layout break seen by two probes is one finding
+                self.findings.append(finding)
+
+    def as_dict(self) -> dict:
+        return dict(id=self.test_id, verdict=self.verdict.name, checks=self.checks,
+                    findings=[f.as_dict() for f in self.findings],
+                    locus=self.locus.as_dict() if self.locus else None,
+                    metrics=self.metrics.as_dict() if self.metrics else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +101,7 @@ class Target:
 
     ep_size: int
     rank: int | None
-    layout: str
+    layout: Layout
 
 
 def default_scale(device: str) -> str:
@@ -78,30 +116,23 @@ def targets(case: Case, scale: str, ep_sizes=None, ranks=None, layouts=LAYOUTS) 
         for layout in layouts:
             for rank in range(ep):
                 if ranks is None or rank in ranks:
-                    out.append(Target(ep, rank, layout))
+                    out.append(Target(ep, rank, Layout(layout)))
             if ep > 1 and ranks is None:
-                out.append(Target(ep, None, layout))
+                out.append(Target(ep, None, Layout(layout)))
     return out
-
-
-def own_stages(impl: Callable) -> Stages | None:
-    """The stages an implementation runs by default, if it exposes them (a `stages=` keyword with a default)."""
-    try:
-        parameter = inspect.signature(impl).parameters.get("stages")
-    except (TypeError, ValueError):
-        return None
-    return parameter.default if parameter is not None and isinstance(parameter.default, Stages) else None
 
 
 class Sweep:
     """Runs rows of one case for one implementation; rank views and references are built once and shared."""
 
-    def __init__(self, case: Case, impl: Callable, *, seed: int = 0, device: str = "cpu", scale: str | None = None):
-        self.case, self.impl, self.seed, self.device = case, impl, seed, device
+    def __init__(self, case: Case, impl: Callable, *, seed: int = 0, device: str = "cpu", scale: str | None = None,
+                 probes: tuple[Probe, ...] = PROBES):
+        self.case, self.impl, self.seed, self.device, self.probes = case, impl, seed, device, probes
         self.problem: Problem = make_problem(case, seed, device, scale or default_scale(device))
+        self.stages = own_stages(impl)
         self._views: dict[tuple[int, int], RankView] = {}
         self._refs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._outputs: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._outputs: dict[tuple[int, int, Layout], torch.Tensor] = {}
 
     def view(self, ep_size: int, rank: int) -> RankView:
         key = (ep_size, rank)
@@ -130,102 +161,41 @@ class Sweep:
             return self._run_combine(target)
         return self._run_rank(target)
 
-    def _call(self, view: RankView, ep_size: int, rank: int, **options) -> torch.Tensor:
-        """The implementation on one rank view; `options`: layout, and stages / masked_max_tokens where used."""
-        w13, w2 = self.problem.rank_weights(ep_size, rank)
-        return self.impl(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
-                         num_experts=self.problem.sizes.num_experts, **options)
-
     def _run_rank(self, target: Target) -> Row:
-        view = self.view(target.ep_size, target.rank)
-        w13, w2 = self.problem.rank_weights(target.ep_size, target.rank)
-        inputs = (view.x, view.topk_ids, view.topk_weights, w13, w2)
-        before = [t.clone() for t in inputs]
-        try:
-            return self._judge_rank(target, inputs, before)
-        finally:  # later rows share these tensors: undo whatever an implementation wrote into them
-            checks.restore(inputs, before)
-
-    def _judge_rank(self, target: Target, inputs, before) -> Row:
         ep, rank, layout = target.ep_size, target.rank, target.layout
         view = self.view(ep, rank)
         row = Row(self.case.name, ep, rank, layout, view.num_tokens)
         faithful, exact = self.references(ep, rank)  # before the implementation can touch the inputs
+        trial = Trial(self.impl, view, *self.problem.rank_weights(ep, rank), layout, self.seed, self.stages)
         try:
-            out = self._call(view, ep, rank, layout=layout)
+            out = trial.call()
         except Exception as exc:  # a crash is a verdict, not an abort of the sweep
-            row.fail(f"raised {type(exc).__name__}: {exc}", "crash")
+            row.add([failure(Check.CRASH, f"raised {type(exc).__name__}: {exc}")])
+            trial.inputs_modified()  # (restores them for the next rows)
             return row
-        if not all(checks.bitwise_equal(a, b) for a, b in zip(inputs, before, strict=True)):
-            row.fail("an input was modified", "inputs")
-            checks.restore(inputs, before)  # the row's other runs start from the caller's inputs
+        if trial.inputs_modified():
+            row.add([failure(Check.INPUTS, "an input was modified")])
         if not isinstance(out, torch.Tensor) or out.shape != view.x.shape or out.dtype != torch.bfloat16:
-            row.fail(f"output must be bf16 {tuple(view.x.shape)}, got "
-                     f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}", "output")
+            row.add([failure(Check.OUTPUT, f"output must be bf16 {tuple(view.x.shape)}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")])
             return row
         self._outputs[(ep, rank, layout)] = out
         local_ids = view.local_ids()
-        row.metrics = compare(out.float(), faithful, exact, local_ids)
-        self._judge(row, bands.bands_for(*self._hidden_inter()), local_ids, view.token_index, view.topk_ids,
-                    expert_offset=rank * view.num_local_experts)
-        for _ in range(RERUNS[torch.device(self.device).type]):
-            if not checks.bitwise_equal(self._call(view, ep, rank, layout=layout), out):
-                row.fail("nondeterministic: a rerun on the same inputs differs", "rerun")
-                break
-        base = own_stages(self.impl)
-        if base is not None:
-            self._stage_checks(row, view, out, base)
+        self._judge(row, compare(out.float(), faithful, exact, local_ids), bands.bands_for(*self._hidden_inter()),
+                    view.token_index, view.topk_ids, expert_offset=rank * view.num_local_experts)
+        for probe in self.probes:
+            row.add(probe.run(trial, out))
         return row
-
-    def _stage_checks(self, row: Row, view: RankView, out: torch.Tensor, base: Stages) -> None:
-        problems: list[str] = []
-        layouts_taken: list[str] = []
-        local_ids = view.local_ids()
-
-        def contract_then(transform):
-            def after_scatter(dispatch):
-                dispatch = base.after_scatter(dispatch)
-                layouts_taken.append(dispatch.layout)
-                problems.extend(checks.layout_problems(dispatch, view.x, local_ids, M_ALIGNMENT))
-                return transform(checks.poison_padding(dispatch))
-            return after_scatter
-
-        generator = torch.Generator().manual_seed(self.seed)
-        permute = lambda d: checks.permute_segments(d, generator)  # noqa: E731
-        runs = [("poisoned", lambda d: d, {}), ("permuted", permute, {})]
-        if row.layout == "masked" and view.num_tokens > 1:  # the threshold rule, on each side of M
-            runs += [(f"auto at masked_max_tokens={m}", lambda d: d, dict(layout="auto", masked_max_tokens=m))
-                     for m in (view.num_tokens, view.num_tokens - 1)]
-        for name, transform, change in runs:
-            stages = dataclasses.replace(base, after_scatter=contract_then(transform), empty=checks.poisoned_empty)
-            layouts_taken.clear()
-            try:
-                again = self._call(view, row.ep_size, row.rank, stages=stages, **{"layout": row.layout, **change})
-            except Exception as exc:
-                row.fail(f"{name} run raised {type(exc).__name__}: {exc}", name.split(" ")[0])
-                continue
-            if name.startswith("auto"):
-                want = "masked" if change["masked_max_tokens"] >= view.num_tokens else "contiguous"
-                if layouts_taken and layouts_taken[-1] != want:  # (nothing scattered: no layout to check)
-                    row.fail(f"layout='auto' with {name.split(' at ')[1]} and M={view.num_tokens} took the "
-                             f"{layouts_taken[-1]} path, the contract says {want}", "layout-choice")
-                continue
-            if not checks.bitwise_equal(again, out):
-                what = ("a legal slot permutation changed the output (order-dependent)" if name == "permuted" else
-                        "poisoned buffers changed the output (a stage reads memory nobody wrote)")
-                row.fail(what, name)
-        for problem in dict.fromkeys(problems):
-            row.fail(f"layout: {problem}", "layout")
 
     def _run_combine(self, target: Target) -> Row:
         ep, layout = target.ep_size, target.layout
         row = Row(self.case.name, ep, None, layout, self.problem.routing.num_tokens)
         views = [self.view(ep, r) for r in range(ep)]
-        missing = [r for r in range(ep) if (ep, r, layout) not in self._outputs]
-        for r in missing:
-            self._run_rank(Target(ep, r, layout))
+        for r in range(ep):
+            if (ep, r, layout) not in self._outputs:
+                self._run_rank(Target(ep, r, layout))
         if any((ep, r, layout) not in self._outputs for r in range(ep)):
-            row.fail("a rank's run failed: nothing to combine", "crash")
+            row.add([failure(Check.CRASH, "a rank's run failed: nothing to combine")])
             return row
         total = self.problem.routing.num_tokens
         out = combine(views, [self._outputs[(ep, r, layout)] for r in range(ep)], total)
@@ -233,34 +203,19 @@ class Sweep:
         exact = moe_reference(self.problem.x, self.problem.routing.topk_ids, self.problem.routing.topk_weights,
                               self.problem.w13, self.problem.w2, mode="exact")
         ids = self.problem.routing.topk_ids.to(out.device)
-        row.metrics = compare(out, faithful, exact, ids)
-        self._judge(row, bands.combine_bands(*self._hidden_inter()), ids, torch.arange(total), ids, expert_offset=0)
+        self._judge(row, compare(out, faithful, exact, ids), bands.combine_bands(*self._hidden_inter()),
+                    torch.arange(total), ids, expert_offset=0)
         return row
 
     def _hidden_inter(self) -> tuple[int, int]:
         return self.problem.sizes.hidden, self.problem.sizes.inter
 
-    def _judge(self, row: Row, table, local_ids, token_index, global_ids, expert_offset: int) -> None:
-        m = row.metrics
-        verdict, notes = bands.judge(m, table, rows=int((local_ids >= 0).any(dim=1).sum()))
-        for note in notes:
-            if note.endswith("(FAIL)"):
-                row.fail(note, f"band:{note.split('=')[0]}")
-            else:
-                row.notes.append(note)
-        if verdict == bands.WARN and row.verdict == bands.PASS:
-            row.verdict = bands.WARN
-        if m.worst_row >= 0:
-            experts = global_ids[m.worst_row]
-            rank = "all" if row.rank is None else row.rank
-            row.worst = (f"token {int(token_index[m.worst_row])} experts {experts[experts >= 0].tolist()} "
-                         f"rank {rank} {row.layout}; worst expert {m.worst_expert + expert_offset}")
-
-
-def sweep(case: Case, impl: Callable, *, seed: int = 0, device: str = "cpu", scale: str | None = None, ep_sizes=None,
-          ranks=None, layouts=LAYOUTS) -> Iterator[Row]:
-    """Run every row of `case` (optionally restricted) for `impl`; yields rows as they finish."""
-    scale = scale or default_scale(device)
-    runner = Sweep(case, impl, seed=seed, device=device, scale=scale)
-    for target in targets(case, scale, ep_sizes, ranks, layouts):
-        yield runner.run(target)
+    @staticmethod
+    def _judge(row: Row, metrics: Metrics, table, token_index, global_ids, expert_offset: int) -> None:
+        row.metrics = metrics
+        row.add(bands.judge(metrics, table))
+        if metrics.worst_row >= 0:
+            experts = global_ids[metrics.worst_row]
+            expert = row.band("expert_err").expert
+            row.locus = Locus(int(token_index[metrics.worst_row]), tuple(experts[experts >= 0].tolist()), row.rank,
+                              row.layout, expert, None if expert is None else expert + expert_offset)

@@ -14,10 +14,10 @@ from kernels._details.common import to_bf16
 
 
 @triton.jit
-def _segment_starts(counts_ptr, num_experts, ALIGN: tl.constexpr, E_PAD: tl.constexpr):
+def _segment_starts(counts_ptr, num_local_experts, ALIGN: tl.constexpr, E_PAD: tl.constexpr):
     """Contiguous layout: exclusive prefix sum of the counts aligned up to ALIGN ([E_PAD] vector), and the counts."""
     experts = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_local_experts, other=0)
     aligned = (counts + ALIGN - 1) // ALIGN * ALIGN
     return tl.cumsum(aligned, 0) - aligned, counts
 
@@ -25,7 +25,7 @@ def _segment_starts(counts_ptr, num_experts, ALIGN: tl.constexpr, E_PAD: tl.cons
 @triton.jit
 def local_ids_kernel(
     topk_ids_ptr, local_ids_ptr, stats_ptr,  # stats = [counts per local expert..., number of out-of-range ids]
-    num_slots, first_expert, experts_here, num_experts,
+    num_slots, first_expert, num_local_experts, num_experts,
     BLOCK: tl.constexpr, E_PAD: tl.constexpr,
 ):
     """GLOBAL ids -> LOCAL ids (-1 where not on this rank), per-local-expert counts, and a bad-id count."""
@@ -34,20 +34,20 @@ def local_ids_kernel(
     ids = tl.load(topk_ids_ptr + offs, mask=in_range, other=-1).to(tl.int64)
     bad = in_range & ((ids < -1) | (ids >= num_experts))
     local = ids - first_expert
-    here = in_range & (ids >= 0) & (local >= 0) & (local < experts_here)
+    here = in_range & (ids >= 0) & (local >= 0) & (local < num_local_experts)
     local = tl.where(here, local, -1).to(tl.int32)
     tl.store(local_ids_ptr + offs, local, mask=in_range)
     # Histogram of this block as a one-hot sum: E_PAD atomics per program instead of one per slot.
     experts = tl.arange(0, E_PAD)
     block_counts = tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.atomic_add(stats_ptr + experts, block_counts, mask=experts < experts_here)
-    tl.atomic_add(stats_ptr + experts_here, tl.sum(bad.to(tl.int32), axis=0))
+    tl.atomic_add(stats_ptr + experts, block_counts, mask=experts < num_local_experts)
+    tl.atomic_add(stats_ptr + num_local_experts, tl.sum(bad.to(tl.int32), axis=0))
 
 
 @triton.jit
 def scatter_kernel(
     x_ptr, local_ids_ptr, counts_ptr, fill_ptr, rows_ptr, output_index_ptr,
-    num_slots, topk, hidden, num_experts, block_rows,
+    num_slots, topk, hidden, num_local_experts, block_rows,
     MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Each local (token, slot) takes a row of its expert's segment (atomic fill counter) and copies x[token] there.
@@ -61,7 +61,7 @@ def scatter_kernel(
     if MASKED:
         start = local.to(tl.int64) * block_rows
     else:
-        starts, _ = _segment_starts(counts_ptr, num_experts, ALIGN, E_PAD)
+        starts, _ = _segment_starts(counts_ptr, num_local_experts, ALIGN, E_PAD)
         experts = tl.arange(0, E_PAD)
         start = tl.sum(tl.where(local[:, None] == experts[None, :], starts[None, :], 0), axis=1).to(tl.int64)
     slot = tl.atomic_add(fill_ptr + tl.where(valid, local, 0), 1, mask=valid)
@@ -79,12 +79,12 @@ def scatter_kernel(
 
 @triton.jit
 def m_indices_kernel(
-    counts_ptr, m_indices_ptr, num_rows, num_experts,
+    counts_ptr, m_indices_ptr, num_rows, num_local_experts,
     ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Contiguous layout: m_indices[row] = e on expert e's first counts[e] rows, -1 on every padding row."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    starts, counts = _segment_starts(counts_ptr, num_experts, ALIGN, E_PAD)
+    starts, counts = _segment_starts(counts_ptr, num_local_experts, ALIGN, E_PAD)
     experts = tl.arange(0, E_PAD)
     holds = (rows[:, None] >= starts[None, :]) & (rows[:, None] < starts[None, :] + counts[None, :])
     expert = tl.sum(tl.where(holds, experts[None, :], 0), axis=1)

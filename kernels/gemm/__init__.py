@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gemm import deep_gemm, grouped_mm, loop, triton
-from kernels.gemm.base import M_ALIGNMENT, GroupedGemm
+from kernels.gemm.base import GroupedGemm
 
 BACKENDS: dict[str, GroupedGemm] = {b.name: b for b in (deep_gemm.BACKEND, grouped_mm.BACKEND, triton.BACKEND,
                                                           loop.BACKEND)}
@@ -47,4 +47,4 @@ def select(gemm: str, device, hidden: int, inter: int) -> tuple[GroupedGemm, str
     return BACKENDS["loop"], f"auto -> loop (skipped: {'; '.join(skipped)})"
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "M_ALIGNMENT", "GroupedGemm", "availability", "select"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "GroupedGemm", "availability", "select"]

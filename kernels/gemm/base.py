@@ -13,9 +13,7 @@ import abc
 
 import torch
 
-from kernels.scatter import Allocator, Dispatch
-
-M_ALIGNMENT = 128  # contiguous segment alignment and masked block-row multiple, for every backend (DeepGEMM SM90's)
+from kernels.dispatch import M_ALIGNMENT, Allocator, Dispatch, Layout
 
 
 class GroupedGemm(abc.ABC):
@@ -40,7 +38,7 @@ class GroupedGemm(abc.ABC):
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, dispatch: Dispatch, empty: Allocator = torch.empty):
         """The form that matches the Dispatch's layout."""
-        if dispatch.layout == "masked":
+        if dispatch.layout is Layout.MASKED:
             return self.m_grouped_gemm_nt_masked(a, b, dispatch, empty)
         return self.m_grouped_gemm_nt_contiguous(a, b, dispatch, empty)
 

@@ -88,7 +88,7 @@ class DeepGemm(GroupedGemm):
             if major not in (9, 10):
                 return False, f"DeepGEMM supports SM90 and SM100 only, this GPU is SM{major}{minor}"
             if not has_deep_gemm():
-                return False, "deep_gemm is not installed (see README: adding DeepGEMM)"
+                return False, 'deep_gemm is not installed (see README.md, "Adding DeepGEMM")'
             if not has_deep_gemm_bf16_grouped():
                 return False, "this deep_gemm build has no bf16 m-grouped GEMMs"
             if torch.cuda.is_current_stream_capturing():
@@ -118,7 +118,7 @@ class DeepGemm(GroupedGemm):
 
     def m_grouped_gemm_nt_masked(self, a, b, dispatch, empty):
         d = empty((*a.shape[:2], b.shape[1]), dtype=torch.bfloat16, device=a.device)
-        expected_m = max(1, math.ceil(sum(dispatch.counts_host) / dispatch.num_experts))
+        expected_m = max(1, math.ceil(sum(dispatch.counts_host) / dispatch.num_local_experts))
         m_grouped_bf16_gemm_nt_masked(a, b, d, dispatch.counts, expected_m)
         return d
 

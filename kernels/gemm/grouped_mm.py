@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import align_up
 from kernels.gemm.base import GroupedGemm
 
 
@@ -24,8 +25,7 @@ class GroupedMM(GroupedGemm):
         return True, f"torch._grouped_mm on {device.type}"
 
     def m_grouped_gemm_nt_contiguous(self, a, b, dispatch, empty):
-        aligned = (dispatch.counts + self.m_alignment - 1) // self.m_alignment * self.m_alignment
-        ends = torch.cumsum(aligned, 0, dtype=torch.int32)
+        ends = torch.cumsum(align_up(dispatch.counts, self.m_alignment), 0, dtype=torch.int32)
         return torch._grouped_mm(a, b.transpose(1, 2), offs=ends)
 
     def m_grouped_gemm_nt_masked(self, a, b, dispatch, empty):

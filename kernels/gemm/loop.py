@@ -25,7 +25,7 @@ class Loop(GroupedGemm):
 
     def m_grouped_gemm_nt_contiguous(self, a, b, dispatch, empty):
         d = empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
-        for e, (start, count) in enumerate(zip(dispatch.segment_starts(), dispatch.counts_host, strict=True)):
+        for e, (start, count) in enumerate(zip(dispatch.first_rows(), dispatch.counts_host, strict=True)):
             if count:
                 d[start : start + count] = _matmul_nt(a[start : start + count], b[e])
         return d

@@ -1,5 +1,5 @@
-"""Bad input the contract makes both entry points reject with a ValueError naming the argument (CONTRACT.md), as
-(argument, spoil) pairs over a good argument dict. test_reference and test_executor add their own entries."""
+"""Bad input that both entry points must reject with a ValueError naming the argument, as (argument, spoil) pairs
+over a good argument dict (docs/contract.md, "Bad input"). test_reference and test_executor add their own entries."""
 
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
-"""verify.bench, verify.bench_report, verify.gate and verify.peers: the targets and the layout fit computed right on
+"""verify/perf: the bench, its report, the gate and the peers: the targets and the layout fit computed right on
 known numbers, the CLIs' plumbing on the CPU (tiny shapes), the gate's verdicts, and the committed GPU results
 consistent with the layout rule the executor ships."""
 
 from __future__ import annotations
 
-import glob
 import json
+import pathlib
 
 import pytest
 import torch
 
 from kernels import executor
-from verify import bench, bench_report, gate
 from verify.diff import main as diff_main
+from verify.perf import bench, gate, report
 
 
 def _point(tokens=4096, mean_rows=64.0, masked=1.0, contiguous=1.2, layout="masked", block=1 << 20, **ms):
@@ -31,7 +31,7 @@ CEILINGS = {"copy_gbps": 4000.0, "peak_tflops": 800.0}
 
 def test_targets_are_the_declared_ratios():
     results = {"ceilings": CEILINGS, "points": [_point(tokens=256)]}
-    got = {t["name"]: t for t in bench_report.evaluate(results)}
+    got = {t["name"]: t for t in report.evaluate(results)}
     assert got["gemm_share"]["rows"][0]["value"] == pytest.approx(0.8)
     assert not got["gemm_share"]["rows"][0]["met"]
     assert got["decode_floor"]["rows"][0]["value"] == pytest.approx(1.0 / (1e9 / 4000e6))
@@ -40,19 +40,19 @@ def test_targets_are_the_declared_ratios():
     assert got["auto_backend"]["rows"][0]["value"] == pytest.approx(1.0)
     assert got["hybrid_layout"]["rows"][0]["value"] == pytest.approx(1.0)
     big = {"ceilings": CEILINGS, "points": [_point(block=executor.MASKED_BLOCK_BUDGET_BYTES + 1)]}
-    memory = {t["name"]: t for t in bench_report.evaluate(big)}["hybrid_memory"]
+    memory = {t["name"]: t for t in report.evaluate(big)}["hybrid_memory"]
     assert memory["met"] == 0 and memory["total"] == 1
-    scatter = {t["name"]: t for t in bench_report.evaluate(big)}["scatter_bw"]["rows"][0]["value"]
+    scatter = {t["name"]: t for t in report.evaluate(big)}["scatter_bw"]["rows"][0]["value"]
     assert scatter == pytest.approx(2 * 8192 * 1024 * 2 / 0.1 / 1e6 / 4000.0)
 
 
 def test_layout_fit_finds_the_crossover_and_respects_the_budget():
     points = [_point(mean_rows=r, masked=1.0, contiguous=1.1 if r <= 256 else 0.9) for r in (8, 64, 256, 1024, 4096)]
-    fit = bench_report.fit_layout_rule(points)
+    fit = report.fit_layout_rule(points)
     assert 256 < fit["threshold"] < 1024 and fit["worst_excess"] == 0.0
     # a masked block over the budget must go contiguous whatever the threshold: the fit pays its excess
     points.append(_point(mean_rows=8, masked=1.0, contiguous=1.5, block=executor.MASKED_BLOCK_BUDGET_BYTES + 1))
-    assert bench_report.fit_layout_rule(points)["worst_excess"] == pytest.approx(0.5)
+    assert report.fit_layout_rule(points)["worst_excess"] == pytest.approx(0.5)
 
 
 def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
@@ -66,7 +66,7 @@ def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
     assert expected <= set(point["ms"]) and not point["errors"]
     assert all(v > 0 for v in point["ms"].values())
     assert all(a["verdict"] != "FAIL" for a in point["accuracy"].values()), point["accuracy"]
-    assert {t["name"] for t in results["report"]["targets"]} == {t.name for t in bench_report.TARGETS}
+    assert {t["name"] for t in results["report"]["targets"]} == {t.name for t in report.TARGETS}
     assert png.stat().st_size > 10_000
     assert bench.main(["--from-json", str(out)]) == 0  # re-reports without measuring
 
@@ -78,15 +78,13 @@ def test_bench_cli_refuses_a_gpu_case_on_the_cpu(capsys):
     assert "deepseek-ep8" in capsys.readouterr().err
 
 
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
+
+
 def test_committed_gpu_bench_fits_the_executors_layout_rule():
-    fitted = []
-    for path in sorted(glob.glob("docs/bench-*.json")):
-        with open(path) as f:
-            fit = json.load(f).get("report", {}).get("layout_fit")
-        if fit:
-            fitted.append((path, fit))
-    if not fitted:
-        pytest.skip("no committed bench results with a layout fit")
+    fitted = [(path, json.loads(path.read_text())["report"]["layout_fit"])
+              for path in sorted(DOCS.glob("bench-*.json"))]
+    assert fitted, f"no committed bench results in {DOCS}: the layout rule has no measurement behind it"
     for path, fit in fitted:
         assert executor.MASKED_MAX_MEAN_ROWS == round(fit["threshold"]), path
 
@@ -134,4 +132,4 @@ def test_gate_usage_errors(tmp_path):
 
 
 def test_torch_native_peer_passes_the_differential_tester():
-    assert diff_main(["--case", "skewed", "--impl", "verify.peers:torch_native_forward"]) == 0
+    assert diff_main(["--case", "skewed", "--impl", "verify.perf.peers:torch_native_forward"]) == 0

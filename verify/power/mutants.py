@@ -3,7 +3,8 @@
 One mechanism for all of them: a mutant is `kernels.moe_expert_forward` run with a `kernels.Stages` in which one
 piece is replaced (count, layout choice, scatter, the after-scatter hook, silu_and_mul, the GEMM backend, gather).
 No production file is edited. `Mutant.impl` is the bugged implementation, with the contract's signature; it exposes
-its (bugged) stages, so the tester's own hooks compose with them. `python -m verify.mutants` hunts them all.
+its (bugged) stages, so the tester's own probes compose with them. `python -m verify.mutants` hunts them all
+(verify/power/hunt.py); `--impl verify.power.mutants:NAME` runs one through verify.diff.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Callable
 import torch
 
 from kernels import PRODUCTION, Dispatch, Stages, choose_layout, moe_expert_forward
+from kernels.dispatch import Layout, LocalRouting
 from kernels.gemm.base import GroupedGemm
 from kernels.gemm.loop import Loop
-from kernels.scatter import LocalRouting
 from verify import checks
 
 
@@ -41,23 +42,17 @@ def _with(**change) -> Stages:
     return dataclasses.replace(PRODUCTION, **change)
 
 
-def _segment_start(dispatch: Dispatch, expert: int) -> int:
-    if dispatch.layout == "masked":
-        return expert * dispatch.block_rows
-    return dispatch.segment_starts()[expert]
-
-
 # ---- count / local ids ------------------------------------------------------------------------------------------
 
-def _count_global_as_local(topk_ids, *, ep_rank, experts_per_rank, num_experts):
-    return PRODUCTION.count(topk_ids, ep_rank=0, experts_per_rank=experts_per_rank, num_experts=num_experts)
+def _count_global_as_local(topk_ids, *, ep_rank, num_local_experts, num_experts):
+    return PRODUCTION.count(topk_ids, ep_rank=0, num_local_experts=num_local_experts, num_experts=num_experts)
 
 
-def _count_minus_one_wraps(topk_ids, *, ep_rank, experts_per_rank, num_experts) -> LocalRouting:
-    local = topk_ids.long() - ep_rank * experts_per_rank
-    local = torch.where(local < 0, torch.full_like(local, experts_per_rank - 1), local)  # Python's a[-1]
-    local = torch.where(local >= experts_per_rank, torch.full_like(local, -1), local).to(torch.int32)
-    counts = torch.bincount(local[local >= 0].long(), minlength=experts_per_rank).to(torch.int32)
+def _count_minus_one_wraps(topk_ids, *, ep_rank, num_local_experts, num_experts) -> LocalRouting:
+    local = topk_ids.long() - ep_rank * num_local_experts
+    local = torch.where(local < 0, torch.full_like(local, num_local_experts - 1), local)  # Python's a[-1]
+    local = torch.where(local >= num_local_experts, torch.full_like(local, -1), local).to(torch.int32)
+    counts = torch.bincount(local[local >= 0].long(), minlength=num_local_experts).to(torch.int32)
     return LocalRouting(local.contiguous(), counts, tuple(counts.tolist()))
 
 
@@ -75,17 +70,17 @@ def _drop_slot(dispatch: Dispatch, expert: int, row_in_segment: Callable[[int], 
     if count == 0:
         return dispatch
     index = dispatch.output_index.clone()
-    index[index == _segment_start(dispatch, expert) + row_in_segment(count)] = -1
+    index[index == dispatch.first_rows()[expert] + row_in_segment(count)] = -1
     return dataclasses.replace(dispatch, output_index=index)
 
 
 def _drop_last_expert_row(dispatch: Dispatch) -> Dispatch:
-    return _drop_slot(dispatch, dispatch.num_experts - 1, lambda count: count - 1)
+    return _drop_slot(dispatch, dispatch.num_local_experts - 1, lambda count: count - 1)
 
 
 def _masked_m_off_by_one(dispatch: Dispatch) -> Dispatch:
-    if dispatch.layout == "masked":
-        for e in range(dispatch.num_experts):
+    if dispatch.layout is Layout.MASKED:
+        for e in range(dispatch.num_local_experts):
             dispatch = _drop_slot(dispatch, e, lambda count: count - 1)
     return dispatch
 
@@ -94,9 +89,8 @@ def _slot_collision(dispatch: Dispatch) -> Dispatch:
     """Two tokens of each expert got the same row from a racy slot counter; the second writer's x won."""
     index, rows = dispatch.output_index.clone(), dispatch.rows.clone()
     flat = rows.view(-1, rows.shape[-1])
-    for e, count in enumerate(dispatch.counts_host):
+    for first, count in zip(dispatch.first_rows(), dispatch.counts_host, strict=True):
         if count >= 2:
-            first = _segment_start(dispatch, e)
             index[index == first + 1] = first
             flat[first] = dispatch.flat_rows()[first + 1]
     return dataclasses.replace(dispatch, output_index=index, rows=rows)
@@ -104,12 +98,11 @@ def _slot_collision(dispatch: Dispatch) -> Dispatch:
 
 def _segment_start_off_by_one(dispatch: Dispatch) -> Dispatch:
     """Contiguous: rows of experts >= 1 written one row after their segment start (m_indices left right)."""
-    if dispatch.layout != "contiguous":
+    if dispatch.layout is not Layout.CONTIGUOUS:
         return dispatch
     index, rows = dispatch.output_index.clone(), dispatch.rows.clone()
     flat, old = rows.view(-1, rows.shape[-1]), dispatch.flat_rows()
-    for e, count in enumerate(dispatch.counts_host):
-        start = _segment_start(dispatch, e)
+    for e, (start, count) in enumerate(zip(dispatch.first_rows(), dispatch.counts_host, strict=True)):
         if e >= 1 and count:
             end = min(start + 1 + count, flat.shape[0])
             flat[start + 1 : end] = old[start : end - 1]
@@ -152,7 +145,7 @@ def _silu_in_bf16(h, dispatch, *, gate_up_order="gate_up", empty=torch.empty):
 def _silu_spills_into_next_block(h, dispatch, *, gate_up_order="gate_up", empty=torch.empty):
     """Masked: the row after masked_m[e] of block e is computed and stored at row 0 of block e + 1."""
     a = PRODUCTION.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=empty)
-    if dispatch.layout == "masked":
+    if dispatch.layout is Layout.MASKED:
         spill = PRODUCTION.silu_and_mul(h, dataclasses.replace(dispatch, counts=dispatch.counts + 1),
                                         gate_up_order=gate_up_order)
         for e, count in enumerate(dispatch.counts_host[:-1]):
@@ -208,13 +201,13 @@ def _gather_with(change_weights=None, change_index=None, change_y=None):
 
 
 def _scale_expert_0(y, dispatch, factor=1.02):
-    start = _segment_start(dispatch, 0)
+    start = dispatch.first_rows()[0]
     y.view(-1, y.shape[-1])[start : start + dispatch.counts_host[0]] *= factor
     return y
 
 
 def _skip_expert_0(dispatch: Dispatch) -> torch.Tensor:
-    start, index = _segment_start(dispatch, 0), dispatch.output_index
+    start, index = dispatch.first_rows()[0], dispatch.output_index
     return torch.where((index >= start) & (index < start + dispatch.counts_host[0]), -1, index)
 
 
@@ -261,7 +254,8 @@ def _gather_jitter(y, dispatch, topk_weights, *, empty=torch.empty):
 
 def _strict_threshold(counts, num_tokens, hidden, inter, alignment, masked_max_tokens):
     if masked_max_tokens is not None:
-        return "masked" if num_tokens < masked_max_tokens else "contiguous"  # `<` where the contract says `<=`
+        # `<` where the contract says `<=`
+        return Layout.MASKED if num_tokens < masked_max_tokens else Layout.CONTIGUOUS
     return choose_layout(counts, num_tokens, hidden, inter, alignment, None)
 
 
@@ -331,7 +325,7 @@ MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 
 def __getattr__(name: str):
-    """`--impl verify.mutants:NAME` runs mutant NAME."""
+    """`--impl verify.power.mutants:NAME` runs mutant NAME."""
     if name in MUTANTS_BY_NAME:
         return MUTANTS_BY_NAME[name].impl
     raise AttributeError(name)

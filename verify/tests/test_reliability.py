@@ -14,10 +14,11 @@ import torch
 
 from kernels import moe_expert_forward
 from kernels._device import default_device
+from kernels.executor import LAYOUT_CHOICES
 from kernels.gemm import availability
 from verify import checks
 from verify.cases import Sizes
-from verify.reliability import memory_sweep, rank_inputs, sanitizer_workload
+from verify.perf.reliability import memory_sweep, rank_inputs, sanitizer_workload
 
 REALISTIC = Sizes(num_tokens=4096, hidden=2048, inter=768, num_experts=128, topk=8)
 
@@ -29,7 +30,7 @@ def test_triton_kernels_under_compute_sanitizer(tool):
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "86", sys.executable, "-m", "verify.reliability"]
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "86", sys.executable, "-m", "verify.perf.reliability"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     log = done.stdout + done.stderr
     if "Device not supported" in log:
@@ -46,7 +47,7 @@ def test_sanitizer_workload_passes_its_bands():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["auto", "masked", "contiguous"])
+@pytest.mark.parametrize("layout", LAYOUT_CHOICES)
 @pytest.mark.parametrize("gemm", ["auto", "triton", "grouped_mm"])
 def test_whole_stage_is_bitwise_identical_over_20_reruns(layout, gemm, seed):
     if not availability(gemm, "cuda", REALISTIC.hidden, REALISTIC.inter)[0] and gemm != "auto":

@@ -1,7 +1,7 @@
-"""GPU reliability workloads (verify/test_reliability.py runs them): a small run through every Triton kernel for
+"""GPU reliability workloads (verify/tests/test_reliability.py runs them): a small run through every Triton kernel for
 compute-sanitizer, the whole stage rerun for bitwise determinism, and a sweep over changing routings for memory growth.
 
-`python -m verify.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
+`python -m verify.perf.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
 histogram, both scatters, m_indices, silu_and_mul in both layouts, our Triton grouped GEMM in both layouts, the gather)
 on a small skewed problem whose rank view is padded with NaN rows, checked against the reference. Run it under
 `compute-sanitizer --tool memcheck|racecheck` with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every buffer is its
@@ -16,10 +16,12 @@ import torch
 
 from kernels import moe_expert_forward
 from kernels._device import default_device
+from kernels.dispatch import LAYOUTS
 from reference import moe_reference
 from reference.routing import pad_view, rank_view
 from verify import bands
 from verify.cases import Sizes, random_problem
+from verify.findings import Verdict, worst
 from verify.metrics import compare
 
 SANITIZER_SIZES = Sizes(num_tokens=96, hidden=320, inter=192, num_experts=16, topk=4)  # H, I not powers of 2
@@ -41,12 +43,12 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
     """Every Triton kernel once per layout; raises AssertionError if an output leaves its band."""
     args, kw, local_ids = rank_inputs(SANITIZER_SIZES, "skewed", seed, device, pad=8)
     refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
-    for layout in ("masked", "contiguous"):
+    for layout in LAYOUTS:
         out = moe_expert_forward(*args, **kw, layout=layout, gemm="triton")
-        verdict, notes = bands.judge(compare(out.float(), *refs, local_ids),
-                                     bands.bands_for(SANITIZER_SIZES.hidden, SANITIZER_SIZES.inter))
-        if verdict == bands.FAIL:
-            raise AssertionError(f"sanitizer workload, {layout} layout: {notes}")
+        findings = bands.judge(compare(out.float(), *refs, local_ids),
+                               bands.bands_for(SANITIZER_SIZES.hidden, SANITIZER_SIZES.inter))
+        if worst(findings) is Verdict.FAIL:
+            raise AssertionError(f"sanitizer workload, {layout} layout: {[f.message for f in findings]}")
 
 
 def memory_sweep(device: str, iterations: int, sizes: Sizes, seed: int = 0) -> list[int]:
@@ -58,7 +60,7 @@ def memory_sweep(device: str, iterations: int, sizes: Sizes, seed: int = 0) -> l
     allocated = []
     for i in range(iterations):
         args, kw, _ = problems[i % len(problems)]
-        out = moe_expert_forward(*args, **kw, layout=("masked", "contiguous")[i // len(problems) % 2])
+        out = moe_expert_forward(*args, **kw, layout=LAYOUTS[i // len(problems) % 2])
         del out
         allocated.append(torch.cuda.memory_allocated(device))
     return allocated

@@ -13,6 +13,7 @@ import torch
 from kernels import scatter as S
 from kernels._device import default_device
 from kernels.activation import silu_and_mul
+from kernels.dispatch import LAYOUTS, Layout
 from kernels.gather import gather
 from kernels.gemm import BACKENDS, availability
 from reference import layouts
@@ -24,7 +25,6 @@ from verify.cases import Sizes, random_problem
 DEVICE = default_device()
 ROUTINGS = [("uniform", {}), ("skewed", {}), ("empty_experts", {}), ("boundary", {"counts": (127, 128, 129)}),
             ("hot_expert", {"share": 0.9})]
-LAYOUTS = ["contiguous", "masked"]
 
 
 def tolerance(stage: str) -> dict:
@@ -45,10 +45,9 @@ def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=SMALL, **params):
 
 
 def scattered(layout, view, ep_size, rank):
-    per_rank = view.num_local_experts
-    routing = S.count_local_experts(view.topk_ids, ep_rank=rank, experts_per_rank=per_rank,
+    routing = S.count_local_experts(view.topk_ids, ep_rank=rank, num_local_experts=view.num_local_experts,
                                     num_experts=view.num_experts)
-    to = S.scatter_masked if layout == "masked" else S.scatter_contiguous
+    to = S.scatter_masked if layout is Layout.MASKED else S.scatter_contiguous
     return to(view.x, routing, alignment=128, empty=checks.poisoned_empty)
 
 
@@ -58,7 +57,7 @@ def test_count_local_experts_matches_reference(ep_size, seed):
     ids = view.topk_ids.clone()
     ids[::5, 0] = -1  # router drops too
     for dtype in (torch.int32, torch.int64):
-        got = S.count_local_experts(ids.to(dtype), ep_rank=ep_size - 1, experts_per_rank=view.num_local_experts,
+        got = S.count_local_experts(ids.to(dtype), ep_rank=ep_size - 1, num_local_experts=view.num_local_experts,
                                     num_experts=view.num_experts)
         want = layouts.local_expert_ids(ids, ep_size, ep_size - 1, view.num_experts)
         assert torch.equal(got.local_ids.long().cpu(), want.cpu())
@@ -71,7 +70,7 @@ def test_count_local_experts_rejects_out_of_range_ids(bad):
     ids = torch.zeros(4, 2, dtype=torch.int64, device=DEVICE)
     ids[2, 1] = bad
     with pytest.raises(ValueError, match="topk_ids"):
-        S.count_local_experts(ids, ep_rank=0, experts_per_rank=8, num_experts=8)
+        S.count_local_experts(ids, ep_rank=0, num_local_experts=8, num_experts=8)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -83,7 +82,7 @@ def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, ran
     dispatch = scattered(layout, view, ep_size, rank)
     assert checks.layout_problems(dispatch, view.x, view.local_ids(), 128) == []
     counts = dispatch.counts_host
-    if layout == "masked":  # sized from the largest count, not from M
+    if layout is Layout.MASKED:  # sized from the largest count, not from M
         assert dispatch.block_rows == layouts.align_up(max(max(counts), 1), 128)
     else:
         assert dispatch.rows.shape[0] == layouts.padded_rows(torch.tensor(counts), 128)
@@ -151,7 +150,7 @@ def test_grouped_gemm_backend_matches_reference_on_valid_rows(backend, layout, r
     assert d.shape == (*dispatch.rows.shape[:-1], w13.shape[1])
     flat_a, flat_d = dispatch.flat_rows(), d.reshape(-1, w13.shape[1])
     rows_of = checks.valid_row_mask(dispatch).nonzero().flatten()
-    experts = torch.repeat_interleave(torch.arange(dispatch.num_experts), torch.tensor(dispatch.counts_host))
+    experts = torch.repeat_interleave(torch.arange(dispatch.num_local_experts), torch.tensor(dispatch.counts_host))
     for e in experts.unique().tolist():
         rows = rows_of[experts == e].to(DEVICE)
         want = ref.gemm_nt(flat_a[rows], w13[e], faithful=True).to(torch.bfloat16)

@@ -1,5 +1,5 @@
 """python -m verify.diff as a user meets it: the table, exit codes 0 / 1 / 2, replay commands, JSON, --list; and the
-hand-made broken implementations it must fail, naming the rank and row (verify/broken.py)."""
+hand-made broken implementations it must fail, naming the rank and row (verify/power/broken.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from verify import broken
-from verify.cases import CASES
+from verify import bands
+from verify.cases import CASES, CASES_BY_NAME
 from verify.diff import main
+from verify.power import broken
 
 
 def run(capsys, *argv):
@@ -28,7 +29,7 @@ def test_list_prints_every_case(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--case", "nope"], "unknown case 'nope'"),
     (["--case", "skewed", "--impl", "no.such.module:fn"], "cannot import --impl"),
-    (["--case", "skewed", "--impl", "verify.broken"], "MODULE:CALLABLE"),
+    (["--case", "skewed", "--impl", "verify.power.broken"], "MODULE:CALLABLE"),
     (["--case", "skewed", "--ep-size", "3"], "--ep-size 3"),
     (["--case", "skewed", "--ep-size", "2", "--rank", "2"], "--rank 2"),
     (["--bogus"], "unrecognized arguments"),
@@ -45,9 +46,18 @@ def test_one_row_passes_and_writes_json(capsys, tmp_path):
                        "--json", str(path))
     assert code == 0, out
     assert "skewed  4   2     masked" in out and "1/1 rows pass" in out
-    rows = json.loads(path.read_text())["rows"]
-    assert [r["id"] for r in rows] == ["skewed-ep4-rank2-masked"] and rows[0]["verdict"] == "PASS"
-    assert rows[0]["metrics"]["row_err"] < rows[0]["metrics"]["exact_row_err"] + 1
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["id"] == "skewed-ep4-rank2-masked" and row["verdict"] == "PASS" and row["checks"] == []
+    # every band of the table judged this row, each within the bound it was held to
+    judged = {f["metric"]: f for f in row["findings"] if f["check"] == "band"}
+    sizes = CASES_BY_NAME["skewed"].sizes("cpu")
+    assert list(judged) == [b.metric for b in bands.bands_for(sizes.hidden, sizes.inter)]
+    assert all(f["verdict"] == "PASS" and f["value"] <= f["limit"] for f in judged.values()), judged
+    # the table prints the raw metrics, in u
+    metrics = row["metrics"]
+    assert judged["row_err"]["value"] == metrics["row_err"] and judged["rel_l2"]["value"] == metrics["rel_l2"]
+    for value in (metrics["row_err"], judged["expert_err"]["value"], metrics["rel_l2"]):
+        assert f"{value / bands.U_BF16:.3f}" in out
 
 
 # Where each bug must show: (an ep_size, a rank) where a row fails. Every broken impl must fail at least there.
@@ -65,20 +75,20 @@ MUST_FAIL_AT = {
 @pytest.mark.parametrize("name", sorted(broken.BROKEN))
 def test_broken_implementation_fails_and_is_localised(capsys, tmp_path, name):
     path = tmp_path / "rows.json"
-    code, out, _ = run(capsys, "--case", "skewed", "--impl", f"verify.broken:{name}", "--json", str(path))
+    code, out, _ = run(capsys, "--case", "skewed", "--impl", f"verify.power.broken:{name}", "--json", str(path))
     assert code == 1, out
     verdicts = {r["id"]: r["verdict"] for r in json.loads(path.read_text())["rows"]}
     assert verdicts[MUST_FAIL_AT[name]] == "FAIL", out
     failing = MUST_FAIL_AT[name]
     assert f"FAIL {failing}:" in out and "worst: token" in out
-    assert f"--impl verify.broken:{name}" in out  # the replay command
+    assert f"--impl verify.power.broken:{name}" in out  # the replay command
     if name == "global_ids_as_local":
         assert verdicts["skewed-ep2-rank0-masked"] == "PASS" and verdicts["skewed-ep1-rank0-masked"] == "PASS"
     if name == "masked_drops_last_token":
         assert all(v != "FAIL" for k, v in verdicts.items() if k.endswith("contiguous"))
 
 
-@pytest.mark.parametrize("impl", ["verify.broken:reference_impl", "verify.calibrate:tensor_core_order"])
+@pytest.mark.parametrize("impl", ["verify.power.broken:reference_impl", "verify.power.calibrate:tensor_core_order"])
 def test_honest_implementations_pass(capsys, impl):
     """The reference itself, and a plain-torch peer that accumulates its GEMMs in another order."""
     code, out, _ = run(capsys, "--case", "skewed", "--impl", impl)

@@ -12,10 +12,10 @@ from reference import layouts, moe_reference
 from reference import routing as R
 from reference.oracle_np import moe_oracle, round_to_bf16
 from verify import bands
-from verify.bad_inputs import CONTRACT_BAD_INPUTS, good_arguments
-from verify.bad_inputs import ids as bad_input_ids
 from verify.cases import Sizes, random_problem
 from verify.metrics import compare
+from verify.tests.bad_inputs import CONTRACT_BAD_INPUTS, good_arguments
+from verify.tests.bad_inputs import ids as bad_input_ids
 
 
 def make_inputs(num_tokens, hidden, inter, num_experts, topk, seed, routing="uniform", **params):

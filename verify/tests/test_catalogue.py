@@ -7,8 +7,8 @@ import pytest
 
 from kernels import moe_expert_forward
 from kernels._device import default_device
-from verify import bands
 from verify.cases import CASES
+from verify.findings import Verdict
 from verify.sweep import Sweep, targets
 
 
@@ -24,4 +24,6 @@ def _rows():
 @pytest.mark.parametrize("case,target,scale", list(_rows()))
 def test_catalogue_row(case, target, scale, seed):
     row = Sweep(case, moe_expert_forward, seed=seed, device=default_device(), scale=scale).run(target)
-    assert row.verdict != bands.FAIL, f"{row.test_id} (seed {seed}): {'; '.join(row.notes)}; worst: {row.worst}"
+    where = row.locus.describe() if row.locus else "-"
+    assert row.verdict is not Verdict.FAIL, (f"{row.test_id} (seed {seed}): "
+                                             f"{'; '.join(f.message for f in row.problems)}; worst: {where}")

@@ -9,8 +9,9 @@ import types
 import pytest
 import torch
 
+from kernels._device import interpreting
+from kernels.dispatch import Dispatch, Layout
 from kernels.gemm import AUTO_ORDER, BACKENDS, availability, deep_gemm, select
-from kernels.scatter import Dispatch
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_non_default_compiled_dims_is_rejected(fresh_wrapper, monkeypatch):
 
 def _dispatch(alignment):
     rows = torch.zeros(alignment, 64, dtype=torch.bfloat16)
-    return Dispatch("contiguous", rows, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+    return Dispatch(Layout.CONTIGUOUS, rows, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
                     (1,), alignment, torch.zeros(alignment, dtype=torch.int32))
 
 
@@ -100,10 +101,28 @@ def test_deep_gemm_is_unavailable_off_hopper_with_a_reason():
     assert "K % 64" in BACKENDS["deep_gemm"].shape_problem(2880 + 32, 768)
 
 
+# On a CPU: what each backend must answer, and a word its reason must hold.
+ON_A_CPU = {
+    "deep_gemm": (False, "CUDA"),
+    "grouped_mm": (True, "torch._grouped_mm on cpu"),
+    "triton": (True, "interpreter") if interpreting() else (False, "TRITON_INTERPRET"),
+    "loop": (True, "everywhere"),
+}
+
+
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_every_backend_reports_availability_with_a_reason(name):
+def test_every_backend_says_whether_it_runs_on_a_cpu_and_why(name):
+    runs, word = ON_A_CPU[name]
     ok, why = availability(name, "cpu", 128, 64)
-    assert isinstance(ok, bool) and why
+    assert ok is runs and word in why, (ok, why)
+
+
+def test_a_shape_the_backend_cannot_take_is_unavailable_with_the_sizes_named():
+    if not interpreting():
+        pytest.skip("the Triton backend runs on a CPU only under the interpreter")
+    ok, why = availability("triton", "cpu", 120, 64)
+    assert not ok and "H=120" in why
+    assert availability("loop", "cpu", 120, 64)[0]  # the loop backend takes any shape
 
 
 def test_auto_picks_loop_on_a_cpu_and_says_why():

@@ -1,25 +1,92 @@
-"""python -m verify.mutants [--only NAME ...] [--json PATH] [--seed S] [--list]
+"""python -m verify.mutants [--only NAME ...] [--json PATH] [--seed S] [--list]: hunting mutants.
 
-Runs the hunt cases (verify/mutants/hunt.py) against the unmutated pipeline (which must pass every row) and against
-every mutant (each must fail a row), and prints the kill matrix: the check that killed each mutant first and where,
-whether DeepGEMM's global calc_diff or torch.testing's default assert_close would have missed it, the kill rate and
-the survivors. Exit 0 when every mutant is killed and the unmutated pipeline passes, 1 otherwise, 2 on usage errors.
+Runs the hunt cases against the unmutated pipeline (which must pass every row) and against every mutant of
+verify/power/mutants.py (each must fail a row), and prints the kill matrix: the check that killed each mutant first
+and where, whether DeepGEMM's global calc_diff or torch.testing's default assert_close would have missed it, the kill
+rate and the survivors. Exit 0 when every mutant is killed and the unmutated pipeline passes, 1 otherwise, 2 on usage
+errors.
+
+Alongside our checks, the two naive ones are scored on the same runs, as other suites would apply them: DeepGEMM's
+global calc_diff < 1e-3 against the exact reference, and torch.testing's default bf16 assert_close (rtol 1.6e-2,
+atol 1e-5) against it. A naive check "misses" a mutant when it passes every row the mutant produced (a crash is
+seen by everyone).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from kernels._device import configure_triton, default_device
 
 configure_triton()
 
 from kernels import moe_expert_forward  # noqa: E402
-from verify.mutants import MUTANTS, MUTANTS_BY_NAME  # noqa: E402
-from verify.mutants.hunt import HUNT_CASES, Hunt, hunt, rows_per_hunt  # noqa: E402
+from verify.cases import CASES_BY_NAME  # noqa: E402
+from verify.findings import Check, Verdict  # noqa: E402
+from verify.power.mutants import MUTANTS, MUTANTS_BY_NAME  # noqa: E402
+from verify.sweep import Row, Sweep, default_scale, targets  # noqa: E402
+
+HUNT_CASES = ("skewed", "padded", "boundary")  # every stage and axis: ep 1/2/4, an empty rank, 127/128/129 rows
+CALC_DIFF_THRESHOLD = 1e-3  # DeepGEMM's tests
+
+
+@dataclasses.dataclass
+class Hunt:
+    name: str
+    rows: int = 0
+    failed_rows: int = 0
+    killed_by: str = ""  # the first check that failed, on the first failing row
+    where: str = ""  # that row, and its worst token
+    calc_diff_fails: int = 0  # rows the naive calc_diff check fails (or crashes)
+    allclose_fails: int = 0  # rows the naive default assert_close fails (or crashes)
+
+    @property
+    def killed(self) -> bool:
+        return self.failed_rows > 0
+
+    @property
+    def missed_by_calc_diff(self) -> bool:
+        return self.calc_diff_fails == 0
+
+    @property
+    def missed_by_allclose(self) -> bool:
+        return self.allclose_fails == 0
+
+    def record(self, row: Row) -> None:
+        self.rows += 1
+        m = row.metrics
+        crashed = any(f.check is Check.CRASH for f in row.findings)
+        self.calc_diff_fails += crashed or (m is not None and not m.calc_diff < CALC_DIFF_THRESHOLD)
+        self.allclose_fails += crashed or (m is not None and not m.default_allclose)
+        if row.verdict is Verdict.FAIL:
+            self.failed_rows += 1
+            if not self.killed_by:
+                self.killed_by = row.checks[0]
+                self.where = f"{row.test_id}: {row.locus.describe()}" if row.locus else row.test_id
+
+
+def hunt(name: str, impl: Callable, *, cases=HUNT_CASES, seed: int = 0, device: str = "cpu",
+         on_row: Callable[[], None] = lambda: None) -> Hunt:
+    """Every row of `cases` for `impl` (no early stop: the naive checks are scored on all of them)."""
+    result = Hunt(name)
+    scale = default_scale(device)
+    for case_name in cases:
+        case = CASES_BY_NAME[case_name]
+        runner = Sweep(case, impl, seed=seed, device=device, scale=scale)
+        for target in targets(case, scale):
+            result.record(runner.run(target))
+            on_row()
+    return result
+
+
+def rows_per_hunt(cases=HUNT_CASES, device: str = "cpu") -> int:
+    scale = default_scale(device)
+    return sum(len(targets(CASES_BY_NAME[c], scale)) for c in cases)
 
 
 def _yes(flag: bool) -> str:

@@ -3,7 +3,7 @@
 `torch_native_forward` is the pipeline a PyTorch user writes without custom kernels (the issue's "torch-native
 pipeline"): argsort the local slots by expert, index_select their rows, torch._grouped_mm for both GEMMs over the
 unpadded segments, silu(gate)*up in fp32, and a weighted index_add into an fp32 output. It is a peer for speed, and
-`python -m verify.diff --impl verify.peers:torch_native_forward` checks it like any implementation.
+`python -m verify.diff --impl verify.perf.peers:torch_native_forward` checks it like any implementation.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ def torch_native_forward(x, topk_ids, topk_weights, w13, w2, *, ep_size: int = 1
                          num_experts: int | None = None, **_options) -> torch.Tensor:
     """bf16 [M, H]; layout / gemm options are ignored (there is one layout: sorted, unpadded segments)."""
     num_tokens, topk = topk_ids.shape
-    experts_here = w13.shape[0]
-    local = topk_ids.long() - ep_rank * experts_here
-    is_local = (topk_ids >= 0) & (local >= 0) & (local < experts_here)
-    flat = torch.where(is_local, local, experts_here).flatten()  # non-local slots sort last, past every expert
+    num_local_experts = w13.shape[0]
+    local = topk_ids.long() - ep_rank * num_local_experts
+    is_local = (topk_ids >= 0) & (local >= 0) & (local < num_local_experts)
+    flat = torch.where(is_local, local, num_local_experts).flatten()  # non-local slots sort last, past every expert
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts_here + 1)[:experts_here]
+    counts = torch.bincount(flat, minlength=num_local_experts + 1)[:num_local_experts]
     order = order[: int(counts.sum())]  # the host sync
     if order.numel() == 0:
         return torch.zeros(num_tokens, x.shape[1], dtype=torch.bfloat16, device=x.device)

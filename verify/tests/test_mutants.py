@@ -7,8 +7,8 @@ import pytest
 
 from kernels import moe_expert_forward
 from kernels._device import default_device
-from verify.mutants import MUTANTS
-from verify.mutants.hunt import hunt
+from verify.power.hunt import hunt
+from verify.power.mutants import MUTANTS
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # some mutants compute on garbage rows

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+from kernels.dispatch import LAYOUTS
 from kernels.executor import MASKED_BLOCK_BUDGET_BYTES
 
 
@@ -103,7 +104,7 @@ TARGETS = (
     Target("hybrid_layout", "the layout layout='auto' picks / the better layout, auto backend", "<=", 1.05,
            lambda p: True,
            lambda p, c: _ours(p, "whole") / min(p["ms"][f"whole/{p['auto_backend']}/{lay}"]
-                                                for lay in ("masked", "contiguous"))),
+                                                for lay in LAYOUTS)),
     Target("hybrid_memory", "masked block bytes / budget when the hybrid picks masked", "<=", 1.0,
            lambda p: p["auto_layout"] == "masked", lambda p, c: p["masked_block_bytes"] / MASKED_BLOCK_BUDGET_BYTES),
 )
@@ -135,7 +136,7 @@ def fit_layout_rule(points: list[dict]) -> dict | None:
     data = []
     for p in points:
         b = p["auto_backend"]
-        masked, contiguous = (p["ms"].get(f"whole/{b}/{lay}") for lay in ("masked", "contiguous"))
+        masked, contiguous = (p["ms"].get(f"whole/{b}/{lay}") for lay in LAYOUTS)
         if masked is not None and contiguous is not None:
             fits = p["masked_block_bytes"] <= MASKED_BLOCK_BUDGET_BYTES
             data.append((p["mean_rows"], fits, masked, contiguous))

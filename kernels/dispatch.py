@@ -1,0 +1,117 @@
+"""The dispatch data model: what the scatter hands to the GEMMs, the activation and the gather, and its arithmetic.
+
+One home for the layout names, the row alignment and every size derived from per-expert counts (aligned segment
+starts, contiguous rows, masked block rows, the masked buffers' bytes). The executor's memory budget, both scatters
+and every GEMM backend use these functions, so what is budgeted is what is allocated. The golden model derives the
+same layout facts on its own (reference/layouts.py): it never imports kernels/, so a slip here cannot hide there.
+
+Layouts (docs/contract.md, "Layout contracts"):
+- contiguous: flat rows [padded_rows, H]; expert e's segment starts at the exclusive prefix sum of the counts, each
+  aligned up to `alignment`; `m_indices` holds e on its valid rows and -1 on padding rows;
+- masked: a block [E_local, block_rows, H]; expert e's tokens are the first masked_m[e] = counts[e] rows of block e.
+`output_index` (flat row over the layout's rows, -1 for skipped ids) is the authoritative token -> row map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Sequence
+
+import torch
+
+M_ALIGNMENT = 128  # contiguous segment alignment and masked block-row multiple, for every backend (DeepGEMM SM90's)
+
+Allocator = Callable[..., torch.Tensor]  # like torch.empty(shape, dtype=, device=)
+
+
+class Layout(str, enum.Enum):
+    """The two layouts of the scattered rows. A str, so "masked" == Layout.MASKED and user arguments stay strings."""
+
+    MASKED = "masked"
+    CONTIGUOUS = "contiguous"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LAYOUTS: tuple[Layout, ...] = tuple(Layout)
+
+
+def align_up(n, alignment: int):
+    """The smallest multiple of `alignment` that is >= n (an int, or elementwise on an integer tensor)."""
+    return (n + alignment - 1) // alignment * alignment
+
+
+def contiguous_rows(counts: Sequence[int], alignment: int) -> int:
+    """Rows of the contiguous layout: every expert's segment aligned up; an expert with no tokens has no rows."""
+    return sum(align_up(c, alignment) for c in counts)
+
+
+def segment_starts(counts: Sequence[int], alignment: int) -> list[int]:
+    """Contiguous layout: the first row of each expert's segment (exclusive prefix sum of the aligned counts)."""
+    starts, row = [], 0
+    for count in counts:
+        starts.append(row)
+        row += align_up(count, alignment)
+    return starts
+
+
+def masked_block_rows(counts: Sequence[int], alignment: int) -> int:
+    """Rows per expert block of the masked layout: the largest count aligned up (never 0), not M."""
+    return max(alignment, align_up(max(counts, default=0), alignment))
+
+
+def masked_block_bytes(counts: Sequence[int], hidden: int, inter: int, alignment: int) -> int:
+    """Bytes of the masked layout's bf16 buffers: x [H], h [2I], a [I] and y [H] rows for E_local x block_rows rows."""
+    return len(counts) * masked_block_rows(counts, alignment) * (2 * hidden + 3 * inter) * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRouting:
+    """One rank's routing on the device, with its counts read back to the host."""
+
+    local_ids: torch.Tensor  # int32 [M, k], -1 where not local
+    counts: torch.Tensor  # int32 [E_local], on the device
+    counts_host: tuple[int, ...]  # the same counts, on the host
+
+    @property
+    def num_local_experts(self) -> int:
+        return len(self.counts_host)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The scatter's output: everything the GEMMs, the activation and the gather need."""
+
+    layout: Layout
+    rows: torch.Tensor  # contiguous: bf16 [padded_rows, H]; masked: bf16 [E_local, block_rows, H]
+    output_index: torch.Tensor  # int32 [M, k]: flat row of each local slot, -1 for skipped ids
+    counts: torch.Tensor  # int32 [E_local] on the device (masked_m for the masked layout)
+    counts_host: tuple[int, ...]
+    alignment: int  # contiguous: segment alignment; masked: block_rows is a multiple of it
+    m_indices: torch.Tensor | None = None  # contiguous only: int32 [padded_rows]
+
+    @property
+    def num_local_experts(self) -> int:
+        return len(self.counts_host)
+
+    @property
+    def layout_index(self) -> torch.Tensor:
+        """What marks valid rows: m_indices (contiguous) or masked_m = counts (masked)."""
+        return self.counts if self.layout is Layout.MASKED else self.m_indices
+
+    @property
+    def block_rows(self) -> int:
+        """Masked layout: rows per expert block."""
+        return self.rows.shape[1]
+
+    def first_rows(self) -> list[int]:
+        """The flat row where each expert's rows begin: its segment start, or the first row of its block."""
+        if self.layout is Layout.MASKED:
+            return [e * self.block_rows for e in range(self.num_local_experts)]
+        return segment_starts(self.counts_host, self.alignment)
+
+    def flat_rows(self) -> torch.Tensor:
+        """The rows as [num_rows, H], the view `output_index` indexes."""
+        return self.rows.reshape(-1, self.rows.shape[-1])

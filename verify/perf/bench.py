@@ -1,0 +1,282 @@
+"""python -m verify.bench: time every stage and the whole expert stage, per layout and GEMM backend, beside peers and
+ceilings measured in the same run.
+
+For each bench case (verify/cases.py: a realistic shape at one ep_size, one routing) and each M (tokens RECEIVED by
+rank 0):
+- stages: count (+ the host sync), scatter, gemm1 (gate+up), silu_and_mul, gemm2 (down), gather, per layout and
+  backend, each fed the real output of the stage before;
+- whole: kernels.moe_expert_forward per backend x layout, and the hybrid (layout="auto", gemm="auto");
+- peers: the torch-native pipeline (verify/perf/peers.py), the faithful reference;
+- ceilings: a dense bf16 matmul of the same FLOPs (per M) and, once per run, a large device-to-device copy and a large
+  dense matmul (the roofline's two roofs).
+Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
+plumbing only). Every whole-stage output is also judged against the faithful reference with verify.bands.
+verify/perf/report.py turns the points into the targets table, the fitted layout rule and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from kernels._device import configure_triton, default_device
+
+configure_triton()
+
+import triton  # noqa: E402
+
+from kernels import activation, gather, moe_expert_forward, scatter  # noqa: E402
+from kernels.dispatch import LAYOUTS, Layout, masked_block_bytes  # noqa: E402
+from kernels.executor import choose_layout  # noqa: E402
+from kernels.gemm import BACKENDS, availability, select  # noqa: E402
+from reference import moe_reference  # noqa: E402
+from reference.layouts import expert_counts  # noqa: E402
+from reference.routing import make_routing, rank_view  # noqa: E402
+from verify import bands  # noqa: E402
+from verify.cases import BENCH_CASES, BenchCase, expert_weights, normal  # noqa: E402
+from verify.findings import worst  # noqa: E402
+from verify.metrics import compare  # noqa: E402
+from verify.perf import procs, report  # noqa: E402
+from verify.perf.peers import torch_native_forward  # noqa: E402
+
+
+def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
+    """fn -> median ms: triton.testing.do_bench (L2 flushed before every call) on a GPU, perf_counter on a CPU."""
+    if torch.device(device).type == "cuda":  # the better of two medians: a burst of host noise spoils one at most
+        return lambda fn: min(triton.testing.do_bench(fn, warmup=max(rep_ms // 8, 1), rep=rep_ms // 2,
+                                                      return_mode="median") for _ in range(2))
+
+    def cpu(fn):
+        fn()
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(runs)
+
+    return cpu
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Rank 0's view of M received tokens and its experts' weights."""
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    local_ids: torch.Tensor  # int64 [M, k], -1 where not local
+
+
+def draw_weights(case: BenchCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 weights of rank 0's experts (verify.cases.expert_weights), drawn on the case's device."""
+    gen = torch.Generator(device=case.device).manual_seed(seed)
+    return expert_weights(case.num_local_experts, case.shape.hidden, case.shape.inter, gen, case.device)
+
+
+def received(case: BenchCase, tokens: int, weights, seed: int = 0) -> Inputs:
+    """The first `tokens` rows that rank 0 receives from a global batch of the case's routing."""
+    s = case.shape
+    share = 1 - math.comb(s.num_experts - case.num_local_experts, s.topk) / math.comb(s.num_experts, s.topk)
+    num_global = int(tokens / share * 1.3) + 16
+    while True:
+        routing = make_routing(case.routing, num_global, s.num_experts, s.topk, seed=seed)
+        view = rank_view(torch.empty(num_global, 0), routing, case.ep_size, 0)
+        if view.num_tokens >= tokens:
+            break
+        num_global *= 2
+    x = normal(tokens, s.hidden, generator=torch.Generator(device=case.device).manual_seed(seed + 1),
+               device=case.device)
+    ids, w = view.topk_ids[:tokens].to(case.device), view.topk_weights[:tokens].to(case.device)
+    return Inputs(x, ids, w, *weights, view.local_ids()[:tokens].to(case.device))
+
+
+def _stage_times(case: BenchCase, inp: Inputs, backends: list[str], bench) -> dict[str, float]:
+    """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2."""
+    ms, kw = {}, dict(ep_rank=0, num_local_experts=case.num_local_experts, num_experts=case.shape.num_experts)
+    ms["count"] = bench(lambda: scatter.count_local_experts(inp.topk_ids, **kw))
+    routing = scatter.count_local_experts(inp.topk_ids, **kw)
+    for layout in LAYOUTS:
+        scatter_to = scatter.scatter_masked if layout is Layout.MASKED else scatter.scatter_contiguous
+        ms[f"scatter/{layout}"] = bench(lambda scatter_to=scatter_to: scatter_to(inp.x, routing))
+        dispatch = scatter_to(inp.x, routing)
+        for i, name in enumerate(backends):
+            gemm = BACKENDS[name]
+            h = gemm(dispatch.rows, inp.w13, dispatch)
+            a = activation.silu_and_mul(h, dispatch)
+            if i == 0:  # silu and gather do not depend on the backend
+                ms[f"silu/{layout}"] = bench(lambda h=h, d=dispatch: activation.silu_and_mul(h, d))
+                y = gemm(a, inp.w2, dispatch)
+                ms[f"gather/{layout}"] = bench(lambda y=y, d=dispatch: gather.gather(y, d, inp.topk_weights))
+            ms[f"gemm1/{name}/{layout}"] = bench(lambda g=gemm, d=dispatch: g(d.rows, inp.w13, d))
+            ms[f"gemm2/{name}/{layout}"] = bench(lambda g=gemm, a=a, d=dispatch: g(a, inp.w2, d))
+    return ms
+
+
+def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], bench, seed: int = 0) -> dict:
+    s = case.shape
+    inp = received(case, tokens, weights, seed)
+    args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
+    kw = dict(ep_size=case.ep_size, ep_rank=0, num_experts=s.num_experts)
+    counts = expert_counts(inp.local_ids, case.num_local_experts).tolist()
+    active = [c for c in counts if c]
+    slots = sum(counts)
+    auto_backend = select("auto", case.device, s.hidden, s.inter)[0]
+    point = dict(
+        case=case.name, shape=s.name, hidden=s.hidden, inter=s.inter, ep_size=case.ep_size, routing=case.routing,
+        tokens=tokens, slots=slots,
+        active_experts=len(active), max_count=max(counts), mean_rows=slots / max(len(active), 1),
+        flops=2 * slots * s.hidden * 3 * s.inter,
+        weight_bytes=len(active) * 3 * s.hidden * s.inter * 2,
+        io_bytes=2 * tokens * s.hidden * 2 + 2 * slots * s.hidden * 2,  # x in, out; the slots' rows scattered/gathered
+        masked_block_bytes=masked_block_bytes(counts, s.hidden, s.inter, auto_backend.m_alignment),
+        auto_backend=auto_backend.name,
+        auto_layout=str(choose_layout(counts, tokens, s.hidden, s.inter, auto_backend.m_alignment, None)),
+        ms={}, accuracy={}, errors={},
+    )
+    refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
+    runs = {f"whole/{b}/{layout}": (lambda b=b, layout=layout: moe_expert_forward(*args, **kw, layout=layout, gemm=b))
+            for b in backends for layout in map(str, LAYOUTS)}
+    runs["hybrid"] = lambda: moe_expert_forward(*args, **kw)
+    runs["torch_native"] = lambda: torch_native_forward(*args, **kw)
+    for name, fn in runs.items():
+        try:
+            out = fn()
+        except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
+            point["errors"][name] = f"{type(exc).__name__}: {exc}"
+            continue
+        m = compare(out.float(), *refs, inp.local_ids)
+        findings = bands.judge(m, bands.bands_for(s.hidden, s.inter))
+        expert = next(f for f in findings if f.metric == "expert_err")
+        point["accuracy"][name] = dict(row_u=m.row_err / bands.U_BF16, expert_u=expert.value / bands.U_BF16,
+                                       l2_u=m.rel_l2 / bands.U_BF16, verdict=worst(findings).name)
+        point["ms"][name] = bench(fn)
+    point["ms"].update(_stage_times(case, inp, backends, bench))
+    point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
+    a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
+    b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)
+    a2 = torch.randn(slots, s.inter, device=case.device, dtype=torch.bfloat16)
+    b2 = torch.randn(s.inter, s.hidden, device=case.device, dtype=torch.bfloat16)
+    point["ms"]["dense"] = bench(lambda: (a @ b1, a2 @ b2))
+    return point
+
+
+def ceilings(device: str, bench) -> dict:
+    """The two roofs, measured now: device-to-device copy (bytes read + written per second) and a dense bf16 matmul."""
+    gpu = torch.device(device).type == "cuda"
+    n, size = (8192, 1 << 30) if gpu else (512, 1 << 24)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(200 if gpu else 1):  # about a second of work first: clocks up before anything is timed
+        a @ b
+    copy_ms = bench(lambda: dst.copy_(src))
+    mm_ms = bench(lambda: a @ b)
+    return dict(copy_gbps=2 * size / copy_ms / 1e6, copy_bytes=size, peak_tflops=2 * n**3 / mm_ms / 1e9, matmul_n=n)
+
+
+def available_backends(case: BenchCase, names=None) -> list[str]:
+    names = names or [b for b in BACKENDS if b != "loop" or torch.device(case.device).type == "cpu"]
+    return [b for b in names if availability(b, case.device, case.shape.hidden, case.shape.inter)[0]]
+
+
+def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[[dict], None]) -> None:
+    """Measure each M of the case; hand every point to `on_point` as soon as it is measured."""
+    bench, weights = timer(case.device, rep_ms), draw_weights(case)
+    for m in tokens:
+        point = measure_point(case, m, weights, backends, bench)
+        print(report.point_line(point), flush=True)
+        on_point(point)
+
+
+def warm(case: BenchCase, tokens, backends) -> None:
+    """Run every configuration once, untimed: compiles (and caches) each JIT kernel the timed run will meet."""
+    weights = draw_weights(case)
+    for m in tokens:
+        inp = received(case, m, weights)
+        args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
+        for b in backends:
+            for layout in LAYOUTS:
+                moe_expert_forward(*args, ep_size=case.ep_size, num_experts=case.shape.num_experts, layout=str(layout),
+                                   gemm=b)
+
+
+def warm_in_parallel(names: list[str], jobs: int) -> None:
+    """`warm` each case in its own process, `jobs` at a time (JIT compilers run on the host's cores)."""
+    done = procs.run_modules([["-m", "verify.bench", "--case", n, "--warm-only"] for n in names], jobs)
+    for name, proc in zip(names, done, strict=True):
+        print(f"warmed {name}: rc {proc.returncode}" + (f"\n{proc.stderr[-2000:]}" if proc.returncode else ""),
+              flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m verify.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", action="append", choices=BENCH_CASES, help="a bench case (repeatable); default: every "
+                   "one for this machine's device")
+    p.add_argument("--tokens", type=int, nargs="+", help="M values (tokens received per rank); default: the case's")
+    p.add_argument("--backends", nargs="+", help="GEMM backends; default: every available one")
+    p.add_argument("--rep-ms", type=int, default=30, help="time spent per timing (ms, two do_bench runs)")
+    p.add_argument("--json", help="write the results here (written again after every point)")
+    p.add_argument("--plot", help="write the roofline and masked-vs-contiguous plot (PNG) here")
+    p.add_argument("--from-json", help="no measuring: report (tables, targets, fit, --plot) from a saved --json")
+    p.add_argument("--warm-only", action="store_true", help="run each configuration once, untimed (JIT warm-up)")
+    p.add_argument("--jobs", type=int, default=1, help="warm the cases in this many processes before timing")
+    args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+    else:
+        device = default_device()
+        names = args.case or [n for n, c in BENCH_CASES.items()
+                              if torch.device(c.device).type == torch.device(device).type]
+        cases = [BENCH_CASES[n] for n in names]
+        elsewhere = [f"{c.name} ({c.device})" for c in cases if c.device != device]
+        if elsewhere:
+            print(f"verify.bench: --case {', '.join(elsewhere)} cannot run on this {device} machine", file=sys.stderr)
+            return 2
+        if args.warm_only:
+            for c in cases:
+                warm(c, args.tokens or c.tokens, available_backends(c, args.backends))
+            return 0
+        if args.jobs > 1:
+            warm_in_parallel(names, args.jobs)
+        card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        results = dict(card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms,
+                       cases={c.name: c.describe() for c in cases}, points=[])
+        results["ceilings"] = ceilings(device, timer(device, args.rep_ms))
+        print(f"{card}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
+              f"{results['ceilings']['peak_tflops']:.0f} TFLOP/s", flush=True)
+
+        def save(point):
+            results["points"].append(point)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+
+        for c in cases:
+            print(c.describe(), flush=True)
+            run_case(c, args.tokens or c.tokens, available_backends(c, args.backends), args.rep_ms, save)
+    results["report"] = report.report(results)
+    print(report.format_report(results))
+    if args.json and not args.from_json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        report.plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

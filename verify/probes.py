@@ -1,0 +1,165 @@
+"""The sweep's extra runs of a row, declared: one Probe per way of running an implementation again, with what it
+transforms and what it expects. The sweep runs every probe that applies after the plain run of a row, and each probe
+returns its findings (verify/findings.py); none writes into the sweep. Adding a check = adding a Probe to PROBES.
+
+A probe that needs the implementation's stages runs only for implementations that expose them (a `stages=` keyword
+whose default is a kernels.Stages, like kernels.moe_expert_forward); it composes the tester's hooks with the
+implementation's own stages, so a mutant's bugged stage stays in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from kernels import Stages
+from kernels.dispatch import M_ALIGNMENT, Dispatch, Layout
+from reference.routing import RankView
+from verify import checks
+from verify.findings import Check, Finding, failure
+
+RERUNS = {"cuda": 3, "cpu": 1}  # plain reruns that must reproduce the output bit for bit
+
+
+def own_stages(impl: Callable) -> Stages | None:
+    """The stages an implementation runs by default, if it exposes them (a `stages=` keyword with a default)."""
+    try:
+        parameter = inspect.signature(impl).parameters.get("stages")
+    except (TypeError, ValueError):
+        return None
+    return parameter.default if parameter is not None and isinstance(parameter.default, Stages) else None
+
+
+@dataclasses.dataclass
+class Seen:
+    """What the tester's after-scatter hook saw during one run."""
+
+    layouts: list[Layout] = dataclasses.field(default_factory=list)  # the layout of every scatter, in order
+    problems: list[str] = dataclasses.field(default_factory=list)  # layout-contract breaks
+
+    def findings(self) -> list[Finding]:
+        return [failure(Check.LAYOUT, f"layout: {p}") for p in dict.fromkeys(self.problems)]
+
+
+@dataclasses.dataclass
+class Trial:
+    """One rank row: the implementation, the rank view it runs on and that view's weights. Inputs are saved on
+    creation; `inputs_modified` compares them bit for bit and puts them back."""
+
+    impl: Callable
+    view: RankView
+    w13: torch.Tensor
+    w2: torch.Tensor
+    layout: Layout
+    seed: int
+    stages: Stages | None = None  # the implementation's own stages, when it exposes them
+
+    def __post_init__(self):
+        self._saved = [t.clone() for t in self.inputs]
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.view.x, self.view.topk_ids, self.view.topk_weights, self.w13, self.w2
+
+    @property
+    def device_type(self) -> str:
+        return self.view.x.device.type
+
+    def call(self, **options) -> torch.Tensor:
+        """The implementation on this view, in this row's layout unless `options` say otherwise."""
+        v = self.view
+        return self.impl(*self.inputs, ep_size=v.ep_size, ep_rank=v.rank, num_experts=v.num_experts,
+                         **{"layout": str(self.layout), **options})
+
+    def call_hooked(self, transform: Callable[[Dispatch], Dispatch] = lambda d: d, **options):
+        """(output, Seen) of a run with every buffer poisoned, padding rows poisoned after the scatter, the layout
+        contract checked on every dispatch, and `transform` applied to the dispatch before the GEMMs."""
+        seen, base, local_ids = Seen(), self.stages, self.view.local_ids()
+
+        def after_scatter(dispatch):
+            dispatch = base.after_scatter(dispatch)
+            seen.layouts.append(dispatch.layout)
+            seen.problems.extend(checks.layout_problems(dispatch, self.view.x, local_ids, M_ALIGNMENT))
+            return transform(checks.poison_padding(dispatch))
+
+        stages = dataclasses.replace(base, after_scatter=after_scatter, empty=checks.poisoned_empty)
+        return self.call(stages=stages, **options), seen
+
+    def inputs_modified(self) -> bool:
+        """True if a run wrote into an input; the inputs are restored either way."""
+        modified = not all(checks.bitwise_equal(t, s) for t, s in zip(self.inputs, self._saved, strict=True))
+        if modified:
+            checks.restore(self.inputs, self._saved)
+        return modified
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    name: str
+    check: Check  # the check its findings belong to (a crash in its run is reported under it too)
+    transforms: str  # how its run differs from the plain run
+    expects: str  # what must hold
+    observe: Callable[[Trial, torch.Tensor], list[Finding]]  # (trial, the plain run's output) -> findings
+    needs_stages: bool = True
+    applies: Callable[[Trial], bool] = lambda trial: True
+
+    def run(self, trial: Trial, out: torch.Tensor) -> list[Finding]:
+        if (self.needs_stages and trial.stages is None) or not self.applies(trial):
+            return []
+        try:
+            findings = self.observe(trial, out)
+        except Exception as exc:  # a crash is a finding, not an abort of the sweep
+            findings = [failure(self.check, f"{self.name} run raised {type(exc).__name__}: {exc}")]
+        if trial.inputs_modified():
+            findings.append(failure(Check.INPUTS, f"the {self.name} run modified an input"))
+        return findings
+
+
+def _rerun(trial: Trial, out: torch.Tensor) -> list[Finding]:
+    for _ in range(RERUNS.get(trial.device_type, 1)):
+        if not checks.bitwise_equal(trial.call(), out):
+            return [failure(Check.RERUN, "nondeterministic: a rerun on the same inputs differs")]
+    return []
+
+
+def _poisoned(trial: Trial, out: torch.Tensor) -> list[Finding]:
+    again, seen = trial.call_hooked()
+    same = checks.bitwise_equal(again, out)
+    return ([] if same else [failure(Check.POISONED, "poisoned buffers changed the output (a stage reads memory "
+                                                     "nobody wrote)")]) + seen.findings()
+
+
+def _permuted(trial: Trial, out: torch.Tensor) -> list[Finding]:
+    generator = torch.Generator().manual_seed(trial.seed)
+    again, seen = trial.call_hooked(lambda d: checks.permute_segments(d, generator))
+    same = checks.bitwise_equal(again, out)
+    return ([] if same else [failure(Check.PERMUTED, "a legal slot permutation changed the output "
+                                                     "(order-dependent)")]) + seen.findings()
+
+
+def _auto_threshold(trial: Trial, out: torch.Tensor) -> list[Finding]:
+    findings, num_tokens = [], trial.view.num_tokens
+    for limit in (num_tokens, num_tokens - 1):
+        _, seen = trial.call_hooked(layout="auto", masked_max_tokens=limit)
+        want = Layout.MASKED if limit >= num_tokens else Layout.CONTIGUOUS
+        if seen.layouts and seen.layouts[-1] != want:  # (nothing scattered: no layout to check)
+            findings.append(failure(Check.LAYOUT_CHOICE, f"layout='auto' with masked_max_tokens={limit} and "
+                                    f"M={num_tokens} took the {seen.layouts[-1]} path, the contract says {want}"))
+        findings += seen.findings()
+    return findings
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("rerun", Check.RERUN, "the same call again (1x on a CPU, 3x on a GPU)", "bit-identical output",
+          _rerun, needs_stages=False),
+    Probe("poisoned", Check.POISONED, "every buffer the pipeline allocates filled with NaN (floats) / -2 (ints), "
+          "padding rows set to NaN after the scatter", "bit-identical output; the layout contract holds", _poisoned),
+    Probe("permuted", Check.PERMUTED, "the rows inside every expert segment permuted at random, with output_index "
+          "(another order GPU atomics could give)", "bit-identical output; the layout contract holds", _permuted),
+    Probe("auto-threshold", Check.LAYOUT_CHOICE, "layout='auto' with masked_max_tokens = M, then M - 1",
+          "the masked path at M, the contiguous path at M - 1 (the seed's rule); the layout contract holds",
+          _auto_threshold, applies=lambda trial: trial.layout is Layout.MASKED and trial.view.num_tokens > 1),
+)
