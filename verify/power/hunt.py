@@ -71,8 +71,9 @@ class Hunt:
 
 
 def hunt(name: str, impl: Callable, *, cases=HUNT_CASES, seed: int = 0, device: str = "cpu",
-         on_row: Callable[[], None] = lambda: None) -> Hunt:
-    """Every row of `cases` for `impl` (no early stop: the naive checks are scored on all of them)."""
+         on_row: Callable[[], None] = lambda: None, until_killed: bool = False) -> Hunt:
+    """The rows of `cases` for `impl`: every one (the naive checks are scored on all of them), or with
+    `until_killed` only up to the first failing row (enough to know that it is killed, and where first)."""
     result = Hunt(name)
     scale = default_scale(device)
     for case_name in cases:
@@ -81,6 +82,8 @@ def hunt(name: str, impl: Callable, *, cases=HUNT_CASES, seed: int = 0, device: 
         for target in targets(case, scale):
             result.record(runner.run(target))
             on_row()
+            if until_killed and result.killed:
+                return result
     return result
 
 

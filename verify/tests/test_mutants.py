@@ -14,7 +14,7 @@ from verify.power.mutants import MUTANTS
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # some mutants compute on garbage rows
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
 def test_mutant_is_killed(mutant):
-    result = hunt(mutant.name, mutant.impl, device=default_device())
+    result = hunt(mutant.name, mutant.impl, device=default_device(), until_killed=True)
     assert result.killed, f"{mutant.describe()} survived {result.rows} rows"
 
 
