@@ -9,10 +9,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from kernels._device import configure_triton, gpu_present
 
 configure_triton()  # before anything imports triton
+
+# Property tests: few derandomised examples in CI (the same cases every run), many on request
+# (`pytest --hypothesis-profile deep`). No example database: a run depends on the code alone.
+settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, database=None)
+settings.register_profile("deep", max_examples=1000, deadline=None)
+settings.load_profile("ci")
 
 MARKERS = {
     "gpu": "needs a CUDA GPU",

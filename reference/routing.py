@@ -3,15 +3,21 @@
 A routing is what the router hands to dispatch for the whole (global) batch: for each token, `topk` DISTINCT global
 expert ids and their fp32 weights. Every generator takes an explicit seed and is deterministic on the CPU.
 
-`rank_view` is what DeepEP normal dispatch delivers to one rank: the tokens with at least one expert on that rank,
-in global token order, with ids of experts on other ranks replaced by -1 (weight 0), the index of each received
-token in the global batch, and int32 counts per local expert. `pad_view` appends rows with all ids -1, as DeepEP pads
-a receive buffer to a worst-case size. `combine` adds every rank's rows back at their token index.
+Two views of the global batch, as two kinds of dispatcher hand it to one rank (docs/contract.md, "Rank view"):
+- `rank_view` (ViewKind.DEEPEP) is what DeepEP normal dispatch delivers: the tokens with at least one expert on that
+  rank, in global token order, with ids of experts on other ranks replaced by -1 (weight 0), int64 ids;
+- `raw_view` (ViewKind.RAW) is what an all-gather dispatcher, or a caller that forwards the router's output, hands
+  over: every token, its GLOBAL ids and weights as the router chose them (experts of other ranks included), int32
+  ids; the expert stage itself must leave the remote ones out.
+Both carry the index of each row in the global batch and int32 counts per local expert. `pad_view` appends rows with
+all ids -1, as DeepEP pads a receive buffer to a worst-case size. `combine` adds every rank's rows back at their
+token index.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Sequence
 
 import torch
@@ -126,6 +132,19 @@ def empty_rank(
     return _routing(_sample(probs, num_tokens, topk, gen), num_experts, gen)
 
 
+def duplicates(num_tokens: int, num_experts: int, topk: int, *, seed: int, share: float = 0.25) -> Routing:
+    """Uniform, except that a fraction `share` of the tokens names one expert twice (its slots 0 and 1): the contract
+    sums duplicate slots, and a scatter must give each its own row."""
+    _check_sizes(num_tokens, num_experts, topk)
+    if topk < 2:
+        raise ValueError(f"duplicates needs topk >= 2, got {topk}")
+    gen = _generator(seed)
+    ids = _sample(torch.ones(num_experts), num_tokens, topk, gen)
+    twice = torch.rand(num_tokens, generator=gen) < share
+    ids[twice, 1] = ids[twice, 0]
+    return _routing(ids, num_experts, gen)
+
+
 def single_token(num_tokens: int, num_experts: int, topk: int, *, seed: int) -> Routing:
     """One token (num_tokens is ignored): the smallest batch that launches anything."""
     return uniform(1, num_experts, topk, seed=seed)
@@ -166,6 +185,7 @@ ROUTINGS: dict[str, Callable[..., Routing]] = {
     "hot_expert": hot_expert,
     "empty_experts": empty_experts,
     "empty_rank": empty_rank,
+    "duplicates": duplicates,
     "single_token": single_token,
     "boundary": boundary,
 }
@@ -178,9 +198,19 @@ def make_routing(name: str, num_tokens: int, num_experts: int, topk: int, *, see
     return ROUTINGS[name](num_tokens, num_experts, topk, seed=seed, **params)
 
 
+class ViewKind(str, enum.Enum):
+    """Which dispatcher a rank view models (see the module docstring)."""
+
+    DEEPEP = "deepep"
+    RAW = "raw"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass(frozen=True)
 class RankView:
-    """What DeepEP normal-mode dispatch delivers to rank `rank` of `ep_size` (see the module docstring).
+    """What a dispatcher delivers to rank `rank` of `ep_size` (see the module docstring).
 
     token_index is -1 on padding rows (`pad_view`); counts are int32 per local expert."""
 
@@ -192,6 +222,7 @@ class RankView:
     topk_weights: torch.Tensor
     token_index: torch.Tensor
     counts: torch.Tensor
+    kind: ViewKind = ViewKind.DEEPEP
 
     @property
     def num_tokens(self) -> int:
@@ -225,6 +256,29 @@ def rank_view(x: torch.Tensor, routing: Routing, ep_size: int, rank: int) -> Ran
         token_index=token_index,
         counts=expert_counts(local[token_index], routing.num_experts // ep_size).to(torch.int32),
     )
+
+
+def raw_view(x: torch.Tensor, routing: Routing, ep_size: int, rank: int) -> RankView:
+    """The raw view of the global batch for rank `rank` of `ep_size`: every token, the router's GLOBAL ids (int32)
+    and weights, untouched."""
+    if routing.num_experts % ep_size or not 0 <= rank < ep_size:
+        raise ValueError(f"rank {rank} of ep_size {ep_size} does not split {routing.num_experts} experts")
+    ids = routing.topk_ids.to(x.device)
+    local = local_expert_ids(ids, ep_size, rank, routing.num_experts)
+    return RankView(
+        ep_size=ep_size,
+        rank=rank,
+        num_experts=routing.num_experts,
+        x=x,
+        topk_ids=ids.to(torch.int32),
+        topk_weights=routing.topk_weights.to(x.device),
+        token_index=torch.arange(x.shape[0], device=x.device),
+        counts=expert_counts(local, routing.num_experts // ep_size).to(torch.int32),
+        kind=ViewKind.RAW,
+    )
+
+
+VIEWS: dict[ViewKind, Callable[..., RankView]] = {ViewKind.DEEPEP: rank_view, ViewKind.RAW: raw_view}
 
 
 def pad_view(view: RankView, num_rows: int, fill: float = float("nan")) -> RankView:

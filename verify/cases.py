@@ -94,6 +94,8 @@ CASES: tuple[Case, ...] = (
          (("ep_size", 4),), gpu_ep_sizes=(1, 4)),
     Case("padded", "rank views padded to T rows (all -1 ids, NaN x) as a DeepEP receive buffer; at ep 4 the last "
          "rank receives nothing but padding", "empty_rank", (("ep_size", 4),), pad_views=True),
+    Case("duplicate_ids", "a quarter of the tokens name one expert twice: each slot its own row, summed",
+         "duplicates", (("share", 0.25),)),
     Case("single_token", "one token: most ranks receive nothing, the rest one row", "single_token"),
     Case("boundary", "experts with exactly 127, 128 and 129 tokens around the 128-row alignment", "boundary",
          (("counts", (127, 128, 129)),), cpu=Sizes(160, 128, 64, 16, 4), gpu=QWEN3_30B.sizes(1024, num_experts=64)),

@@ -3,6 +3,7 @@
     python -m verify.diff --case skewed                       # kernels.moe_expert_forward, every ep_size and rank
     python -m verify.diff --case skewed --impl mypkg.moe:forward --ep-size 4 --rank 2
     python -m verify.diff --list
+    python -m verify.diff --replay TOKEN                      # one case found by python -m verify.fuzz
 
 Prints one table (one row per case x ep_size x rank x layout, plus the combine of all ranks) and exits 0 when every
 row passes (WARN passes), 1 when any row fails, 2 on a usage error. A failing row prints the command that replays it.
@@ -24,6 +25,7 @@ from kernels._device import configure_triton, default_device
 configure_triton()  # before anything imports triton
 
 from kernels.dispatch import LAYOUTS  # noqa: E402
+from reference.routing import ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import CASES, CASES_BY_NAME  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
@@ -49,10 +51,13 @@ def parse_args(argv):
     p.add_argument("--ep-size", type=int, help="only this ep_size (default: the case's list)")
     p.add_argument("--rank", type=int, help="only this rank")
     p.add_argument("--layout", choices=[str(layout) for layout in LAYOUTS], help="only this layout (default: both)")
+    p.add_argument("--view", choices=[str(view) for view in ViewKind], help="only this rank view (default: deepep, "
+                   "and raw for ep_size > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     p.add_argument("--json", help="also write every row, with all metrics, to this file")
     p.add_argument("--list", action="store_true", help="print the case catalogue and exit")
+    p.add_argument("--replay", metavar="TOKEN", help="rerun exactly the case a `python -m verify.fuzz` token encodes")
     return p.parse_args(argv)
 
 
@@ -75,7 +80,8 @@ def _u(value: float) -> str:
     return "inf" if math.isinf(value) else "nan" if math.isnan(value) else f"{value / bands.U_BF16:.3f}"
 
 
-COLUMNS = ("case", "ep", "rank", "layout", "M", "row/u", "expert/u", "l2/u", "exact_l2/u", "calc_diff", "verdict")
+COLUMNS = ("case", "ep", "rank", "layout", "view", "M", "row/u", "expert/u", "l2/u", "exact_l2/u", "calc_diff",
+           "verdict")
 
 
 def _cells(row: Row) -> list[str]:
@@ -83,7 +89,8 @@ def _cells(row: Row) -> list[str]:
     values = ["-"] * 5 if m is None else [_u(m.row_err), _u(row.band("expert_err").value), _u(m.rel_l2),
                                           _u(m.exact_rel_l2), f"{m.calc_diff:.1e}"]
     rank = "all" if row.rank is None else str(row.rank)
-    return [row.case, str(row.ep_size), rank, str(row.layout), str(row.num_tokens), *values, str(row.verdict)]
+    return [row.case, str(row.ep_size), rank, str(row.layout), str(row.view), str(row.num_tokens), *values,
+            str(row.verdict)]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -95,10 +102,14 @@ def format_table(rows: list[Row]) -> str:
 
 
 def replay_command(row: Row, args) -> str:
-    cmd = ["python", "-m", "verify.diff", "--case", row.case, "--ep-size", str(row.ep_size)]
-    if row.rank is not None:
-        cmd += ["--rank", str(row.rank)]
-    cmd += ["--layout", str(row.layout), "--seed", str(args.seed), "--device", args.device]
+    if args.replay:
+        cmd = ["python", "-m", "verify.diff", "--replay", args.replay, "--device", args.device]
+    else:
+        cmd = ["python", "-m", "verify.diff", "--case", row.case, "--ep-size", str(row.ep_size)]
+        if row.rank is not None:
+            cmd += ["--rank", str(row.rank)]
+        cmd += ["--layout", str(row.layout), "--view", str(row.view), "--seed", str(args.seed), "--device",
+                args.device]
     if args.impl != DEFAULT_IMPL:
         cmd += ["--impl", args.impl]
     return shlex.join(cmd)
@@ -120,8 +131,22 @@ def main(argv=None) -> int:
             for case in CASES:
                 print(case.describe(scale))
             return 0
+        if args.device == "cuda" and default_device() != "cuda":
+            raise UsageError("--device cuda, but no CUDA GPU is visible")
+        if args.replay:
+            from verify.fuzz import FuzzCase, run_case
+
+            try:
+                fuzz_case = FuzzCase.from_token(args.replay)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            impl = load_impl(args.impl)
+            start = time.perf_counter()
+            rows = [run_case(fuzz_case, impl, args.device)]
+            header, elapsed = f"fuzz case: {fuzz_case.describe()}", time.perf_counter() - start
+            return report(rows, header, elapsed, args)
         if not args.case:
-            raise UsageError("--case is required (see --list)")
+            raise UsageError("--case or --replay is required (see --list)")
         if args.case not in CASES_BY_NAME:
             raise UsageError(f"unknown case {args.case!r}; known: {', '.join(CASES_BY_NAME)}")
         impl = load_impl(args.impl)
@@ -131,8 +156,6 @@ def main(argv=None) -> int:
             raise UsageError(f"--ep-size {args.ep_size} does not divide the case's {num_experts} experts")
         if args.rank is not None and args.ep_size is not None and not 0 <= args.rank < args.ep_size:
             raise UsageError(f"--rank {args.rank} is not in [0, --ep-size {args.ep_size})")
-        if args.device == "cuda" and default_device() != "cuda":
-            raise UsageError("--device cuda, but no CUDA GPU is visible")
     except UsageError as exc:
         print(f"verify.diff: error: {exc}", file=sys.stderr)
         return 2
@@ -141,11 +164,15 @@ def main(argv=None) -> int:
     runner = Sweep(case, impl, seed=args.seed, device=args.device)
     todo = targets(case, scale, ep_sizes=None if args.ep_size is None else (args.ep_size,),
                    ranks=None if args.rank is None else (args.rank,),
-                   layouts=LAYOUTS if args.layout is None else (args.layout,))
+                   layouts=LAYOUTS if args.layout is None else (args.layout,),
+                   views=tuple(ViewKind) if args.view is None else (args.view,))
     rows = [runner.run(t) for t in _progress(todo, sys.stderr.isatty() and len(todo) > 4)]
-    elapsed = time.perf_counter() - start
+    return report(rows, case.describe(scale), time.perf_counter() - start, args)
 
-    print(f"{case.describe(scale)}\nimpl {args.impl} on {args.device}, seed {args.seed}; "
+
+def report(rows: list[Row], header: str, elapsed: float, args) -> int:
+    """Print the table and every row that did not pass; write the JSON; the exit code."""
+    print(f"{header}\nimpl {args.impl} on {args.device}, seed {args.seed}; "
           f"u = 2^-8 (bf16 unit roundoff); bands: verify/bands.py")
     print(format_table(rows))
     failed = [r for r in rows if r.verdict is Verdict.FAIL]
@@ -158,10 +185,8 @@ def main(argv=None) -> int:
     print(f"\n{len(rows) - len(failed)}/{len(rows)} rows pass ({elapsed:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"case": case.name, "impl": args.impl, "device": args.device, "seed": args.seed,
-                       "seconds": elapsed,
-                       "rows": [r.as_dict() for r in rows]},
-                      f, indent=1)
+            json.dump({"case": header, "impl": args.impl, "device": args.device, "seed": args.seed,
+                       "seconds": elapsed, "rows": [r.as_dict() for r in rows]}, f, indent=1)
     return 1 if failed else 0
 
 

@@ -33,6 +33,7 @@ class Check(enum.Enum):
     PERMUTED = "permuted"  # a legal slot permutation changed the output
     LAYOUT = "layout"  # the scatter broke the layout contract
     LAYOUT_CHOICE = "layout-choice"  # layout="auto" broke the threshold rule
+    EQUIVALENT = "equivalent-inputs"  # the same inputs presented otherwise (strides, id dtype, gate/up order) fail
 
     def __str__(self) -> str:
         return self.value

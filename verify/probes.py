@@ -4,7 +4,10 @@ returns its findings (verify/findings.py); none writes into the sweep. Adding a 
 
 A probe that needs the implementation's stages runs only for implementations that expose them (a `stages=` keyword
 whose default is a kernels.Stages, like kernels.moe_expert_forward); it composes the tester's hooks with the
-implementation's own stages, so a mutant's bugged stage stays in place.
+implementation's own stages, so a mutant's bugged stage stays in place. Determinism, slot order and the threshold rule
+are properties of the pipeline that the view does not change: those probes run on the DeepEP view's rows only; the
+raw view's rows get the poisoned run (its layout check is where remote global ids meet the local-id mapping) and the
+equivalent inputs.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 
 from kernels import Stages
 from kernels.dispatch import M_ALIGNMENT, Dispatch, Layout
-from reference.routing import RankView
-from verify import checks
-from verify.findings import Check, Finding, failure
+from reference.routing import RankView, ViewKind
+from verify import bands, checks
+from verify.findings import Check, Finding, Verdict, failure
+from verify.metrics import compare
 
 RERUNS = {"cuda": 3, "cpu": 1}  # plain reruns that must reproduce the output bit for bit
 
@@ -46,8 +50,8 @@ class Seen:
 
 @dataclasses.dataclass
 class Trial:
-    """One rank row: the implementation, the rank view it runs on and that view's weights. Inputs are saved on
-    creation; `inputs_modified` compares them bit for bit and puts them back."""
+    """One rank row: the implementation, the rank view it runs on, that view's weights, its references and the bands
+    it is held to. Inputs are saved on creation; `inputs_modified` compares them bit for bit and puts them back."""
 
     impl: Callable
     view: RankView
@@ -56,6 +60,9 @@ class Trial:
     layout: Layout
     seed: int
     stages: Stages | None = None  # the implementation's own stages, when it exposes them
+    references: tuple[torch.Tensor, torch.Tensor] = ()  # (faithful, exact) for this view
+    table: tuple = ()  # the verify.bands.Band table this row is judged by
+    gate_up_order: str = "gate_up"
 
     def __post_init__(self):
         self._saved = [t.clone() for t in self.inputs]
@@ -68,11 +75,18 @@ class Trial:
     def device_type(self) -> str:
         return self.view.x.device.type
 
-    def call(self, **options) -> torch.Tensor:
-        """The implementation on this view, in this row's layout unless `options` say otherwise."""
+    def call(self, inputs=None, **options) -> torch.Tensor:
+        """The implementation on this view (or on `inputs` standing for it), in this row's layout and gate/up order
+        unless `options` say otherwise."""
         v = self.view
-        return self.impl(*self.inputs, ep_size=v.ep_size, ep_rank=v.rank, num_experts=v.num_experts,
+        if self.gate_up_order != "gate_up":
+            options = {"gate_up_order": self.gate_up_order, **options}
+        return self.impl(*(inputs or self.inputs), ep_size=v.ep_size, ep_rank=v.rank, num_experts=v.num_experts,
                          **{"layout": str(self.layout), **options})
+
+    def judge(self, out: torch.Tensor) -> list[Finding]:
+        """The bands' findings for an output of this view."""
+        return bands.judge(compare(out.float(), *self.references, self.view.local_ids()), self.table)
 
     def call_hooked(self, transform: Callable[[Dispatch], Dispatch] = lambda d: d, **options):
         """(output, Seen) of a run with every buffer poisoned, padding rows poisoned after the scatter, the layout
@@ -105,9 +119,10 @@ class Probe:
     observe: Callable[[Trial, torch.Tensor], list[Finding]]  # (trial, the plain run's output) -> findings
     needs_stages: bool = True
     applies: Callable[[Trial], bool] = lambda trial: True
+    views: tuple[ViewKind, ...] = tuple(ViewKind)  # the rank views it runs on
 
     def run(self, trial: Trial, out: torch.Tensor) -> list[Finding]:
-        if (self.needs_stages and trial.stages is None) or not self.applies(trial):
+        if (self.needs_stages and trial.stages is None) or trial.view.kind not in self.views or not self.applies(trial):
             return []
         try:
             findings = self.observe(trial, out)
@@ -152,14 +167,66 @@ def _auto_threshold(trial: Trial, out: torch.Tensor) -> list[Finding]:
     return findings
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values, not contiguous: every other element of a buffer twice as wide (NaN in between)."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan") if t.dtype.is_floating_point else -7,
+                      dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _other_int(ids: torch.Tensor) -> torch.Tensor:
+    return ids.to(torch.int64 if ids.dtype == torch.int32 else torch.int32)
+
+
+def _swapped_halves(w13: torch.Tensor) -> torch.Tensor:
+    return torch.cat(w13.chunk(2, dim=1)[::-1], dim=1)
+
+
+def _equivalents(trial: Trial) -> dict[str, Callable[[tuple, dict], tuple[tuple, dict]]]:
+    """Ways to present the same computation differently: each maps (inputs, options) to new ones."""
+    out = {
+        "non-contiguous x, ids and weights": lambda i, o: ((_strided(i[0]), _strided(i[1]), _strided(i[2]), *i[3:]),
+                                                           o),
+        "ids in the other integer dtype": lambda i, o: ((i[0], _other_int(i[1]), *i[2:]), o),
+    }
+    if "gate_up_order" in inspect.signature(trial.impl).parameters:
+        other = "up_gate" if trial.gate_up_order == "gate_up" else "gate_up"
+        out["w13 halves swapped, gate_up_order swapped"] = lambda i, o: ((*i[:3], _swapped_halves(i[3]), i[4]),
+                                                                         dict(o, gate_up_order=other))
+    return out
+
+
+def _equivalent_inputs(trial: Trial, out: torch.Tensor) -> list[Finding]:
+    def failures(names):
+        inputs, options = trial.inputs, {}
+        for name in names:
+            inputs, options = ways[name](inputs, options)
+        return [f for f in trial.judge(trial.call(inputs, **options)) if f.verdict is Verdict.FAIL]
+
+    ways = _equivalents(trial)
+    if not failures(list(ways)):
+        return []
+    guilty = [name for name in ways if failures([name])] or list(ways)  # name the presentations that break it alone
+    return [failure(Check.EQUIVALENT, f"with {name}: " + "; ".join(f.message for f in failures([name])))
+            for name in guilty]
+
+
 PROBES: tuple[Probe, ...] = (
     Probe("rerun", Check.RERUN, "the same call again (1x on a CPU, 3x on a GPU)", "bit-identical output",
-          _rerun, needs_stages=False),
+          _rerun, needs_stages=False, views=(ViewKind.DEEPEP,)),
     Probe("poisoned", Check.POISONED, "every buffer the pipeline allocates filled with NaN (floats) / -2 (ints), "
           "padding rows set to NaN after the scatter", "bit-identical output; the layout contract holds", _poisoned),
     Probe("permuted", Check.PERMUTED, "the rows inside every expert segment permuted at random, with output_index "
-          "(another order GPU atomics could give)", "bit-identical output; the layout contract holds", _permuted),
+          "(another order GPU atomics could give)", "bit-identical output; the layout contract holds", _permuted,
+          views=(ViewKind.DEEPEP,)),
     Probe("auto-threshold", Check.LAYOUT_CHOICE, "layout='auto' with masked_max_tokens = M, then M - 1",
           "the masked path at M, the contiguous path at M - 1 (the seed's rule); the layout contract holds",
-          _auto_threshold, applies=lambda trial: trial.layout is Layout.MASKED and trial.view.num_tokens > 1),
+          _auto_threshold, applies=lambda trial: trial.layout is Layout.MASKED and trial.view.num_tokens > 1,
+          views=(ViewKind.DEEPEP,)),
+    Probe("equivalent-inputs", Check.EQUIVALENT, "the same inputs presented otherwise, all at once: x, topk_ids and "
+          "topk_weights not contiguous, the ids in the other integer dtype, and (where the implementation takes "
+          "gate_up_order) w13's halves swapped with gate_up_order", "every band the plain run is held to passes "
+          "(on a failure, each presentation is retried alone and the guilty ones are named)", _equivalent_inputs,
+          needs_stages=False),
 )

@@ -75,6 +75,24 @@ def measure(sizes: Sizes, variant: str, seeds: int = 3, ep_size: int = 2) -> dic
     return worst
 
 
+def few_samples(seeds: int = 60) -> list[tuple[int, int, int, float, float]]:
+    """(rows, H, I, worst exact L2 / u, worst exact row / u) of the faithful reference (an honest implementation)
+    against the exact one, for tiny shapes where few independent roundings feed each output (one expert, k = 1)."""
+    out = []
+    for inter in (1, 2, 16, 256):
+        for rows in (1, 4, 64):
+            for hidden in (16, 256):
+                worst_l2 = worst_row = 0.0
+                for seed in range(seeds):
+                    p = random_problem(Sizes(rows, hidden, inter, 4, 1), "uniform", seed)
+                    args = (p.x, p.routing.topk_ids, p.routing.topk_weights, p.w13, p.w2)
+                    faithful = moe_reference(*args, mode="faithful")
+                    m = compare(faithful, faithful, moe_reference(*args, mode="exact"), p.routing.topk_ids)
+                    worst_l2, worst_row = max(worst_l2, m.exact_rel_l2), max(worst_row, m.exact_row_err)
+                out.append((rows, hidden, inter, worst_l2 / bands.U_BF16, worst_row / bands.U_BF16))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m verify.power.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -89,6 +107,12 @@ def main(argv=None) -> int:
             print(f"| {sizes.hidden} | {sizes.inter} | {variant} | {w['row_err']:.2f} | {w['expert_err']:.3f} | "
                   f"{w['expert_banded']:.3f} | {w['rel_l2']:.3f} | {w['exact_row_err']:.2f} | "
                   f"{w['exact_rel_l2']:.3f} | {w['calc_diff']:.1e} |", flush=True)
+    print("\n| rows | H | I | rows x min(H, I) | worst exact l2/u | its band's FAIL bound | worst exact row/u |")
+    print("|---|---|---|---|---|---|---|")
+    for rows, hidden, inter, l2, row in few_samples(args.seeds * 20):
+        band = next(b for b in bands.bands_for(hidden, inter) if b.metric == "exact_rel_l2")
+        print(f"| {rows} | {hidden} | {inter} | {rows * min(hidden, inter)} | {l2:.2f} | "
+              f"{band.bounds(rows)[1] / bands.U_BF16:.2f} | {row:.2f} |", flush=True)
     return 0
 
 

@@ -48,12 +48,24 @@ def _count_global_as_local(topk_ids, *, ep_rank, num_local_experts, num_experts)
     return PRODUCTION.count(topk_ids, ep_rank=0, num_local_experts=num_local_experts, num_experts=num_experts)
 
 
+def _local_routing(local: torch.Tensor, num_local_experts: int) -> LocalRouting:
+    """A LocalRouting from local ids computed on the host (-1: not local)."""
+    local = local.to(torch.int32).contiguous()
+    counts = torch.bincount(local[local >= 0].long(), minlength=num_local_experts).to(torch.int32)
+    return LocalRouting(local, counts, tuple(counts.tolist()))
+
+
 def _count_minus_one_wraps(topk_ids, *, ep_rank, num_local_experts, num_experts) -> LocalRouting:
     local = topk_ids.long() - ep_rank * num_local_experts
-    local = torch.where(local < 0, torch.full_like(local, num_local_experts - 1), local)  # Python's a[-1]
-    local = torch.where(local >= num_local_experts, torch.full_like(local, -1), local).to(torch.int32)
-    counts = torch.bincount(local[local >= 0].long(), minlength=num_local_experts).to(torch.int32)
-    return LocalRouting(local.contiguous(), counts, tuple(counts.tolist()))
+    local = torch.where(local < 0, num_local_experts - 1, local)  # Python's a[-1]
+    return _local_routing(torch.where(local >= num_local_experts, -1, local), num_local_experts)
+
+
+def _count_previous_rank_expert(topk_ids, *, ep_rank, num_local_experts, num_experts) -> LocalRouting:
+    """The local range checked as `local >= -1`: the previous rank's last expert (local -1) is taken as expert 0."""
+    local = topk_ids.long() - ep_rank * num_local_experts
+    here = (topk_ids >= 0) & (local >= -1) & (local < num_local_experts)
+    return _local_routing(torch.where(here, local.clamp_min(0), -1), num_local_experts)
 
 
 def _count_crash_on_empty(topk_ids, **kwargs):
@@ -265,6 +277,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "vllm-gaudi#1796", _with(count=_count_global_as_local)),
     Mutant("minus_one_wraps", "count", "a -1 id indexes the last local expert (Python's a[-1])",
            "vllm#46408, vllm#42034", _with(count=_count_minus_one_wraps)),
+    Mutant("previous_rank_expert_as_local", "count", "the local-range check is off by one: the previous rank's "
+           "last expert is taken as this rank's expert 0 (only raw global ids show it)",
+           "all-gather EP, where remote ids reach the expert stage", _with(count=_count_previous_rank_expert)),
     Mutant("empty_rank_crashes", "count", "a rank with nothing local divides by its zero active experts",
            "DeepGEMM#20, torchtitan#1166", _with(count=_count_crash_on_empty)),
     # scatter

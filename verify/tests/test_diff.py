@@ -100,3 +100,15 @@ def test_module_entry_point_in_a_fresh_process():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rows pass" in done.stdout
+
+
+def test_an_off_by_one_in_the_local_range_fails_only_where_raw_ids_reach_the_stage(capsys, tmp_path):
+    """The previous rank's last expert taken as expert 0: the DeepEP view never shows a remote id (it sends -1), the
+    raw view does, so only raw rows of ranks >= 1 fail, and the replay names the view."""
+    path = tmp_path / "rows.json"
+    code, out, _ = run(capsys, "--case", "skewed", "--ep-size", "2", "--impl",
+                       "verify.power.mutants:previous_rank_expert_as_local", "--json", str(path))
+    assert code == 1, out
+    failed = [r["id"] for r in json.loads(path.read_text())["rows"] if r["verdict"] == "FAIL"]
+    assert failed and all(i.endswith("-raw") and "-rank0-" not in i for i in failed), failed
+    assert "skewed-ep2-rank1-masked-raw" in failed and "--view raw" in out

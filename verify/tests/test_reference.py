@@ -131,7 +131,12 @@ def test_round_to_bf16_matches_torch():
 def test_every_routing_has_distinct_ids_and_normalised_weights(name, seed):
     r = R.make_routing(name, 200, 16, 4, seed=seed)
     assert r.topk_ids.dtype == torch.int64 and r.topk_ids.min() >= 0 and r.topk_ids.max() < 16
-    assert all(len(set(row)) == len(row) for row in r.topk_ids.tolist()), "an expert twice in one token"
+    twice = [len(set(row)) < len(row) for row in r.topk_ids.tolist()]
+    if name == "duplicates":  # a quarter of the tokens name slot 0's expert again in slot 1, and nothing else
+        assert 0.15 < sum(twice) / len(twice) < 0.35 and all(
+            (len(set(row)) == len(row) - 1) == (row[0] == row[1]) for row in r.topk_ids.tolist())
+    else:
+        assert not any(twice), "an expert twice in one token"
     assert (r.topk_weights > 0).all()
     torch.testing.assert_close(r.topk_weights.sum(1), torch.ones(r.num_tokens))
     again = R.make_routing(name, 200, 16, 4, seed=seed)
@@ -167,6 +172,17 @@ def test_rank_view_is_deepep_normal_dispatch(seed):
             int((r.topk_ids == e).sum()) for e in range(lo, hi)]
     padded = R.pad_view(R.rank_view(x, r, 4, 0), 40)
     assert padded.num_tokens == 40 and (padded.token_index[-1] == -1) and padded.x[-1].isnan().all()
+
+
+def test_raw_view_is_every_token_with_the_routers_ids(seed):
+    x = torch.arange(40, dtype=torch.float32)[:, None].expand(40, 8).to(torch.bfloat16)
+    r = R.uniform(40, 8, 3, seed=seed)
+    for rank in range(4):
+        v = R.raw_view(x, r, 4, rank)
+        assert v.kind is R.ViewKind.RAW and v.topk_ids.dtype == torch.int32
+        assert v.token_index.tolist() == list(range(40)) and torch.equal(v.x, x)
+        assert torch.equal(v.topk_ids.long(), r.topk_ids) and torch.equal(v.topk_weights, r.topk_weights)
+        assert v.counts.tolist() == R.rank_view(x, r, 4, rank).counts.tolist()  # the same local work
 
 
 def test_layout_facts():
