@@ -10,10 +10,11 @@ Ids of -1 and of experts on other ranks contribute nothing; a row with no local 
 
 Two modes:
 - "exact":    float64 all the way on the bf16 inputs; no intermediate rounding.
-- "faithful": the production rounding points (docs/contract.md, "Rounding points"): each GEMM accumulates
-              exactly (modelled in float64, the ideal fp32 accumulator) and is stored as bf16; silu is computed in
-              fp32 from the bf16 gate and multiplied by the bf16 up value in fp32, the product stored as bf16; the
-              gather accumulates weight · bf16 row in fp32 in fixed slot order and stores bf16.
+- "faithful": the rounding points of a profile (reference/rounding.py); by default the production points
+              (docs/contract.md, "Rounding points"): each GEMM accumulates exactly (modelled in float64, the ideal
+              fp32 accumulator) and is stored as bf16; silu is computed in fp32 from the bf16 gate and multiplied by
+              the bf16 up value in fp32, the product stored as bf16; the gather accumulates weight · bf16 row in fp32
+              in fixed slot order and stores bf16.
 The result is float32 [M, H] in both modes.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from reference import stages
 from reference.layouts import local_expert_ids
+from reference.rounding import PRODUCTION, Rounding, rounding_profile
 
 MODES = ("exact", "faithful")
 GATE_UP_ORDERS = ("gate_up", "up_gate")
@@ -40,9 +42,12 @@ def moe_reference(
     num_experts: int | None = None,
     gate_up_order: str = "gate_up",
     mode: str = "exact",
+    rounding: Rounding | str = PRODUCTION,
 ) -> torch.Tensor:
-    """Reference output (float32 [M, H]) of rank `ep_rank`'s expert stage; see the module docstring."""
+    """Reference output (float32 [M, H]) of rank `ep_rank`'s expert stage; see the module docstring. `rounding`: the
+    profile (reference/rounding.py, or its name) a faithful reference follows; the exact one rounds nowhere."""
     num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode)
+    rounding = rounding_profile(rounding)
     faithful = mode == "faithful"
     local_ids = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts)
 
@@ -52,9 +57,10 @@ def moe_reference(
         token, slot = (local_ids == e).nonzero(as_tuple=True)
         if token.numel():
             h = stages.gemm_nt(x[token], w13[e], faithful=faithful)
-            a = stages.silu_and_mul(h, gate_up_order, faithful=faithful)
-            y[token, slot] = stages.gemm_nt(a, w2[e], faithful=faithful)
-    return stages.weighted_sum(y, topk_weights, local_ids >= 0, faithful=faithful)
+            a = stages.silu_and_mul(h, gate_up_order, faithful=faithful, rounding=rounding)
+            # a GEMM that applies the router weight in its epilogue never rounds y itself
+            y[token, slot] = stages.gemm_nt(a, w2[e], faithful=faithful and rounding.slot != "epilogue")
+    return stages.weighted_sum(y, topk_weights, local_ids, faithful=faithful, rounding=rounding)
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reference.rounding import Rounding, rounding_profile
+
 
 def round_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> the nearest bf16 value (ties to even), returned as float32. NaN/Inf are not expected here."""
@@ -30,8 +32,11 @@ def moe_oracle(
     num_experts: int | None = None,
     gate_up_order: str = "gate_up",
     mode: str = "exact",
+    rounding: Rounding | str = "production",
 ) -> np.ndarray:
-    """Same contract as reference.moe_reference, returns a float64 ndarray [M, H]; slow (a Python loop per slot)."""
+    """Same contract as reference.moe_reference, returns a float64 ndarray [M, H]; slow (a Python loop per slot).
+    Only the profile's field values come from reference/rounding.py; what each one means is written out here again."""
+    profile = rounding_profile(rounding)
     xs = x.float().cpu().numpy().astype(np.float64)
     ids = topk_ids.cpu().numpy()
     weights = topk_weights.cpu().numpy().astype(np.float32)
@@ -44,7 +49,7 @@ def moe_oracle(
 
     out = np.zeros((xs.shape[0], xs.shape[1]), dtype=np.float64)
     for t in range(xs.shape[0]):
-        acc = np.zeros(xs.shape[1], dtype=np.float32 if faithful else np.float64)
+        terms = []  # (local expert, slot, this slot's weighted output)
         for k in range(ids.shape[1]):
             global_id = int(ids[t, k])
             if global_id < first_expert or global_id >= first_expert + num_local_experts:
@@ -54,13 +59,29 @@ def moe_oracle(
             if faithful:
                 h = round_to_bf16(h.astype(np.float32))
             gate, up = (h[:inter], h[inter:]) if gate_up_order == "gate_up" else (h[inter:], h[:inter])
-            if faithful:
-                gate32, up32 = gate.astype(np.float32), up.astype(np.float32)
-                act = round_to_bf16(gate32 / (np.float32(1.0) + np.exp(-gate32)) * up32).astype(np.float64)
-                y = round_to_bf16((down[e] @ act).astype(np.float32))
-                acc = (acc + weights[t, k] * y).astype(np.float32)
+            if not faithful:
+                terms.append((e, k, float(weights[t, k]) * (down[e] @ (gate / (1.0 + np.exp(-gate)) * up))))
+                continue
+            gate32, up32 = gate.astype(np.float32), up.astype(np.float32)
+            silu = gate32 / (np.float32(1.0) + np.exp(-gate32))
+            if profile.silu == "bf16":  # `act_fn(gate) * up` on bf16 tensors: two roundings
+                silu = round_to_bf16(silu)
+            act = round_to_bf16(silu * up32).astype(np.float64)
+            y = (down[e] @ act).astype(np.float32)  # the down GEMM's fp32 accumulator
+            weight = weights[t, k] if profile.weights == "fp32" else round_to_bf16(weights[t, k])
+            if profile.slot == "epilogue":  # the weight multiplies the accumulator, one rounding
+                term = round_to_bf16(np.float32(weight) * y)
             else:
-                act = gate / (1.0 + np.exp(-gate)) * up
-                acc += float(weights[t, k]) * (down[e] @ act)
+                term = np.float32(weight) * round_to_bf16(y)
+                if profile.slot == "bf16":
+                    term = round_to_bf16(term)
+            terms.append((e, k, term))
+        if profile.order == "expert":
+            terms.sort(key=lambda term: (term[0], term[1]))
+        acc = np.zeros(xs.shape[1], dtype=np.float32 if faithful else np.float64)
+        for _, _, term in terms:
+            acc = acc + term
+            if faithful:
+                acc = round_to_bf16(acc) if profile.accumulator == "bf16" else acc.astype(np.float32)
         out[t] = round_to_bf16(acc) if faithful else acc
     return out

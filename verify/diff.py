@@ -13,7 +13,6 @@ The contract of this command: docs/contract.md, "Command line".
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import shlex
@@ -25,17 +24,15 @@ from kernels._device import configure_triton, default_device
 configure_triton()  # before anything imports triton
 
 from kernels.dispatch import LAYOUTS  # noqa: E402
+from reference.rounding import PROFILES  # noqa: E402
 from reference.routing import ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
-from verify.cases import CASES, CASES_BY_NAME  # noqa: E402
+from verify.cases import CASES, CASES_BY_NAME, Sizes  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
-from verify.sweep import Row, Sweep, default_scale, targets  # noqa: E402
+from verify.impls import UsageError, load  # noqa: E402
+from verify.sweep import RoundingChoice, Row, Sweep, default_scale  # noqa: E402
 
 DEFAULT_IMPL = "kernels:moe_expert_forward"
-
-
-class UsageError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,24 +53,14 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     p.add_argument("--json", help="also write every row, with all metrics, to this file")
+    p.add_argument("--plot", help="also draw each local expert's error against its band, per rank, faithful and "
+                   "exact side by side (PNG)")
     p.add_argument("--list", action="store_true", help="print the case catalogue and exit")
     p.add_argument("--replay", metavar="TOKEN", help="rerun exactly the case a `python -m verify.fuzz` token encodes")
+    p.add_argument("--rounding", choices=["auto", *PROFILES], help="the rounding profile of the faithful reference "
+                   "(reference/rounding.py); default: production for kernels.moe_expert_forward, auto for any other "
+                   "--impl (the profile one run matches best, named in the header)")
     return p.parse_args(argv)
-
-
-def load_impl(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"--impl must be MODULE:CALLABLE, got {spec!r}")
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:
-        raise UsageError(f"cannot import --impl {spec}: {type(exc).__name__}: {exc}") from None
-    if not callable(obj):
-        raise UsageError(f"--impl {spec} is not callable")
-    return obj
 
 
 def _u(value: float) -> str:
@@ -89,8 +76,8 @@ def _cells(row: Row) -> list[str]:
     values = ["-"] * 5 if m is None else [_u(m.row_err), _u(row.band("expert_err").value), _u(m.rel_l2),
                                           _u(m.exact_rel_l2), f"{m.calc_diff:.1e}"]
     rank = "all" if row.rank is None else str(row.rank)
-    return [row.case, str(row.ep_size), rank, str(row.layout), str(row.view), str(row.num_tokens), *values,
-            str(row.verdict)]
+    layout = "-" if row.layout is None else str(row.layout)
+    return [row.case, str(row.ep_size), rank, layout, str(row.view), str(row.num_tokens), *values, str(row.verdict)]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -108,10 +95,13 @@ def replay_command(row: Row, args) -> str:
         cmd = ["python", "-m", "verify.diff", "--case", row.case, "--ep-size", str(row.ep_size)]
         if row.rank is not None:
             cmd += ["--rank", str(row.rank)]
-        cmd += ["--layout", str(row.layout), "--view", str(row.view), "--seed", str(args.seed), "--device",
-                args.device]
+        if row.layout is not None:
+            cmd += ["--layout", str(row.layout)]
+        cmd += ["--view", str(row.view), "--seed", str(args.seed), "--device", args.device]
     if args.impl != DEFAULT_IMPL:
         cmd += ["--impl", args.impl]
+    if args.rounding:
+        cmd += ["--rounding", args.rounding]
     return shlex.join(cmd)
 
 
@@ -134,22 +124,25 @@ def main(argv=None) -> int:
         if args.device == "cuda" and default_device() != "cuda":
             raise UsageError("--device cuda, but no CUDA GPU is visible")
         if args.replay:
-            from verify.fuzz import FuzzCase, run_case
+            from verify.fuzz import FuzzCase, choose_rounding, run_case
 
             try:
                 fuzz_case = FuzzCase.from_token(args.replay)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            impl = load_impl(args.impl)
+            impl = load(args.impl)
             start = time.perf_counter()
-            rows = [run_case(fuzz_case, impl, args.device)]
+            rounding = choose_rounding(fuzz_case, impl, args.device, rounding_of(args))
+            rows = [run_case(fuzz_case, impl, args.device, rounding.profile)]
             header, elapsed = f"fuzz case: {fuzz_case.describe()}", time.perf_counter() - start
-            return report(rows, header, elapsed, args)
+            sizes = Sizes(fuzz_case.num_tokens, fuzz_case.hidden, fuzz_case.inter, fuzz_case.num_experts,
+                          fuzz_case.topk)
+            return report(rows, header, sizes, rounding, elapsed, args)
         if not args.case:
             raise UsageError("--case or --replay is required (see --list)")
         if args.case not in CASES_BY_NAME:
             raise UsageError(f"unknown case {args.case!r}; known: {', '.join(CASES_BY_NAME)}")
-        impl = load_impl(args.impl)
+        impl = load(args.impl)
         case = CASES_BY_NAME[args.case]
         num_experts = case.sizes(scale).num_experts
         if args.ep_size is not None and (args.ep_size < 1 or num_experts % args.ep_size):
@@ -161,18 +154,62 @@ def main(argv=None) -> int:
         return 2
 
     start = time.perf_counter()
-    runner = Sweep(case, impl, seed=args.seed, device=args.device)
-    todo = targets(case, scale, ep_sizes=None if args.ep_size is None else (args.ep_size,),
-                   ranks=None if args.rank is None else (args.rank,),
-                   layouts=LAYOUTS if args.layout is None else (args.layout,),
-                   views=tuple(ViewKind) if args.view is None else (args.view,))
+    runner = Sweep(case, impl, seed=args.seed, device=args.device, rounding=rounding_of(args))
+    todo = runner.targets(ep_sizes=None if args.ep_size is None else (args.ep_size,),
+                          ranks=None if args.rank is None else (args.rank,),
+                          layouts=LAYOUTS if args.layout is None else (args.layout,),
+                          views=tuple(ViewKind) if args.view is None else (args.view,))
     rows = [runner.run(t) for t in _progress(todo, sys.stderr.isatty() and len(todo) > 4)]
-    return report(rows, case.describe(scale), time.perf_counter() - start, args)
+    return report(rows, case.describe(scale), runner.problem.sizes, runner.rounding, time.perf_counter() - start,
+                  args)
 
 
-def report(rows: list[Row], header: str, elapsed: float, args) -> int:
+def plot_experts(rows: list[Row], sizes: Sizes, title: str, path: str) -> None:
+    """One panel per ep_size: every rank row's local experts, at their global id, as error / FAIL bound (the faithful
+    per-expert band, and the exact L2 band over that expert's rows), the worst over layouts and views. Above 1 fails:
+    one bad expert or one bad rank stands out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = [r for r in rows if r.rank is not None and r.metrics is not None]
+    table = {b.metric: b for b in bands.bands_for(sizes.hidden, sizes.inter)}
+    ep_sizes = sorted({r.ep_size for r in ranked})
+    fig, axes = plt.subplots(len(ep_sizes), 1, figsize=(11, 2.6 * len(ep_sizes)), squeeze=False)
+    for ax, ep in zip(axes[:, 0], ep_sizes, strict=True):
+        worst: dict[tuple[int, str], tuple[float, int]] = {}  # (global expert, reference) -> (error / bound, rank)
+        for row in (r for r in ranked if r.ep_size == ep):
+            offset = row.rank * sizes.num_experts // ep
+            for e in row.metrics.experts:
+                for against, value, band in (("faithful", e.rel_l2, table["expert_err"]),
+                                             ("exact", e.exact_rel_l2, table["exact_rel_l2"])):
+                    ratio = value / band.bounds(e.rows)[1]
+                    key = (e.expert + offset, against)
+                    if ratio > worst.get(key, (-1.0, 0))[0]:
+                        worst[key] = (ratio, row.rank)
+        for against, marker in (("faithful", "o"), ("exact", "x")):
+            points = sorted((g, v[0], v[1]) for (g, a), v in worst.items() if a == against)
+            ax.scatter([p[0] for p in points], [max(p[1], 1e-3) for p in points], c=[p[2] for p in points],
+                       cmap="tab10", vmin=0, vmax=9, marker=marker, label=f"{against} (color: rank)")
+        ax.axhline(1.0, color="red", lw=0.8)
+        ax.set(ylabel="error / FAIL bound", title=f"ep_size {ep}", yscale="log", ylim=(1e-3, None),
+               xlabel="global expert id")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(title[:150], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def rounding_of(args) -> str:
+    """--rounding, or its default: production for our pipeline (it declares the contract's points), auto otherwise."""
+    return args.rounding or ("production" if args.impl == DEFAULT_IMPL else "auto")
+
+
+def report(rows: list[Row], header: str, sizes: Sizes, rounding: RoundingChoice, elapsed: float, args) -> int:
     """Print the table and every row that did not pass; write the JSON; the exit code."""
-    print(f"{header}\nimpl {args.impl} on {args.device}, seed {args.seed}; "
+    print(f"{header}\nimpl {args.impl} on {args.device}, seed {args.seed}; {rounding.describe()}; "
           f"u = 2^-8 (bf16 unit roundoff); bands: verify/bands.py")
     print(format_table(rows))
     failed = [r for r in rows if r.verdict is Verdict.FAIL]
@@ -183,10 +220,14 @@ def report(rows: list[Row], header: str, elapsed: float, args) -> int:
         if row.verdict is Verdict.FAIL:
             print(f"  replay: {replay_command(row, args)}")
     print(f"\n{len(rows) - len(failed)}/{len(rows)} rows pass ({elapsed:.1f} s)")
+    if args.plot and rows:
+        plot_experts(rows, sizes, header, args.plot)
+        print(f"plot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"case": header, "impl": args.impl, "device": args.device, "seed": args.seed,
-                       "seconds": elapsed, "rows": [r.as_dict() for r in rows]}, f, indent=1)
+                       "rounding": rounding.as_dict(), "seconds": elapsed, "rows": [r.as_dict() for r in rows]},
+                      f, indent=1)
     return 1 if failed else 0
 
 

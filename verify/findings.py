@@ -34,6 +34,8 @@ class Check(enum.Enum):
     LAYOUT = "layout"  # the scatter broke the layout contract
     LAYOUT_CHOICE = "layout-choice"  # layout="auto" broke the threshold rule
     EQUIVALENT = "equivalent-inputs"  # the same inputs presented otherwise (strides, id dtype, gate/up order) fail
+    ROUNDING = "rounding"  # only faithful bands fail: which bands passed, which rounding profile came closest
+    DISPATCH = "dispatch"  # verify.dist: a token at the wrong rank, twice, missing, or altered on the wire
 
     def __str__(self) -> str:
         return self.value

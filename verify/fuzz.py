@@ -39,12 +39,14 @@ from hypothesis.errors import NoSuchExample  # noqa: E402
 from kernels.dispatch import LAYOUTS, M_ALIGNMENT, Layout  # noqa: E402
 from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts, local_expert_ids  # noqa: E402
+from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile  # noqa: E402
 from reference.routing import RankView, ViewKind  # noqa: E402
 from verify import bands, checks  # noqa: E402
 from verify.cases import expert_weights, normal  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
-from verify.probes import Trial, own_stages  # noqa: E402
-from verify.sweep import Row, judge_rank  # noqa: E402
+from verify.impls import Implementation, UsageError, implementation, load  # noqa: E402
+from verify.probes import Trial  # noqa: E402
+from verify.sweep import RoundingChoice, Row, detect_rounding, judge_rank  # noqa: E402
 
 GATE_UP_ORDERS = ("gate_up", "up_gate")
 
@@ -138,16 +140,37 @@ class FuzzCase:
         return view, w13, w2
 
 
-def run_case(case: FuzzCase, impl: Callable, device: str = "cpu") -> Row:
-    """The case as one sweep row: the implementation judged by the bands, then every probe."""
+def trial_of(case: FuzzCase, impl: Implementation, device: str, rounding: Rounding) -> Trial:
+    """The case as a sweep trial. An implementation that takes no layout or no gate_up_order gets the same
+    computation without them (w13's halves swapped in place of gate_up_order="up_gate")."""
     view, w13, w2 = case.build(device)
+    gate_up_order = case.gate_up_order
+    if gate_up_order != "gate_up" and not impl.takes("gate_up_order"):
+        w13, gate_up_order = torch.cat(w13.chunk(2, dim=1)[::-1], dim=1), "gate_up"
     references = tuple(moe_reference(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=case.ep_size,
-                                     ep_rank=case.rank, num_experts=case.num_experts,
-                                     gate_up_order=case.gate_up_order, mode=mode) for mode in ("faithful", "exact"))
-    row = Row("fuzz", case.ep_size, case.rank, case.layout, case.num_tokens, case.view)
-    trial = Trial(impl, view, w13, w2, case.layout, case.seed, own_stages(impl), references=references,
-                  table=bands.bands_for(case.hidden, case.inter), gate_up_order=case.gate_up_order)
-    judge_rank(row, trial)
+                                     ep_rank=case.rank, num_experts=case.num_experts, gate_up_order=gate_up_order,
+                                     mode=mode, rounding=rounding) for mode in ("faithful", "exact"))
+    return Trial(impl, view, w13, w2, case.layout if impl.has_layouts else None, case.seed, references=references,
+                 table=bands.bands_for(case.hidden, case.inter), gate_up_order=gate_up_order, rounding=rounding)
+
+
+def choose_rounding(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu",
+                    rounding: Rounding | str = PRODUCTION) -> RoundingChoice:
+    """The profile the case is judged by: `rounding` declared, or for "auto" the one the case's own run matches."""
+    impl = implementation(impl)
+    if rounding == "auto":
+        return detect_rounding(trial_of(case, impl, device, PRODUCTION))
+    return RoundingChoice(rounding_profile(rounding), declared=True)
+
+
+def run_case(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu",
+             rounding: Rounding | str = PRODUCTION, until_failure: bool = False) -> Row:
+    """The case as one sweep row: the implementation judged by the bands (faithful reference under `rounding`, or the
+    profile "auto" finds), then every probe (up to the first failure, with `until_failure`)."""
+    impl = implementation(impl)
+    trial = trial_of(case, impl, device, choose_rounding(case, impl, device, rounding).profile)
+    row = Row("fuzz", case.ep_size, case.rank, trial.layout, case.num_tokens, case.view)
+    judge_rank(row, trial, until_failure=until_failure)
     return row
 
 
@@ -182,12 +205,14 @@ def fuzz_cases(draw, max_tokens: int = 48) -> FuzzCase:
         seed=draw(st.integers(0, 2**16)))
 
 
-def search(impl: Callable, *, max_examples: int, seed: int, device: str,
-           on_example: Callable[[], None] = lambda: None) -> FuzzCase | None:
+def search(impl: Callable | Implementation, *, max_examples: int, seed: int, device: str,
+           rounding: Rounding | str = PRODUCTION, on_example: Callable[[], None] = lambda: None) -> FuzzCase | None:
     """The smallest failing case hypothesis finds within `max_examples` (then shrunk), or None."""
+    impl = implementation(impl)
+
     def fails(case: FuzzCase) -> bool:
         on_example()
-        return run_case(case, impl, device).verdict is Verdict.FAIL
+        return run_case(case, impl, device, rounding, until_failure=True).verdict is Verdict.FAIL
 
     config = settings(max_examples=max_examples, database=None, deadline=None,
                       suppress_health_check=list(HealthCheck))
@@ -197,9 +222,10 @@ def search(impl: Callable, *, max_examples: int, seed: int, device: str,
         return None
 
 
-def replay_command(case: FuzzCase, impl_spec: str | None, device: str) -> str:
+def replay_command(case: FuzzCase, impl_spec: str | None, device: str, rounding: str | None = None) -> str:
     impl = f" --impl {impl_spec}" if impl_spec else ""
-    return f"python -m verify.diff --replay {case.token()}{impl} --device {device}"
+    rounding = f" --rounding {rounding}" if rounding else ""
+    return f"python -m verify.diff --replay {case.token()}{impl}{rounding} --device {device}"
 
 
 @dataclasses.dataclass
@@ -217,16 +243,16 @@ class Search:
         return dict(impl=self.impl, cases_run=self.cases_run, seconds=self.seconds, found=found)
 
 
-def run_search(spec: str, impl: Callable, args) -> Search:
+def run_search(spec: str, impl: Callable, args, rounding: str) -> Search:
     tried = [0]
     start = time.perf_counter()
-    found = search(impl, max_examples=args.max_examples, seed=args.seed, device=args.device,
+    found = search(impl, max_examples=args.max_examples, seed=args.seed, device=args.device, rounding=rounding,
                    on_example=lambda: tried.__setitem__(0, tried[0] + 1))
     return Search(spec, tried[0], time.perf_counter() - start, found)
 
 
 def main(argv=None) -> int:
-    from verify.diff import DEFAULT_IMPL, UsageError, format_table, load_impl
+    from verify.diff import DEFAULT_IMPL, format_table
     from verify.power.mutants import MUTANTS
 
     p = argparse.ArgumentParser(prog="python -m verify.fuzz", description=__doc__.split("\n\n")[1].split(".")[0])
@@ -236,32 +262,35 @@ def main(argv=None) -> int:
     p.add_argument("--max-examples", type=int, default=200, help="cases to try before shrinking (default 200)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed: the same seed tries the same cases")
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    p.add_argument("--rounding", choices=["auto", *PROFILES], help="the faithful reference's rounding profile; "
+                   "default: production for kernels.moe_expert_forward and the mutants, auto (per case) otherwise")
     p.add_argument("--json", help="also write the result(s) here")
     args = p.parse_args(argv)
     try:
         impls = ({f"verify.power.mutants:{m.name}": m.impl for m in MUTANTS} if args.mutants else
-                 {args.impl: load_impl(args.impl)})
+                 {args.impl: load(args.impl)})
         if args.max_examples < 1:
             raise UsageError(f"--max-examples must be >= 1, got {args.max_examples}")
     except UsageError as exc:
         print(f"verify.fuzz: error: {exc}", file=sys.stderr)
         return 2
     searches = []
+    rounding = args.rounding or ("production" if args.mutants or args.impl == DEFAULT_IMPL else "auto")
     for spec, impl in impls.items():
-        result = run_search(spec, impl, args)
+        result = run_search(spec, impl, args, rounding)
         searches.append(result)
         print(f"verify.fuzz: impl {spec} on {args.device}, seed {args.seed}: {result.cases_run} cases run in "
               f"{result.seconds:.0f} s", flush=True)
         if result.found is None:
             print(f"no failure in {args.max_examples} examples")
             continue
-        row = run_case(result.found, impl, args.device)
+        row = run_case(result.found, impl, args.device, rounding)
         print(f"FAIL, shrunk to: {result.found.describe()}\n{format_table([row])}")
         for finding in row.problems:
             print(f"  {finding.verdict} {finding.kind}: {finding.message}")
         if row.locus:
             print(f"  worst: {row.locus.describe()}")
-        print(f"replay: {replay_command(result.found, None if spec == DEFAULT_IMPL else spec, args.device)}",
+        print(f"replay: {replay_command(result.found, None if spec == DEFAULT_IMPL else spec, args.device, rounding)}",
               flush=True)
     if args.mutants:
         found = [s for s in searches if s.found]

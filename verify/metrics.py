@@ -19,6 +19,7 @@ class ExpertError:
     expert: int  # LOCAL expert id
     rows: int  # output rows that hold at least one slot of this expert
     rel_l2: float  # ||out - faithful|| / ||faithful|| over those rows
+    exact_rel_l2: float  # the same against the exact reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,8 @@ def compare(out: torch.Tensor, faithful: torch.Tensor, exact: torch.Tensor, loca
     experts = []
     for e in local_ids[local_ids >= 0].unique().tolist():
         rows = (local_ids == e).any(dim=1)
-        experts.append(ExpertError(e, int(rows.sum()), rel_l2(out[rows], faithful[rows])))
+        experts.append(ExpertError(e, int(rows.sum()), rel_l2(out[rows], faithful[rows]),
+                                   rel_l2(out[rows], exact[rows])))
 
     return Metrics(
         row_err=float(row_err.max()) if routed.any() else 0.0,

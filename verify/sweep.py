@@ -19,12 +19,14 @@ import torch
 
 from kernels.dispatch import LAYOUTS, Layout
 from reference import moe_reference
+from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile
 from reference.routing import VIEWS, RankView, ViewKind, combine, pad_view
 from verify import bands, checks
 from verify.cases import Case, Problem, make_problem
 from verify.findings import Check, Finding, Verdict, failure, worst
-from verify.metrics import Metrics, compare
-from verify.probes import PROBES, Probe, Trial, own_stages
+from verify.impls import Implementation, implementation
+from verify.metrics import Metrics, compare, rel_l2
+from verify.probes import PROBES, Probe, Trial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,21 +37,22 @@ class Locus:
     token: int
     experts: tuple[int, ...]  # the token's GLOBAL expert ids on this rank (all of them for a combined row)
     rank: int | None  # None: the combine of all ranks
-    layout: Layout
+    layout: Layout | None
     view: ViewKind = ViewKind.DEEPEP
     local_expert: int | None = None
     global_expert: int | None = None
 
     def describe(self) -> str:
         rank = "all" if self.rank is None else self.rank
-        text = f"token {self.token} experts {list(self.experts)} rank {rank} {self.layout}, {self.view} view"
+        layout = "" if self.layout is None else f" {self.layout}"
+        text = f"token {self.token} experts {list(self.experts)} rank {rank}{layout}, {self.view} view"
         if self.global_expert is not None:
             text += (f"; worst expert: global {self.global_expert}" if self.rank is None else
                      f"; worst expert: local {self.local_expert} = global {self.global_expert}")
         return text
 
     def as_dict(self) -> dict:
-        return dict(dataclasses.asdict(self), layout=str(self.layout), view=str(self.view))
+        return dict(dataclasses.asdict(self), layout=self.layout and str(self.layout), view=str(self.view))
 
 
 @dataclasses.dataclass
@@ -57,7 +60,7 @@ class Row:
     case: str
     ep_size: int
     rank: int | None  # None: the combine of all ranks
-    layout: Layout
+    layout: Layout | None  # None: an implementation without layouts
     num_tokens: int
     view: ViewKind = ViewKind.DEEPEP
     findings: list[Finding] = dataclasses.field(default_factory=list)  # every band's, and every other problem
@@ -66,10 +69,12 @@ class Row:
 
     @property
     def test_id(self) -> str:
-        """case-ep{N}-rank{R}-layout, with a -raw suffix for a raw-view row (no suffix: the DeepEP view)."""
+        """case-ep{N}-rank{R}-layout, with a -raw suffix for a raw-view row (no suffix: the DeepEP view), and no
+        layout for an implementation without layouts."""
         rank = "all" if self.rank is None else f"rank{self.rank}"
+        layout = "" if self.layout is None else f"-{self.layout}"
         view = "" if self.view is ViewKind.DEEPEP else f"-{self.view}"
-        return f"{self.case}-ep{self.ep_size}-{rank}-{self.layout}{view}"
+        return f"{self.case}-ep{self.ep_size}-{rank}{layout}{view}"
 
     @property
     def verdict(self) -> Verdict:
@@ -106,7 +111,7 @@ class Target:
 
     ep_size: int
     rank: int | None
-    layout: Layout
+    layout: Layout | None
     view: ViewKind = ViewKind.DEEPEP
 
 
@@ -117,24 +122,26 @@ def default_scale(device: str) -> str:
 
 def targets(case: Case, scale: str, ep_sizes=None, ranks=None, layouts=LAYOUTS, views=tuple(ViewKind)) -> list[Target]:
     """The rows of a case, per ep_size: for each view (raw only when ep_size > 1) and layout, every rank, then the
-    combine of all ranks when ep_size > 1."""
+    combine of all ranks when ep_size > 1. `layouts=(None,)`: one row where an implementation has no layouts."""
     out = []
     for ep in case.sweep_ep_sizes(scale) if ep_sizes is None else ep_sizes:
         for view in (ViewKind(v) for v in views):
             if view is ViewKind.RAW and ep == 1:
                 continue  # one rank holds every expert: the raw view is the DeepEP view
-            for layout in layouts:
+            for layout in (None if lay is None else Layout(lay) for lay in layouts):
                 for rank in range(ep):
                     if ranks is None or rank in ranks:
-                        out.append(Target(ep, rank, Layout(layout), view))
+                        out.append(Target(ep, rank, layout, view))
                 if ep > 1 and ranks is None:
-                    out.append(Target(ep, None, Layout(layout), view))
+                    out.append(Target(ep, None, layout, view))
     return out
 
 
-def judge_rank(row: Row, trial: Trial, probes: tuple[Probe, ...] = PROBES) -> torch.Tensor | None:
+def judge_rank(row: Row, trial: Trial, probes: tuple[Probe, ...] = PROBES,
+               until_failure: bool = False) -> torch.Tensor | None:
     """Run the implementation on the trial's rank view, judge its output with the trial's bands against its
-    references, run every probe; the findings go into `row`. Returns the output (None if there is none)."""
+    references, run every probe; the findings go into `row`. Returns the output (None if there is none).
+    `until_failure`: stop at the first failing check (enough for a search that only asks whether the row fails)."""
     view = trial.view
     try:
         out = trial.call()
@@ -150,9 +157,28 @@ def judge_rank(row: Row, trial: Trial, probes: tuple[Probe, ...] = PROBES) -> to
         return None
     judge(row, compare(out.float(), *trial.references, view.local_ids()), trial.table, view.token_index,
           view.topk_ids, expert_offset=view.rank * view.num_local_experts)
+    row.add(explain_rounding(row, trial, out))
     for probe in probes:
+        if until_failure and row.verdict is Verdict.FAIL:
+            break
         row.add(probe.run(trial, out))
     return out
+
+
+def explain_rounding(row: Row, trial: Trial, out: torch.Tensor) -> list[Finding]:
+    """When only faithful bands fail, say which bands passed (the exact ones included) and which rounding profile
+    the output came closest to: the difference between "rounds elsewhere" and "broken" in one line."""
+    failed = [f for f in row.findings if f.verdict is Verdict.FAIL and f.check is Check.BAND]
+    against = {b.metric: b.against for b in trial.table}
+    if not failed or any(against[f.metric] != "faithful" for f in failed):
+        return []
+    routed = (trial.view.local_ids() >= 0).any(dim=1)
+    errors = {name: rel_l2(out.float()[routed].double(), trial.faithful(profile)[routed].double())
+              for name, profile in PROFILES.items()}
+    closest = min(errors, key=errors.get)
+    passed = ", ".join(f.metric for f in row.findings if f.check is Check.BAND and f.verdict is not Verdict.FAIL)
+    return [failure(Check.ROUNDING, f"matches no rounding profile: faithful bands fail against {trial.rounding.name}; "
+                    f"passed: {passed}; closest profile {closest} (l2 {errors[closest] / bands.U_BF16:.2f}u)")]
 
 
 def judge(row: Row, metrics: Metrics, table, token_index, global_ids, expert_offset: int) -> None:
@@ -166,17 +192,72 @@ def judge(row: Row, metrics: Metrics, table, token_index, global_ids, expert_off
                           row.layout, row.view, expert, None if expert is None else expert + expert_offset)
 
 
-class Sweep:
-    """Runs rows of one case for one implementation; rank views and references are built once and shared."""
+@dataclasses.dataclass(frozen=True)
+class RoundingChoice:
+    """The profile a sweep judges by: declared, or found by `auto` (with every profile's error on the probe run)."""
 
-    def __init__(self, case: Case, impl: Callable, *, seed: int = 0, device: str = "cpu", scale: str | None = None,
-                 probes: tuple[Probe, ...] = PROBES):
-        self.case, self.impl, self.seed, self.device, self.probes = case, impl, seed, device, probes
-        self.problem: Problem = make_problem(case, seed, device, scale or default_scale(device))
-        self.stages = own_stages(impl)
+    profile: Rounding
+    declared: bool
+    faithful_l2: dict[str, float] = dataclasses.field(default_factory=dict)  # auto: profile -> rel L2 of the probe run
+    exact_l2: float | None = None  # auto: the probe run's rel L2 against the exact reference
+
+    def describe(self) -> str:
+        if self.declared:
+            return f"rounding {self.profile.name} (declared)"
+        errors = ", ".join(f"{name} {value / bands.U_BF16:.2f}u" for name, value in self.faithful_l2.items())
+        exact = "-" if self.exact_l2 is None else f"{self.exact_l2 / bands.U_BF16:.2f}u"
+        return (f"rounding auto -> {self.profile.name} (faithful l2 of one run against each profile: {errors}; "
+                f"against the exact reference: {exact})")
+
+    def as_dict(self) -> dict:
+        return dict(profile=self.profile.name, declared=self.declared, faithful_l2=self.faithful_l2,
+                    exact_l2=self.exact_l2)
+
+
+def detect_rounding(trial: Trial) -> RoundingChoice:
+    """The profile whose faithful reference one run of the trial's implementation matches best (ties: the first in
+    reference.rounding.PROFILES, production first); production when the run fails (its rows will say why)."""
+    try:
+        out = trial.call()
+    except Exception:
+        return RoundingChoice(PRODUCTION, declared=False)
+    finally:
+        trial.inputs_modified()
+    if not isinstance(out, torch.Tensor) or out.shape != trial.view.x.shape:
+        return RoundingChoice(PRODUCTION, declared=False)
+    routed = (trial.view.local_ids() >= 0).any(dim=1)
+    out = out.double()[routed]
+    errors = {name: rel_l2(out, trial.faithful(profile).double()[routed]) for name, profile in PROFILES.items()}
+    exact = rel_l2(out, trial.references[1].double()[routed])
+    return RoundingChoice(PROFILES[min(errors, key=errors.get)], False, errors, exact)
+
+
+class Sweep:
+    """Runs rows of one case for one implementation; rank views and references are built once and shared.
+
+    rounding: a profile (reference/rounding.py) or its name, declared; or "auto": the profile whose faithful reference
+    one run of the implementation matches best (the ep_size = 1 view when the case has it, or rank 0's)."""
+
+    def __init__(self, case: Case, impl: Callable | Implementation, *, seed: int = 0, device: str = "cpu",
+                 scale: str | None = None, probes: tuple[Probe, ...] = PROBES, rounding: Rounding | str = PRODUCTION):
+        self.case, self.seed, self.device, self.probes = case, seed, device, probes
+        self.impl = implementation(impl)
+        self.scale = scale or default_scale(device)
+        self.problem: Problem = make_problem(case, seed, device, self.scale)
         self._views: dict[tuple[int, int, ViewKind], RankView] = {}
         self._refs: dict[tuple[int, int, ViewKind], tuple[torch.Tensor, torch.Tensor]] = {}
         self._outputs: dict[Target, torch.Tensor] = {}
+        self.rounding = (self._detect() if rounding == "auto" else
+                         RoundingChoice(rounding_profile(rounding), declared=True))
+
+    def targets(self, ep_sizes=None, ranks=None, layouts=LAYOUTS, views=tuple(ViewKind)) -> list[Target]:
+        """This case's rows for this implementation (one row per rank and view where it has no layouts)."""
+        return targets(self.case, self.scale, ep_sizes, ranks, layouts if self.impl.has_layouts else (None,), views)
+
+    def _detect(self) -> RoundingChoice:
+        target = self.targets(ep_sizes=self.case.sweep_ep_sizes(self.scale)[:1], ranks=(0,),
+                              views=(ViewKind.DEEPEP,))[0]
+        return detect_rounding(self._trial(target, PRODUCTION))
 
     def view(self, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP) -> RankView:
         key = (ep_size, rank, kind)
@@ -188,15 +269,17 @@ class Sweep:
             self._views[key] = dataclasses.replace(view, topk_weights=weights)
         return self._views[key]
 
-    def references(self, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP):
-        """(faithful, exact) references of one rank view."""
-        key = (ep_size, rank, kind)
+    def references(self, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP,
+                   rounding: Rounding | None = None):
+        """(faithful, exact) references of one rank view, the faithful one under the sweep's profile."""
+        rounding = rounding or self.rounding.profile
+        key = (ep_size, rank, kind, rounding.name)
         if key not in self._refs:
             view = self.view(ep_size, rank, kind)
             w13, w2 = self.problem.rank_weights(ep_size, rank)
             self._refs[key] = tuple(
                 moe_reference(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
-                              num_experts=self.problem.sizes.num_experts, mode=mode)
+                              num_experts=self.problem.sizes.num_experts, mode=mode, rounding=rounding)
                 for mode in ("faithful", "exact"))
         return self._refs[key]
 
@@ -205,11 +288,12 @@ class Sweep:
             return self._run_combine(target)
         return self._run_rank(target)
 
-    def _trial(self, target: Target) -> Trial:
+    def _trial(self, target: Target, rounding: Rounding | None = None) -> Trial:
+        rounding = rounding or self.rounding.profile
         view = self.view(target.ep_size, target.rank, target.view)
         return Trial(self.impl, view, *self.problem.rank_weights(target.ep_size, target.rank), target.layout,
-                     self.seed, self.stages, references=self.references(target.ep_size, target.rank, target.view),
-                     table=bands.bands_for(*self._hidden_inter()))
+                     self.seed, references=self.references(target.ep_size, target.rank, target.view, rounding),
+                     table=bands.bands_for(*self._hidden_inter()), rounding=rounding)
 
     def _run_rank(self, target: Target) -> Row:
         trial = self._trial(target)
@@ -236,7 +320,7 @@ class Sweep:
         row = Row(self.case.name, ep, None, layout, self.problem.routing.num_tokens, kind)
         outputs = [self._rank_output(dataclasses.replace(target, rank=r)) for r in range(ep)]
         views = [self.view(ep, r, kind) for r in range(ep)]
-        if any(o is None or o.shape != v.x.shape for o, v in zip(outputs, views, strict=True)):
+        if any(not isinstance(o, torch.Tensor) or o.shape != v.x.shape for o, v in zip(outputs, views, strict=True)):
             row.add([failure(Check.CRASH, "a rank's run failed or gave no [M, H] output: nothing to combine")])
             return row
         total = self.problem.routing.num_tokens

@@ -39,13 +39,17 @@ from kernels.executor import choose_layout  # noqa: E402
 from kernels.gemm import BACKENDS, availability, select  # noqa: E402
 from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts  # noqa: E402
-from reference.routing import make_routing, rank_view  # noqa: E402
+from reference.rounding import Rounding  # noqa: E402
+from reference.routing import RankView, make_routing, rank_view  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import BENCH_CASES, BenchCase, expert_weights, normal  # noqa: E402
 from verify.findings import worst  # noqa: E402
+from verify.impls import Implementation, UsageError, load  # noqa: E402
 from verify.metrics import compare  # noqa: E402
 from verify.perf import procs, report  # noqa: E402
 from verify.perf.peers import torch_native_forward  # noqa: E402
+from verify.probes import Trial  # noqa: E402
+from verify.sweep import detect_rounding  # noqa: E402
 
 
 def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
@@ -123,7 +127,10 @@ def _stage_times(case: BenchCase, inp: Inputs, backends: list[str], bench) -> di
     return ms
 
 
-def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], bench, seed: int = 0) -> dict:
+def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], bench, seed: int = 0,
+                  impls: dict[str, tuple[Implementation, Rounding]] | None = None) -> dict:
+    """One M of a case. `impls`: outside implementations (name -> (implementation, the rounding profile it is judged
+    by)), timed as "impl/NAME" beside ours."""
     s = case.shape
     inp = received(case, tokens, weights, seed)
     args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
@@ -149,13 +156,20 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
             for b in backends for layout in map(str, LAYOUTS)}
     runs["hybrid"] = lambda: moe_expert_forward(*args, **kw)
     runs["torch_native"] = lambda: torch_native_forward(*args, **kw)
+    judged_by = {}
+    for name, (impl, rounding) in (impls or {}).items():
+        runs[f"impl/{name}"] = lambda impl=impl: impl(*args, **kw)
+        judged_by[f"impl/{name}"] = rounding
+        point.setdefault("rounding", {})[f"impl/{name}"] = rounding.name
     for name, fn in runs.items():
         try:
             out = fn()
         except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
             point["errors"][name] = f"{type(exc).__name__}: {exc}"
             continue
-        m = compare(out.float(), *refs, inp.local_ids)
+        faithful = refs[0] if name not in judged_by else moe_reference(*args, **kw, mode="faithful",
+                                                                        rounding=judged_by[name]).float()
+        m = compare(out.float(), faithful, refs[1], inp.local_ids)
         findings = bands.judge(m, bands.bands_for(s.hidden, s.inter))
         expert = next(f for f in findings if f.metric == "expert_err")
         point["accuracy"][name] = dict(row_u=m.row_err / bands.U_BF16, expert_u=expert.value / bands.U_BF16,
@@ -191,11 +205,27 @@ def available_backends(case: BenchCase, names=None) -> list[str]:
     return [b for b in names if availability(b, case.device, case.shape.hidden, case.shape.inter)[0]]
 
 
-def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[[dict], None]) -> None:
-    """Measure each M of the case; hand every point to `on_point` as soon as it is measured."""
+def rounding_of(case: BenchCase, impl: Implementation, tokens: int, weights) -> Rounding:
+    """The profile an outside implementation matches on this case (one run at `tokens`, as the sweep finds it)."""
+    inp = received(case, tokens, weights)
+    s = case.shape
+    args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
+    kw = dict(ep_size=case.ep_size, ep_rank=0, num_experts=s.num_experts)
+    view = RankView(case.ep_size, 0, s.num_experts, inp.x, inp.topk_ids, inp.topk_weights,
+                    torch.arange(tokens, device=case.device),
+                    expert_counts(inp.local_ids, case.num_local_experts).to(torch.int32))
+    references = tuple(moe_reference(*args, **kw, mode=m) for m in ("faithful", "exact"))
+    return detect_rounding(Trial(impl, view, inp.w13, inp.w2, None, 0, references=references)).profile
+
+
+def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[[dict], None],
+             impls: dict[str, Implementation] | None = None) -> None:
+    """Measure each M of the case; hand every point to `on_point` as soon as it is measured. Outside `impls` are
+    judged by the rounding profile they match at the case's smallest M."""
     bench, weights = timer(case.device, rep_ms), draw_weights(case)
+    judged = {name: (impl, rounding_of(case, impl, min(tokens), weights)) for name, impl in (impls or {}).items()}
     for m in tokens:
-        point = measure_point(case, m, weights, backends, bench)
+        point = measure_point(case, m, weights, backends, bench, impls=judged)
         print(report.point_line(point), flush=True)
         on_point(point)
 
@@ -226,6 +256,8 @@ def main(argv=None) -> int:
                    "one for this machine's device")
     p.add_argument("--tokens", type=int, nargs="+", help="M values (tokens received per rank); default: the case's")
     p.add_argument("--backends", nargs="+", help="GEMM backends; default: every available one")
+    p.add_argument("--impl", action="append", default=[], metavar="MODULE:CALLABLE", help="also time this outside "
+                   "implementation (JAX included) at every point, beside ours (repeatable)")
     p.add_argument("--rep-ms", type=int, default=30, help="time spent per timing (ms, two do_bench runs)")
     p.add_argument("--json", help="write the results here (written again after every point)")
     p.add_argument("--plot", help="write the roofline and masked-vs-contiguous plot (PNG) here")
@@ -244,6 +276,11 @@ def main(argv=None) -> int:
         elsewhere = [f"{c.name} ({c.device})" for c in cases if c.device != device]
         if elsewhere:
             print(f"verify.bench: --case {', '.join(elsewhere)} cannot run on this {device} machine", file=sys.stderr)
+            return 2
+        try:
+            impls = {spec: load(spec) for spec in args.impl}
+        except UsageError as exc:
+            print(f"verify.bench: error: {exc}", file=sys.stderr)
             return 2
         if args.warm_only:
             for c in cases:
@@ -266,7 +303,7 @@ def main(argv=None) -> int:
 
         for c in cases:
             print(c.describe(), flush=True)
-            run_case(c, args.tokens or c.tokens, available_backends(c, args.backends), args.rep_ms, save)
+            run_case(c, args.tokens or c.tokens, available_backends(c, args.backends), args.rep_ms, save, impls)
     results["report"] = report.report(results)
     print(report.format_report(results))
     if args.json and not args.from_json:

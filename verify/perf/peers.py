@@ -12,7 +12,7 @@ import torch
 
 
 def torch_native_forward(x, topk_ids, topk_weights, w13, w2, *, ep_size: int = 1, ep_rank: int = 0,
-                         num_experts: int | None = None, **_options) -> torch.Tensor:
+                         num_experts: int | None = None, gate_up_order: str = "gate_up", **_options) -> torch.Tensor:
     """bf16 [M, H]; layout / gemm options are ignored (there is one layout: sorted, unpadded segments)."""
     num_tokens, topk = topk_ids.shape
     num_local_experts = w13.shape[0]
@@ -28,7 +28,8 @@ def torch_native_forward(x, topk_ids, topk_weights, w13, w2, *, ep_size: int = 1
     rows = x.index_select(0, token)
     ends = torch.cumsum(counts, 0, dtype=torch.int32)
     h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends)
-    gate, up = h.float().chunk(2, dim=-1)
+    first, second = h.float().chunk(2, dim=-1)
+    gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
     a = (torch.nn.functional.silu(gate) * up).bfloat16()
     y = torch._grouped_mm(a, w2.transpose(1, 2), offs=ends)
     weights = topk_weights.flatten().index_select(0, order)

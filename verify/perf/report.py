@@ -181,6 +181,14 @@ def format_report(results: dict) -> str:
             f"{scatter_gbps(p) / ceil['copy_gbps']:.2f} | {gather_gbps(p) / ceil['copy_gbps']:.2f} | "
             f"{torch_native_ratio(p):.2f} | {masked_over_contiguous(p):.2f} | "
             f"{p['accuracy']['hybrid']['l2_u']:.2f} |")
+    outside = sorted({k for p in results["points"] for k in p["ms"] if k.startswith("impl/")})
+    if outside:  # outside implementations timed beside ours (verify.bench --impl)
+        lines += ["", "| case | M | ours ms | " + " | ".join(f"{k[5:]} / ours (l2/u, verdict)" for k in outside) + " |",
+                  "|" + "---|" * (3 + len(outside))]
+        for p in results["points"]:
+            cells = [f"{p['ms'][k] / ours_ms(p):.2f} ({p['accuracy'][k]['l2_u']:.2f}, {p['accuracy'][k]['verdict']})"
+                     if k in p["ms"] else p["errors"].get(k, "-")[:40] for k in outside]
+            lines.append(f"| {p['case']} | {p['tokens']} | {ours_ms(p):.3f} | " + " | ".join(cells) + " |")
     rep = results.get("report") or report(results)
     lines += ["", "| target | goal | met | worst (case, M) |", "|---|---|---|---|"]
     for t in rep["targets"]:

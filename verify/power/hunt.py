@@ -71,14 +71,14 @@ class Hunt:
 
 
 def hunt(name: str, impl: Callable, *, cases=HUNT_CASES, seed: int = 0, device: str = "cpu",
-         on_row: Callable[[], None] = lambda: None, until_killed: bool = False) -> Hunt:
+         on_row: Callable[[], None] = lambda: None, until_killed: bool = False, rounding: str = "production") -> Hunt:
     """The rows of `cases` for `impl`: every one (the naive checks are scored on all of them), or with
     `until_killed` only up to the first failing row (enough to know that it is killed, and where first)."""
     result = Hunt(name)
     scale = default_scale(device)
     for case_name in cases:
         case = CASES_BY_NAME[case_name]
-        runner = Sweep(case, impl, seed=seed, device=device, scale=scale)
+        runner = Sweep(case, impl, seed=seed, device=device, scale=scale, rounding=rounding)
         for target in targets(case, scale):
             result.record(runner.run(target))
             on_row()
@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="NAME", help="hunt only these mutants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the matrix to this file")
+    p.add_argument("--rounding", choices=["production", "auto"], default="production", help="judge every mutant by "
+                   "the production profile (the pipeline declares it: the default), or by the profile each run "
+                   "matches best (auto: which mutants would pass as another legitimate convention)")
     p.add_argument("--list", action="store_true", help="describe every mutant and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -136,12 +139,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     bar = tqdm(total=rows_per_hunt(device=device) * (len(chosen) + 1), unit="row", desc="verify.mutants",
                leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
-    baseline = hunt("(unmutated)", moe_expert_forward, seed=args.seed, device=device, on_row=lambda: bar.update())
-    hunts = [hunt(m.name, m.impl, seed=args.seed, device=device, on_row=lambda: bar.update()) for m in chosen]
+    baseline = hunt("(unmutated)", moe_expert_forward, seed=args.seed, device=device, on_row=lambda: bar.update(),
+                    rounding=args.rounding)
+    hunts = [hunt(m.name, m.impl, seed=args.seed, device=device, on_row=lambda: bar.update(), rounding=args.rounding)
+             for m in chosen]
     bar.close()
     elapsed = time.perf_counter() - start
 
-    print(f"hunt cases: {', '.join(HUNT_CASES)} ({baseline.rows} rows each) on {device}, seed {args.seed}")
+    print(f"hunt cases: {', '.join(HUNT_CASES)} ({baseline.rows} rows each) on {device}, seed {args.seed}, "
+          f"rounding {args.rounding}")
     print(format_matrix(baseline, hunts))
     killed = [h for h in hunts if h.killed]
     survivors = [h.name for h in hunts if not h.killed]
@@ -153,7 +159,8 @@ def main(argv=None) -> int:
           f"fails {baseline.allclose_fails}/{baseline.rows} rows of the unmutated pipeline); {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "seed": args.seed, "cases": HUNT_CASES, "seconds": elapsed,
+            json.dump({"device": device, "seed": args.seed, "rounding": args.rounding, "cases": HUNT_CASES,
+                       "seconds": elapsed,
                        "baseline": vars(baseline), "mutants": [vars(h) for h in hunts]}, f, indent=1)
     return 0 if not survivors and not baseline.killed else 1
 

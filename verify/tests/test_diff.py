@@ -33,7 +33,7 @@ def test_list_prints_every_case(capsys):
     (["--case", "skewed", "--ep-size", "3"], "--ep-size 3"),
     (["--case", "skewed", "--ep-size", "2", "--rank", "2"], "--rank 2"),
     (["--bogus"], "unrecognized arguments"),
-    ([], "--case is required"),
+    ([], "--case or --replay is required"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -43,7 +43,7 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
 def test_one_row_passes_and_writes_json(capsys, tmp_path):
     path = tmp_path / "rows.json"
     code, out, _ = run(capsys, "--case", "skewed", "--ep-size", "4", "--rank", "2", "--layout", "masked",
-                       "--json", str(path))
+                       "--view", "deepep", "--json", str(path))
     assert code == 0, out
     assert "skewed  4   2     masked" in out and "1/1 rows pass" in out
     (row,) = json.loads(path.read_text())["rows"]
@@ -74,8 +74,11 @@ MUST_FAIL_AT = {
 
 @pytest.mark.parametrize("name", sorted(broken.BROKEN))
 def test_broken_implementation_fails_and_is_localised(capsys, tmp_path, name):
+    """Every row of the ep_size where the bug must show (the DeepEP view: these bugs need no remote ids)."""
     path = tmp_path / "rows.json"
-    code, out, _ = run(capsys, "--case", "skewed", "--impl", f"verify.power.broken:{name}", "--json", str(path))
+    ep_size = MUST_FAIL_AT[name].split("-ep")[1].split("-")[0]
+    code, out, _ = run(capsys, "--case", "skewed", "--ep-size", ep_size, "--view", "deepep", "--impl",
+                       f"verify.power.broken:{name}", "--json", str(path))
     assert code == 1, out
     verdicts = {r["id"]: r["verdict"] for r in json.loads(path.read_text())["rows"]}
     assert verdicts[MUST_FAIL_AT[name]] == "FAIL", out
@@ -83,7 +86,7 @@ def test_broken_implementation_fails_and_is_localised(capsys, tmp_path, name):
     assert f"FAIL {failing}:" in out and "worst: token" in out
     assert f"--impl verify.power.broken:{name}" in out  # the replay command
     if name == "global_ids_as_local":
-        assert verdicts["skewed-ep2-rank0-masked"] == "PASS" and verdicts["skewed-ep1-rank0-masked"] == "PASS"
+        assert verdicts["skewed-ep2-rank0-masked"] == "PASS" and verdicts["skewed-ep2-rank0-contiguous"] == "PASS"
     if name == "masked_drops_last_token":
         assert all(v != "FAIL" for k, v in verdicts.items() if k.endswith("contiguous"))
 

@@ -114,7 +114,7 @@ def test_gather_weights_every_local_slot_in_order(layout, hidden, ep_size, rank,
     out = gather(y, dispatch, weights, empty=checks.poisoned_empty)
     index = dispatch.output_index.long()
     y_slots = y.view(-1, hidden)[index.clamp_min(0)]
-    want = ref.weighted_sum(y_slots, weights, index >= 0, faithful=True).to(torch.bfloat16)
+    want = ref.weighted_sum(y_slots, weights, index, faithful=True).to(torch.bfloat16)  # index >= 0: local
     torch.testing.assert_close(out, want, **tolerance("gather"))
 
 

@@ -1,0 +1,73 @@
+"""Outside implementations through the tester: transformers' experts classes pass under their own rounding profile
+and fail production with a message that says the exact bands passed; both JAX implementations pass the catalogue
+on this machine and a hand-broken one fails with rank and row named; the tester calls each with what it takes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from verify.cases import CASES
+from verify.diff import main as diff_main
+from verify.impls import implementation
+
+transformers = pytest.importorskip("transformers", reason="the [hf] extra is not installed")
+jax = pytest.importorskip("jax", reason="the [jax] extra is not installed")
+
+from verify.adapters import hf, jax_moe  # noqa: E402
+
+
+def run(capsys, tmp_path, *argv):
+    path = tmp_path / "rows.json"
+    code = diff_main([*argv, "--json", str(path)])
+    return code, capsys.readouterr().out, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", list(hf.ADAPTERS))
+def test_a_transformers_experts_class_passes_under_the_profile_it_rounds_by(capsys, tmp_path, name):
+    code, out, result = run(capsys, tmp_path, "--case", "skewed", "--ep-size", "2", "--impl",
+                            f"verify.adapters.hf:{name}")
+    assert code == 0, out
+    assert result["rounding"]["profile"] == ("hf_eager" if name.endswith("_eager") else "hf_grouped")
+    assert all(r["id"].count("-") == 2 or r["id"].endswith("-raw") for r in result["rows"])  # no layout rows
+
+
+def test_transformers_fails_production_and_the_message_says_the_exact_bands_passed(capsys, tmp_path):
+    code, out, _ = run(capsys, tmp_path, "--case", "skewed", "--ep-size", "2", "--rank", "0", "--view", "deepep",
+                       "--impl", "verify.adapters.hf:qwen3_moe_eager", "--rounding", "production")
+    assert code == 1
+    assert "matches no rounding profile" in out and "exact_row_err, exact_rel_l2" in out
+    assert "closest profile hf_eager" in out
+
+
+@pytest.mark.parametrize("case", [c.name for c in CASES])
+@pytest.mark.parametrize("name", ["ragged", "masked"])
+def test_a_jax_implementation_passes_the_catalogue(capsys, tmp_path, name, case):
+    code, out, result = run(capsys, tmp_path, "--case", case, "--impl", f"verify.adapters.jax_moe:{name}")
+    assert code == 0, out
+    assert result["rounding"]["profile"] == "production"
+
+
+def test_a_broken_jax_implementation_fails_with_rank_and_row_named(capsys, tmp_path):
+    code, out, _ = run(capsys, tmp_path, "--case", "skewed", "--ep-size", "2",
+                       "--impl", "verify.adapters.jax_moe:ragged_ignores_router_weight")
+    assert code == 1
+    assert "FAIL skewed-ep2-rank1:" in out and "worst: token" in out and "rank 1" in out
+
+
+def test_the_framework_is_detected_and_only_accepted_keywords_are_passed():
+    impl = implementation(jax_moe.ragged)
+    assert impl.framework == "jax" and not impl.has_layouts and impl.takes("gate_up_order")
+    seen = {}
+
+    def torch_impl(x, topk_ids, topk_weights, w13, w2, *, ep_rank=0):
+        seen.update(ep_rank=ep_rank)
+        return torch.zeros_like(x)
+
+    plain = implementation(torch_impl)
+    assert plain.framework == "torch" and not plain.has_layouts and plain.stages is None
+    x = torch.zeros(2, 4, dtype=torch.bfloat16)
+    plain(x, None, None, None, None, ep_rank=3, layout="masked", gemm="auto")
+    assert seen == {"ep_rank": 3}
