@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
-from reference.routing import Routing, make_routing
+from reference.routing import VIEWS, RankView, Routing, ViewKind, make_routing, pad_view, rank_view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,43 @@ class BenchCase:
         return (f"{self.name}: {self.shape.describe()}, ep {self.ep_size} (E_local={self.num_local_experts}), "
                 f"{self.routing} routing, M in {list(self.tokens)}")
 
+    def draw_weights(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 weights of rank 0's experts (`expert_weights`), drawn on the case's device."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return expert_weights(self.num_local_experts, self.shape.hidden, self.shape.inter, gen, self.device)
+
+    def received(self, tokens: int, weights, seed: int = 0) -> BenchInputs:
+        """The first `tokens` rows that rank 0 receives from a global batch of the case's routing."""
+        s = self.shape
+        share = 1 - math.comb(s.num_experts - self.num_local_experts, s.topk) / math.comb(s.num_experts, s.topk)
+        num_global = int(tokens / share * 1.3) + 16
+        while True:
+            routing = make_routing(self.routing, num_global, s.num_experts, s.topk, seed=seed)
+            view = rank_view(torch.empty(num_global, 0), routing, self.ep_size, 0)
+            if view.num_tokens >= tokens:
+                break
+            num_global *= 2
+        x = normal(tokens, s.hidden, generator=torch.Generator(device=self.device).manual_seed(seed + 1),
+                   device=self.device)
+        ids, w = view.topk_ids[:tokens].to(self.device), view.topk_weights[:tokens].to(self.device)
+        return BenchInputs(x, ids, w, *weights, view.local_ids()[:tokens].to(self.device))
+
+
+@dataclasses.dataclass
+class BenchInputs:
+    """Rank 0's view of M received tokens and its experts' weights."""
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    local_ids: torch.Tensor  # int64 [M, k], -1 where not local
+
+    @property
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return self.x, self.topk_ids, self.topk_weights, self.w13, self.w2
+
 
 DEEPSEEK_EP8 = BenchCase("deepseek-ep8", DEEPSEEK_V3, 8, "uniform", FIT_TOKENS)
 DEEPSEEK_EP8_SKEWED = BenchCase("deepseek-ep8-skewed", DEEPSEEK_V3, 8, "skewed", FIT_TOKENS)
@@ -176,6 +214,21 @@ class Problem:
         num_local_experts = self.sizes.num_experts // ep_size
         experts = slice(rank * num_local_experts, (rank + 1) * num_local_experts)
         return self.w13[experts], self.w2[experts]
+
+    def view(self, case: Case, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP) -> RankView:
+        """What the tester sends rank `rank`: the `kind` view of this batch (padded as a DeepEP receive buffer for a
+        case with pad_views), NaN weights on its skipped slots."""
+        view = VIEWS[kind](self.x, self.routing, ep_size, rank)
+        if case.pad_views and kind is ViewKind.DEEPEP:
+            view = pad_view(view, self.routing.num_tokens)
+        weights = nan_weights_on_skipped_slots(view.topk_ids, view.topk_weights)
+        return dataclasses.replace(view, topk_weights=weights)
+
+
+def nan_weights_on_skipped_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """The weights with NaN where the id is -1: the contract says a skipped slot contributes nothing whatever its
+    weight (DeepEP sends 0), so an implementation that multiplies one shows it."""
+    return torch.where(topk_ids >= 0, topk_weights, float("nan"))
 
 
 def normal(*shape: int, generator: torch.Generator, device, scale: float = 1.0) -> torch.Tensor:

@@ -74,12 +74,6 @@ def layout_problems(dispatch: Dispatch, x: torch.Tensor, local_ids: torch.Tensor
     return problems
 
 
-def nan_weights_on_skipped_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """The weights with NaN where the id is -1: the contract says a skipped slot contributes nothing whatever its
-    weight (DeepEP sends 0), so an implementation that multiplies one shows it."""
-    return torch.where(topk_ids >= 0, topk_weights, float("nan"))
-
-
 def restore(tensors, saved) -> None:
     """Copy `saved` back into every tensor an implementation wrote into."""
     for t, original in zip(tensors, saved, strict=True):

@@ -41,8 +41,8 @@ from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts, local_expert_ids  # noqa: E402
 from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile  # noqa: E402
 from reference.routing import RankView, ViewKind  # noqa: E402
-from verify import bands, checks  # noqa: E402
-from verify.cases import expert_weights, normal  # noqa: E402
+from verify import bands  # noqa: E402
+from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
 from verify.impls import Implementation, UsageError, implementation, load  # noqa: E402
 from verify.probes import Trial  # noqa: E402
@@ -128,7 +128,7 @@ class FuzzCase:
         ids = ids[torch.randperm(self.num_tokens, generator=gen)]
         ids = torch.gather(ids, 1, torch.argsort(torch.rand(self.num_tokens, self.topk, generator=gen), dim=1))
         weights = torch.softmax(torch.randn(self.num_tokens, self.topk, generator=gen), dim=-1)
-        weights = checks.nan_weights_on_skipped_slots(ids, weights)
+        weights = nan_weights_on_skipped_slots(ids, weights)
         local = local_expert_ids(ids, self.ep_size, self.rank, self.num_experts)
         values = torch.Generator(device=device).manual_seed(self.seed + 1)
         x = normal(self.num_tokens, self.hidden, generator=values, device=device)

@@ -20,8 +20,8 @@ import torch
 from kernels.dispatch import LAYOUTS, Layout
 from reference import moe_reference
 from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile
-from reference.routing import VIEWS, RankView, ViewKind, combine, pad_view
-from verify import bands, checks
+from reference.routing import RankView, ViewKind, combine
+from verify import bands
 from verify.cases import Case, Problem, make_problem
 from verify.findings import Check, Finding, Verdict, failure, worst
 from verify.impls import Implementation, implementation
@@ -262,11 +262,7 @@ class Sweep:
     def view(self, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP) -> RankView:
         key = (ep_size, rank, kind)
         if key not in self._views:
-            view = VIEWS[kind](self.problem.x, self.problem.routing, ep_size, rank)
-            if self.case.pad_views and kind is ViewKind.DEEPEP:
-                view = pad_view(view, self.problem.routing.num_tokens)
-            weights = checks.nan_weights_on_skipped_slots(view.topk_ids, view.topk_weights)
-            self._views[key] = dataclasses.replace(view, topk_weights=weights)
+            self._views[key] = self.problem.view(self.case, ep_size, rank, kind)
         return self._views[key]
 
     def references(self, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP,

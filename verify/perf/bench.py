@@ -17,9 +17,7 @@ verify/perf/report.py turns the points into the targets table, the fitted layout
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -40,9 +38,9 @@ from kernels.gemm import BACKENDS, availability, select  # noqa: E402
 from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts  # noqa: E402
 from reference.rounding import Rounding  # noqa: E402
-from reference.routing import RankView, make_routing, rank_view  # noqa: E402
+from reference.routing import RankView  # noqa: E402
 from verify import bands  # noqa: E402
-from verify.cases import BENCH_CASES, BenchCase, expert_weights, normal  # noqa: E402
+from verify.cases import BENCH_CASES, BenchCase, BenchInputs  # noqa: E402
 from verify.findings import worst  # noqa: E402
 from verify.impls import Implementation, UsageError, load  # noqa: E402
 from verify.metrics import compare  # noqa: E402
@@ -70,42 +68,7 @@ def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
     return cpu
 
 
-@dataclasses.dataclass
-class Inputs:
-    """Rank 0's view of M received tokens and its experts' weights."""
-
-    x: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-    w13: torch.Tensor
-    w2: torch.Tensor
-    local_ids: torch.Tensor  # int64 [M, k], -1 where not local
-
-
-def draw_weights(case: BenchCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 weights of rank 0's experts (verify.cases.expert_weights), drawn on the case's device."""
-    gen = torch.Generator(device=case.device).manual_seed(seed)
-    return expert_weights(case.num_local_experts, case.shape.hidden, case.shape.inter, gen, case.device)
-
-
-def received(case: BenchCase, tokens: int, weights, seed: int = 0) -> Inputs:
-    """The first `tokens` rows that rank 0 receives from a global batch of the case's routing."""
-    s = case.shape
-    share = 1 - math.comb(s.num_experts - case.num_local_experts, s.topk) / math.comb(s.num_experts, s.topk)
-    num_global = int(tokens / share * 1.3) + 16
-    while True:
-        routing = make_routing(case.routing, num_global, s.num_experts, s.topk, seed=seed)
-        view = rank_view(torch.empty(num_global, 0), routing, case.ep_size, 0)
-        if view.num_tokens >= tokens:
-            break
-        num_global *= 2
-    x = normal(tokens, s.hidden, generator=torch.Generator(device=case.device).manual_seed(seed + 1),
-               device=case.device)
-    ids, w = view.topk_ids[:tokens].to(case.device), view.topk_weights[:tokens].to(case.device)
-    return Inputs(x, ids, w, *weights, view.local_ids()[:tokens].to(case.device))
-
-
-def _stage_times(case: BenchCase, inp: Inputs, backends: list[str], bench) -> dict[str, float]:
+def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) -> dict[str, float]:
     """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2."""
     ms, kw = {}, dict(ep_rank=0, num_local_experts=case.num_local_experts, num_experts=case.shape.num_experts)
     ms["count"] = bench(lambda: scatter.count_local_experts(inp.topk_ids, **kw))
@@ -132,7 +95,7 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     """One M of a case. `impls`: outside implementations (name -> (implementation, the rounding profile it is judged
     by)), timed as "impl/NAME" beside ours."""
     s = case.shape
-    inp = received(case, tokens, weights, seed)
+    inp = case.received(tokens, weights, seed)
     args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
     kw = dict(ep_size=case.ep_size, ep_rank=0, num_experts=s.num_experts)
     counts = expert_counts(inp.local_ids, case.num_local_experts).tolist()
@@ -207,7 +170,7 @@ def available_backends(case: BenchCase, names=None) -> list[str]:
 
 def rounding_of(case: BenchCase, impl: Implementation, tokens: int, weights) -> Rounding:
     """The profile an outside implementation matches on this case (one run at `tokens`, as the sweep finds it)."""
-    inp = received(case, tokens, weights)
+    inp = case.received(tokens, weights)
     s = case.shape
     args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
     kw = dict(ep_size=case.ep_size, ep_rank=0, num_experts=s.num_experts)
@@ -222,7 +185,7 @@ def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[
              impls: dict[str, Implementation] | None = None) -> None:
     """Measure each M of the case; hand every point to `on_point` as soon as it is measured. Outside `impls` are
     judged by the rounding profile they match at the case's smallest M."""
-    bench, weights = timer(case.device, rep_ms), draw_weights(case)
+    bench, weights = timer(case.device, rep_ms), case.draw_weights()
     judged = {name: (impl, rounding_of(case, impl, min(tokens), weights)) for name, impl in (impls or {}).items()}
     for m in tokens:
         point = measure_point(case, m, weights, backends, bench, impls=judged)
@@ -232,9 +195,9 @@ def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[
 
 def warm(case: BenchCase, tokens, backends) -> None:
     """Run every configuration once, untimed: compiles (and caches) each JIT kernel the timed run will meet."""
-    weights = draw_weights(case)
+    weights = case.draw_weights()
     for m in tokens:
-        inp = received(case, m, weights)
+        inp = case.received(m, weights)
         args = (inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2)
         for b in backends:
             for layout in LAYOUTS:

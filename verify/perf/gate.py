@@ -1,16 +1,32 @@
-"""python -m verify.gate --baseline baselines/<gpu>.json [--update]: accuracy and speed against a stored baseline.
+"""python -m verify.gate: a regression gate that does not cry wolf.
 
-Accuracy: the catalogue (verify.cases, this device's sizes) through verify.diff, one process per case; a row
-regresses when it FAILs its band, or drops from PASS to WARN. Speed: the whole stage (production pipeline, hybrid
-layout and backend) at the catalogue's GATE_POINTS (verify/cases.py), measured in REPEATS interleaved passes. The noise
-of each entry is measured, not guessed: a pass's robust relative spread (1.4826 x the median absolute deviation over
-the median) gives the standard error of the median of the passes (x 1.253 / sqrt(passes)); an entry regresses when
-its median is slower than the baseline's by more than NOISE_FACTOR standard errors of the difference (the baseline's
-and this run's combined, each at least the median standard error of all entries). `--update` writes the baseline
-instead. `--inject-slowdown F` stalls every timed call by F x the baseline's time for that entry (a GPU sleep that
-the count's host read-back waits for, so it lengthens the call whether it is GPU- or host-bound): the gate must then
-fail.
-Exit codes: 0 no regression, 1 regression, 2 usage error (no baseline, other card).
+    python -m verify.gate --against origin/main     # A/B on this machine: REF's pipeline against the working tree's
+    python -m verify.gate --self-test 20            # false alarms (A/A) and detection (3%, 5%, 10% slowed) per point
+    python -m verify.gate --baseline baselines/<card>.json [--update]   # against a stored baseline (another machine)
+
+A/B, `--against REF` (the CI gate; REF is any git ref, in CI the merge-base with the target branch:
+`--against $(git merge-base origin/main HEAD)`): REF is exported with `git archive` into a temporary folder, and two
+worker processes (verify/perf/abworker.py), one running REF's `kernels` and one the working tree's, time the whole
+stage at the catalogue's GATE_POINTS on the same GPU, interleaved pair by pair (A then B, then B then A, ...). Each
+point's verdict comes from the paired ratios r = B / A. A regression needs both
+- evidence: a one-sided Wilcoxon signed-rank test on log r, p < ALPHA (scipy.stats.wilcoxon: a paired test that
+  assumes no normal distribution, so the heavy tails of host noise do not fake significance), and
+- an effect: the Hodges-Lehmann estimate of r (the median of the Walsh averages of log r) above --min-effect (3%).
+A point whose GPU is busy less than HOST_BOUND of its wall time is host-bound: it is reported apart, and its effect
+must also exceed the spread of its log r in this run (the median absolute deviation): host noise measured, not assumed.
+Accuracy: both trees' outputs on every rank row of the catalogue, judged by this tree's bands against this tree's
+references; a row that drops a grade (PASS -> WARN -> FAIL) is a regression.
+
+`--baseline PATH` compares with a stored baseline instead (the card-to-card report): its speed entries are normalised
+by what this run measures of the machine (copy bandwidth and dense matmul for the GPU's share of an entry, a kernel
+launch's latency for the host's share), so a baseline written on one machine can be checked on another of the same
+card; an entry regresses when its normalised time exceeds the baseline by more than --min-effect and 3 standard errors
+of the two medians. `--update` writes the baseline.
+
+`--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep on the stream before
+the pipeline (a host sleep on a CPU): the gate must then fail. `--self-test N` measures the gate itself: N A/A runs
+(the tree against itself: every flagged point is a false alarm) and N runs with 3%, 5% and 10% injected.
+Exit codes: 0 no regression, 1 regression, 2 usage error (unknown REF, no baseline, another card).
 """
 
 from __future__ import annotations
@@ -20,7 +36,10 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,175 +50,360 @@ from kernels._device import configure_triton, default_device
 
 configure_triton()
 
-import triton  # noqa: E402
+from scipy import stats  # noqa: E402
 
-from kernels import PRODUCTION, moe_expert_forward  # noqa: E402
-from verify import bands  # noqa: E402
-from verify.cases import CASES, GATE_POINTS  # noqa: E402
+from verify.cases import CASES, CASES_BY_NAME, GATE_POINTS  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
-from verify.perf import bench, procs  # noqa: E402
+from verify.sweep import Row, Sweep  # noqa: E402
 
-REPEATS = 5
-NOISE_FACTOR = 3.0
-REP_MS = {"cuda": 50, "cpu": 0}
-
-
-def _device_type() -> str:
-    return torch.device(default_device()).type
-
-
-def accuracy(case_names, jobs: int) -> dict:
-    """test_id -> the row's verdict, failed checks and errors (u), for every catalogue row of these cases: one
-    `python -m verify.diff --case NAME --json` process per case, `jobs` at a time."""
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        argvs = [["-m", "verify.diff", "--case", name, "--json", f"{tmp}/{name}.json"] for name in case_names]
-        for name, argv, proc in zip(case_names, argvs, procs.run_modules(argvs, jobs), strict=True):
-            if proc.returncode not in (0, 1):
-                raise RuntimeError(f"verify.diff --case {name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-            with open(argv[-1]) as f:
-                for r in json.load(f)["rows"]:
-                    m = r["metrics"]
-                    rows[r["id"]] = dict(verdict=r["verdict"], checks=r["checks"],
-                                         l2_u=m["rel_l2"] / bands.U_BF16 if m else None,
-                                         row_u=m["row_err"] / bands.U_BF16 if m else None)
-    return rows
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ALPHA = 0.01
+MIN_EFFECT = 0.03
+HOST_BOUND = 0.6  # GPU busy below this share of the wall time: host-bound
+PAIRS = 20
+REP_MS = {"cuda": 10, "cpu": 1}
+REPEATS = 5  # --baseline: interleaved passes per entry
 
 
-def _sleeper(device_type: str):
-    """delay_ms -> a function that delays the stream (GPU) or the host (CPU) by about that long."""
+class UsageError(Exception):
+    pass
+
+
+# ---- workers -------------------------------------------------------------------------------------------------------
+
+class Worker:
+    """One tree's pipeline in its own process (verify/perf/abworker.py), answering JSON requests."""
+
+    def __init__(self, tree: pathlib.Path, label: str):
+        self.label = label
+        # the tree's `kernels` first; the gate's own `verify` and `reference` (plain torch there) from a shim
+        self.shim = shim = pathlib.Path(tempfile.mkdtemp(prefix="gate-shim-"))
+        for package in ("verify", "reference"):
+            (shim / package).symlink_to(ROOT / package)
+        paths = [str(shim), str(tree), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        self.process = subprocess.Popen([sys.executable, "-m", "verify.perf.abworker"], cwd=shim, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.label} worker died (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.ask_quietly()
+            self.process.wait(timeout=60)
+        shutil.rmtree(self.shim, ignore_errors=True)
+
+    def ask_quietly(self) -> None:
+        try:
+            self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass
+
+
+def export(ref: str) -> pathlib.Path:
+    """REF's tree (git archive) in a temporary folder; UsageError naming REF when git cannot resolve it. A folder
+    holding a checkout (its `kernels/`) is used as it is, copied."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="gate-ref-"))
+    if (pathlib.Path(ref) / "kernels").is_dir():
+        shutil.copytree(pathlib.Path(ref) / "kernels", folder / "kernels")
+        return folder
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref], capture_output=True)
+    if archive.returncode:
+        raise UsageError(f"--against {ref}: {archive.stderr.decode().strip() or 'git archive failed'}")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+# ---- speed ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SpeedVerdict:
+    entry: str
+    a_ms: float  # median of A's times
+    b_ms: float
+    ratio: float  # Hodges-Lehmann estimate of B / A
+    p_value: float  # one-sided Wilcoxon signed-rank, B slower
+    spread: float  # median absolute deviation of log(B / A)
+    busy: float  # the share of wall time the GPU spends in kernels (B's side)
+    threshold: float  # the effect the ratio had to exceed
+    regressed: bool
+
+    @property
+    def host_bound(self) -> bool:
+        return self.busy < HOST_BOUND
+
+
+def judge_pairs(entry: str, a: list[float], b: list[float], busy: float, min_effect: float) -> SpeedVerdict:
+    """The verdict on paired times (see the module docstring)."""
+    logs = [math.log(y / x) for x, y in zip(a, b, strict=True)]
+    walsh = [(logs[i] + logs[j]) / 2 for i in range(len(logs)) for j in range(i, len(logs))]
+    estimate = math.exp(statistics.median(walsh))
+    center = statistics.median(logs)
+    spread = statistics.median(abs(v - center) for v in logs)
+    p_value = float(stats.wilcoxon(logs, alternative="greater").pvalue) if any(logs) else 1.0
+    threshold = max(min_effect, math.expm1(spread)) if busy < HOST_BOUND else min_effect
+    return SpeedVerdict(entry, statistics.median(a), statistics.median(b), estimate, p_value, spread, busy, threshold,
+                        p_value < ALPHA and estimate > 1 + threshold)
+
+
+def points_for(device_type: str) -> list[tuple[str, int]]:
+    return [(case.name, tokens) for case, tokens in GATE_POINTS[device_type]]
+
+
+def busy_shares(worker: Worker, points) -> list[float]:
+    return [worker.ask(op="busy", point=i)["busy"] for i in range(len(points))]
+
+
+def ab_speed(a: Worker, b: Worker, points, pairs: int, min_effect: float, busy: list[float]) -> list[SpeedVerdict]:
+    """`pairs` interleaved pairs of timings per point (the order alternates), then each point's verdict."""
+    times = {i: ([], []) for i in range(len(points))}
+    for pair in range(pairs):
+        for i in range(len(points)):
+            order = (0, 1) if pair % 2 == 0 else (1, 0)
+            for side in order:
+                times[i][side].append((a, b)[side].ask(op="time", point=i)["ms"])
+    return [judge_pairs(f"{name}/M={tokens}", *times[i], busy[i], min_effect)
+            for i, (name, tokens) in enumerate(points)]
+
+
+def format_speed(verdicts: list[SpeedVerdict], min_effect: float) -> str:
+    lines = [f"speed: Wilcoxon signed-rank p < {ALPHA} and Hodges-Lehmann B/A > 1 + threshold (min effect "
+             f"{min_effect:.0%}; host-bound points: at least their measured spread)",
+             f"  {'entry':28s} {'A ms':>8s} {'B ms':>8s} {'B/A':>6s} {'p':>8s} {'spread':>7s} {'busy':>5s} "
+             f"{'thresh':>6s}"]
+    for host_bound in (False, True):
+        rows = [v for v in verdicts if v.host_bound == host_bound]
+        if rows and host_bound:
+            lines.append("  host-bound (GPU busy < 60% of the wall time):")
+        for v in rows:
+            lines.append(f"  {v.entry:28s} {v.a_ms:8.3f} {v.b_ms:8.3f} {v.ratio:6.3f} {v.p_value:8.1e} "
+                         f"{v.spread:7.1%} {v.busy:5.0%} {v.threshold:6.1%}" + ("  REGRESSED" if v.regressed else ""))
+    return "\n".join(lines)
+
+
+# ---- accuracy ------------------------------------------------------------------------------------------------------
+
+def accuracy_grades(workers: list[Worker], case_names, seed: int = 0) -> dict[str, list[str]]:
+    """row id -> each worker's verdict, over every rank row of the cases (each judged by this tree's bands)."""
+    grades = {}
+    for name in case_names:
+        sweep = Sweep(CASES_BY_NAME[name], lambda *args, **kw: None, seed=seed, device=default_device())
+        targets = [t for t in sweep.targets() if t.rank is not None]
+        rows = [[t.ep_size, t.rank, str(t.view), str(t.layout)] for t in targets]
+        answers = [w.ask(op="grades", case=name, seed=seed, rows=rows)["grades"] for w in workers]
+        for target, spec in zip(targets, rows, strict=True):
+            row_id = Row(name, target.ep_size, target.rank, target.layout, 0, target.view).test_id
+            grades[row_id] = [answer["/".join(map(str, spec))] for answer in answers]
+    return grades
+
+
+def accuracy_regressions(grades: dict[str, list[str]]) -> list[str]:
+    """A's grade -> B's: a row that drops a grade regresses."""
+    return [f"accuracy {row_id}: {a} -> {b}" for row_id, (a, b) in grades.items() if Verdict[b] > Verdict[a]]
+
+
+# ---- stored baselines ----------------------------------------------------------------------------------------------
+
+def machine_probes(device_type: str) -> dict:
+    """What this run measures of the machine: copy GB/s, dense bf16 TFLOP/s, one kernel launch's latency (us)."""
     if device_type != "cuda":
-        return lambda delay_ms: (lambda: time.sleep(delay_ms / 1e3))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)  # warm
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
-    return lambda delay_ms: (lambda: torch.cuda._sleep(int(delay_ms * cycles_per_ms)))
+        start = time.perf_counter()
+        torch.ones(1) + 1
+        return dict(copy_gbps=1.0, matmul_tflops=1.0, launch_us=(time.perf_counter() - start) * 1e6)
+    import triton
+
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(50):
+        a @ a
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    tiny = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(1000):
+        tiny.add_(1)
+    torch.cuda.synchronize()
+    return dict(copy_gbps=2 * src.numel() / copy_ms / 1e6, matmul_tflops=2 * 4096**3 / mm_ms / 1e9,
+                launch_us=(time.perf_counter() - start) * 1e3)
 
 
-def speed(points, repeats: int, slowdown: float = 0.0, baseline: dict | None = None) -> dict:
-    """entry -> `summary` of its `repeats` interleaved passes (median ms, its standard error, every pass's ms)."""
-    device_type = _device_type()
-    timer = bench.timer(device_type, REP_MS[device_type])
-    sleeper = _sleeper(device_type) if slowdown else None
-    calls, weights = {}, {}
-    for case, tokens in points:
-        weights.setdefault(case.name, bench.draw_weights(case))
-        inp = bench.received(case, tokens, weights[case.name])
-        stages = PRODUCTION
-        entry = f"{case.name}/M={tokens}"
-        if slowdown:
-            delay = sleeper(slowdown * baseline["speed"][entry]["ms"])
+def normalised(ms: float, busy: float, probes: dict, reference: dict) -> float:
+    """`ms` as it would be on the `reference` probes' machine: the GPU's share scaled by the geometric mean of copy
+    and matmul speed, the host's share by launch latency."""
+    gpu = math.sqrt(probes["copy_gbps"] / reference["copy_gbps"] * probes["matmul_tflops"] / reference["matmul_tflops"])
+    host = reference["launch_us"] / probes["launch_us"]
+    return ms * (busy * gpu + (1 - busy) * host)
 
-            def count(topk_ids, delay=delay, **kwargs):
-                delay()
-                return PRODUCTION.count(topk_ids, **kwargs)
-            stages = dataclasses.replace(PRODUCTION, count=count)
-        calls[entry] = (lambda inp=inp, case=case, stages=stages: moe_expert_forward(
-            inp.x, inp.topk_ids, inp.topk_weights, inp.w13, inp.w2, ep_size=case.ep_size,
-            num_experts=case.shape.num_experts, stages=stages))
-    runs = {entry: [] for entry in calls}
+
+def baseline_speed(worker: Worker, points, repeats: int) -> dict:
+    runs = {i: [] for i in range(len(points))}
     for _ in range(repeats):
-        for entry, fn in calls.items():
-            runs[entry].append(timer(fn))
-    return {entry: summary(ms) for entry, ms in runs.items()}
+        for i in range(len(points)):
+            runs[i].append(worker.ask(op="time", point=i)["ms"])
+    out = {}
+    for i, (name, tokens) in enumerate(points):
+        med = statistics.median(runs[i])
+        sigma = 1.4826 * statistics.median(abs(x - med) for x in runs[i]) / med
+        out[f"{name}/M={tokens}"] = dict(ms=med, se=1.253 * sigma / math.sqrt(len(runs[i])), runs=runs[i],
+                                         busy=worker.ask(op="busy", point=i)["busy"])
+    return out
 
 
-def summary(ms: list[float]) -> dict:
-    """Median of the passes and its relative standard error, from the median absolute deviation."""
-    med = statistics.median(ms)
-    sigma = 1.4826 * statistics.median(abs(x - med) for x in ms) / med
-    return dict(ms=med, se=1.253 * sigma / math.sqrt(len(ms)), runs=ms)
-
-
-def compare(baseline: dict, current: dict) -> list[str]:
-    """Human-readable regressions (empty: none); prints the full comparison."""
+def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
     regressions = []
-    print("accuracy:")
-    for test_id, now in current["accuracy"].items():
-        base = baseline["accuracy"].get(test_id)
-        if base is None:
-            print(f"  {test_id}: new row ({now['verdict']})")
+    print(f"speed against {base['card']} baseline, normalised by this machine's probes {now['probes']} "
+          f"(baseline: {base['probes']}):")
+    for entry, e in now["speed"].items():
+        b = base["speed"].get(entry)
+        if b is None:
+            print(f"  {entry}: new entry")
             continue
-        was, verdict = Verdict[base["verdict"]], Verdict[now["verdict"]]
-        worse = verdict is Verdict.FAIL or verdict > was  # a FAIL, or a PASS that became a WARN
-        if worse:
-            failed = ", ".join(now["checks"])
-            regressions.append(f"accuracy {test_id}: {base['verdict']} -> {now['verdict']} ({failed})")
-    drift = [(now["l2_u"] - baseline["accuracy"][t]["l2_u"], t) for t, now in current["accuracy"].items()
-             if t in baseline["accuracy"] and now["l2_u"] is not None and baseline["accuracy"][t]["l2_u"] is not None]
-    print(f"  {len(current['accuracy'])} rows, {sum(r['verdict'] != 'FAIL' for r in current['accuracy'].values())} "
-          f"pass; largest l2/u increase: " + (", ".join(f"{t} {d:+.3f}" for d, t in sorted(drift)[-3:][::-1])
-                                             if drift else "-"))
-    errors = [e["se"] for e in baseline["speed"].values()] + [e["se"] for e in current["speed"].values()]
-    pooled = statistics.median(errors) if errors else 0.0
-    print(f"speed (margin = {NOISE_FACTOR:g} standard errors of the difference of the medians; pooled floor "
-          f"{pooled:.2%} per median):")
-    print(f"  {'entry':28s} {'baseline ms':>11s} {'now ms':>9s} {'ratio':>7s} {'margin':>7s}")
-    for entry, now in current["speed"].items():
-        base = baseline["speed"].get(entry)
-        if base is None:
-            print(f"  {entry:28s} {'-':>11s} {now['ms']:9.3f}  (new entry)")
-            continue
-        margin = NOISE_FACTOR * math.hypot(max(base["se"], pooled), max(now["se"], pooled))
-        ratio = now["ms"] / base["ms"]
+        ratio = normalised(e["ms"], e["busy"], now["probes"], base["probes"]) / b["ms"]
+        margin = max(min_effect, 3 * math.hypot(b["se"], e["se"]))
         slow = ratio > 1 + margin
-        print(f"  {entry:28s} {base['ms']:11.3f} {now['ms']:9.3f} {ratio:7.3f} {margin:7.1%}"
-              + ("  REGRESSED" if slow else ""))
+        kind = "host-bound" if e["busy"] < HOST_BOUND else "gpu-bound"
+        print(f"  {entry:28s} {b['ms']:8.3f} -> {e['ms']:8.3f} ms, normalised ratio {ratio:.3f}, margin {margin:.1%}"
+              f" ({kind})" + ("  REGRESSED" if slow else ""))
         if slow:
-            regressions.append(f"speed {entry}: {base['ms']:.3f} -> {now['ms']:.3f} ms ({ratio - 1:+.1%}, margin "
-                               f"{margin:.1%})")
+            regressions.append(f"speed {entry}: normalised {ratio - 1:+.1%} > {margin:.1%}")
+    for row_id, now_verdict in now["accuracy"].items():
+        was = base["accuracy"].get(row_id)
+        if was is not None and Verdict[now_verdict] > Verdict[was]:
+            regressions.append(f"accuracy {row_id}: {was} -> {now_verdict}")
     return regressions
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+
+def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int) -> dict:
+    """N A/A runs and N runs per injected slowdown; per point, how often the gate flagged."""
+    a, b = Worker(ROOT, "A"), Worker(ROOT, "B")
+    table = {}
+    try:
+        a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
+        busy = busy_shares(a, points)
+        for slowdown in (0.0, 0.03, 0.05, 0.10):
+            b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown)
+            flagged = [0] * len(points)
+            for _ in range(runs):
+                for i, v in enumerate(ab_speed(a, b, points, pairs, min_effect, busy)):
+                    flagged[i] += v.regressed
+                    table.setdefault(v.entry, {})["busy"] = v.busy
+            for i, (name, tokens) in enumerate(points):
+                table[f"{name}/M={tokens}"][f"{slowdown:.0%}"] = flagged[i]
+            print(f"self-test: slowdown {slowdown:.0%}: flagged {flagged} of {runs} runs", flush=True)
+    finally:
+        a.close()
+        b.close()
+    return table
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m verify.gate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", required=True, help="baseline JSON (baselines/<gpu>.json)")
-    p.add_argument("--update", action="store_true", help="measure and write the baseline instead of comparing")
-    p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="catalogue cases (default: all)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--against", metavar="REF", help="A/B against this git ref's pipeline (or a checkout's folder), "
+                      "on this machine")
+    mode.add_argument("--baseline", metavar="PATH", help="against a stored baseline (baselines/<card>.json)")
+    mode.add_argument("--self-test", type=int, metavar="N", help="N A/A runs and N runs per injected slowdown")
+    p.add_argument("--update", action="store_true", help="--baseline: measure and write it instead")
+    p.add_argument("--pairs", type=int, default=PAIRS, help="interleaved A/B pairs per point (default %(default)s)")
+    p.add_argument("--min-effect", type=float, default=MIN_EFFECT, help="smallest slowdown that counts (0.03 = 3%%)")
+    p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="accuracy: catalogue cases (all)")
     p.add_argument("--no-accuracy", action="store_true", help="speed only")
-    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="catalogue cases run at once")
-    p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--inject-slowdown", type=float, default=0.0, metavar="F",
-                   help="delay every timed call by F x its baseline time (shows that the gate catches it)")
-    p.add_argument("--report", help="write this run's measurements and regressions here (JSON)")
+                   help="slow the working tree's side by F x each point's time (a GPU sleep before the pipeline)")
+    p.add_argument("--json", help="write the measurements and the verdicts here")
     args = p.parse_args(argv)
-    device_type = _device_type()
+    device_type = torch.device(default_device()).type
     card = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
-    baseline = None
-    if not args.update:
-        try:
-            with open(args.baseline) as f:
-                baseline = json.load(f)
-        except FileNotFoundError:
-            print(f"verify.gate: --baseline {args.baseline} does not exist (create it with --update)", file=sys.stderr)
-            return 2
-        if baseline["card"] != card:
-            print(f"verify.gate: --baseline {args.baseline} was measured on {baseline['card']}, this is {card}",
-                  file=sys.stderr)
-            return 2
-    elif args.inject_slowdown:
-        print("verify.gate: --inject-slowdown needs a baseline to compare with, not --update", file=sys.stderr)
-        return 2
+    points, rep_ms = points_for(device_type), REP_MS[device_type]
     cases = args.cases or [c.name for c in CASES]
-    current = dict(card=card, torch=torch.__version__, triton=triton.__version__, repeats=args.repeats,
-                   noise_factor=NOISE_FACTOR, inject_slowdown=args.inject_slowdown)
-    current["accuracy"] = {} if args.no_accuracy else accuracy(cases, args.jobs)
-    current["speed"] = speed(GATE_POINTS[device_type], args.repeats, args.inject_slowdown, baseline)
-    if args.update:
-        with open(args.baseline, "w") as f:
-            json.dump(current, f, indent=1)
-        print(f"verify.gate: baseline written to {args.baseline} ({len(current['accuracy'])} rows, "
-              f"{len(current['speed'])} speed entries, {card})")
+    start = time.perf_counter()
+    if args.self_test:
+        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms)
+        print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point")
+        print(f"  {'entry':28s} {'busy':>5s} {'A/A':>5s} {'3%':>5s} {'5%':>5s} {'10%':>5s}")
+        for entry, row in table.items():
+            print(f"  {entry:28s} {row['busy']:5.0%} " + " ".join(f"{row[k]:5d}" for k in ("0%", "3%", "5%", "10%")))
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(dict(card=card, runs=args.self_test, pairs=args.pairs,
+                                                               table=table), indent=1))
         return 0
-    regressions = compare(baseline, current)
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(dict(current, regressions=regressions), f, indent=1)
-    print("\n".join(["REGRESSED:"] + regressions) if regressions else "no regression")
+    if args.against:
+        try:
+            ref_tree = export(args.against)
+        except UsageError as exc:
+            print(f"verify.gate: error: {exc}", file=sys.stderr)
+            return 2
+        a, b = Worker(ref_tree, "A"), Worker(ROOT, "B")
+        try:
+            a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
+            b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown)
+            verdicts = ab_speed(a, b, points, args.pairs, args.min_effect, busy_shares(b, points))
+            accuracy = {} if args.no_accuracy else accuracy_grades([a, b], cases)
+        finally:
+            a.close()
+            b.close()
+            shutil.rmtree(ref_tree, ignore_errors=True)
+        print(f"verify.gate: A = {args.against}, B = the working tree, on {card}")
+        print(format_speed(verdicts, args.min_effect))
+        if accuracy:
+            drops = sum(1 for v in accuracy.values() if v[0] != v[1])
+            print(f"accuracy: {len(accuracy)} rank rows judged for both; {drops} changed grade")
+        regressions = accuracy_regressions(accuracy) + [
+            f"speed {v.entry}: B/A {v.ratio:.3f} (p {v.p_value:.1e}, threshold {v.threshold:.1%})"
+            for v in verdicts if v.regressed]
+        report = dict(card=card, against=args.against, speed=[dataclasses.asdict(v) for v in verdicts],
+                      accuracy=accuracy, regressions=regressions)
+    else:
+        base = None
+        if not args.update:
+            try:
+                base = json.loads(pathlib.Path(args.baseline).read_text())
+            except FileNotFoundError:
+                print(f"verify.gate: --baseline {args.baseline} does not exist (create it with --update)",
+                      file=sys.stderr)
+                return 2
+            if "probes" not in base:
+                print(f"verify.gate: --baseline {args.baseline} was written by an older gate; write it again with "
+                      "--update", file=sys.stderr)
+                return 2
+            if base["card"] != card:
+                print(f"verify.gate: --baseline {args.baseline} was measured on {base['card']}, this is {card}",
+                      file=sys.stderr)
+                return 2
+        elif args.inject_slowdown:
+            print("verify.gate: --inject-slowdown has no meaning with --update", file=sys.stderr)
+            return 2
+        worker = Worker(ROOT, "tree")
+        try:
+            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown)
+            current = dict(card=card, probes=machine_probes(device_type),
+                           speed=baseline_speed(worker, points, REPEATS))
+            accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
+            current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
+        finally:
+            worker.close()
+        if args.update:
+            pathlib.Path(args.baseline).write_text(json.dumps(current, indent=1))
+            print(f"verify.gate: baseline written to {args.baseline} ({len(current['accuracy'])} rows, "
+                  f"{len(current['speed'])} speed entries, {card})")
+            return 0
+        regressions = compare_baseline(base, current, args.min_effect)
+        report = dict(current, regressions=regressions)
+    print("\n".join(["REGRESSED:", *regressions]) if regressions else "no regression")
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return 1 if regressions else 0
 
 

@@ -20,7 +20,7 @@ from reference import layouts
 from reference import stages as ref
 from reference.routing import rank_view
 from verify import bands, checks
-from verify.cases import Sizes, random_problem
+from verify.cases import Sizes, nan_weights_on_skipped_slots, random_problem
 
 DEVICE = default_device()
 ROUTINGS = [("uniform", {}), ("skewed", {}), ("empty_experts", {}), ("boundary", {"counts": (127, 128, 129)}),
@@ -39,7 +39,7 @@ def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=SMALL, **params):
     """A rank's inputs on DEVICE: x, topk_ids (global, -1 for remote), weights (NaN on skipped slots), its weights."""
     p = random_problem(sizes, routing, seed, DEVICE, **params)
     view = rank_view(p.x, p.routing, ep_size, rank)
-    weights = checks.nan_weights_on_skipped_slots(view.topk_ids, view.topk_weights)
+    weights = nan_weights_on_skipped_slots(view.topk_ids, view.topk_weights)
     w13, w2 = p.rank_weights(ep_size, rank)
     return view, weights, w13, w2
 

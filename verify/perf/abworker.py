@@ -1,0 +1,149 @@
+"""One side of verify.gate's A/B comparison: a process that runs one tree's pipeline and answers the gate.
+
+The gate starts two of these, `python -m verify.perf.abworker`, one per tree, each with that tree's `kernels` first on
+its import path (and the gate's own `verify` and `reference`, which never import `kernels` in the modules used here:
+verify.cases and reference are plain torch). Each process owns its CUDA context and module state; the two never
+share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
+
+- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "slowdown": F}: build each point's inputs
+  (verify.cases.BenchCase.received) and time each once; F > 0 delays every timed call by F x that time with a GPU sleep
+  on the stream before the pipeline (or a host sleep on a CPU), so the GPU work itself is slowed.
+- {"op": "time", "point": i}: the median ms of one do_bench (L2 flushed) of point i (perf_counter on a CPU).
+- {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
+- {"op": "grades", "case": name, "seed": S, "rows": [[ep, rank, view, layout], ...]}: the pipeline's output on each
+  catalogue rank view, judged by the gate's bands (verify.bands, verify.metrics and reference: no `kernels` in them)
+  against the gate's references: each row's verdict.
+- {"op": "quit"}.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _timer(device: str, rep_ms: int):
+    if device == "cuda":
+        import triton
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median")
+
+    def cpu(fn):
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(runs)
+
+    return cpu
+
+
+def _delay(device: str, ms: float):
+    """A callable that delays the stream (GPU sleep kernel) or the host by about `ms`."""
+    if ms <= 0:
+        return lambda: None
+    if device != "cuda":
+        return lambda: time.sleep(ms / 1e3)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(ms * 10_000_000 / start.elapsed_time(end))
+    return lambda: torch.cuda._sleep(cycles)
+
+
+def _busy(fn, device: str) -> float:
+    """GPU kernel time / wall time over five calls (1.0 on a CPU)."""
+    if device != "cuda":
+        return 1.0
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())  # each kernel's time, once
+    return min(kernel_us / wall_us, 1.0)
+
+
+def _grades(forward, case, seed: int, rows, device: str) -> dict[str, str]:
+    """Each rank row's verdict by the bands: the pipeline's output against the faithful and exact references."""
+    from reference import moe_reference
+    from verify import bands
+    from verify.cases import make_problem
+    from verify.findings import Verdict, worst
+    from verify.metrics import compare
+
+    problem = make_problem(case, seed, device, "gpu" if device == "cuda" else "cpu")
+    table = bands.bands_for(problem.sizes.hidden, problem.sizes.inter)
+    grades = {}
+    for ep, rank, view_kind, layout in rows:
+        view = problem.view(case, ep, rank, view_kind)
+        w13, w2 = problem.rank_weights(ep, rank)
+        args = (view.x, view.topk_ids, view.topk_weights, w13, w2)
+        kw = dict(ep_size=ep, ep_rank=rank, num_experts=problem.sizes.num_experts)
+        try:
+            out = forward(*args, **kw, layout=layout)
+        except Exception:  # a crash is a failing row
+            grades[f"{ep}/{rank}/{view_kind}/{layout}"] = Verdict.FAIL.name
+            continue
+        references = [moe_reference(*args, **kw, mode=mode) for mode in ("faithful", "exact")]
+        metrics = compare(out.float(), *references, view.local_ids())
+        grades[f"{ep}/{rank}/{view_kind}/{layout}"] = worst(bands.judge(metrics, table)).name
+    return grades
+
+
+def main() -> int:
+    import kernels  # the tree under test's pipeline: first on sys.path
+    from kernels._device import default_device
+    from verify.cases import BENCH_CASES, CASES_BY_NAME
+
+    device = default_device()
+    calls, sleeps = [], []
+    timer = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        if op == "quit":
+            break
+        if op == "setup":
+            timer = _timer(device, request["rep_ms"])
+            calls, sleeps = [], []
+            weights = {}
+            for name, tokens in request["points"]:
+                case = BENCH_CASES[name]
+                weights.setdefault(name, case.draw_weights())
+                inp = case.received(tokens, weights[name])
+                call = (lambda inp=inp, case=case: kernels.moe_expert_forward(
+                    *inp.args, ep_size=case.ep_size, num_experts=case.shape.num_experts))
+                sleeps.append(_delay(device, request["slowdown"] * timer(call)))
+                calls.append(call)
+            answer = dict(points=len(calls), device=device,
+                          card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+        elif op == "time":
+            delay, call = sleeps[request["point"]], calls[request["point"]]
+            answer = dict(ms=timer(lambda delay=delay, call=call: (delay(), call())))
+        elif op == "busy":
+            answer = dict(busy=_busy(calls[request["point"]], device))
+        elif op == "grades":
+            answer = dict(grades=_grades(kernels.moe_expert_forward, CASES_BY_NAME[request["case"]],
+                                         request["seed"], request["rows"], device))
+        else:
+            answer = dict(error=f"unknown op {op!r}")
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

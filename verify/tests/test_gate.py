@@ -1,0 +1,63 @@
+"""verify.gate: the paired verdict on known numbers (noise alone never regresses; a real slowdown with evidence does;
+a host-bound point must beat its own measured spread), the normalisation of a stored baseline, and the CLI on the CPU
+(tiny points): the tree against HEAD passes, an injected slowdown fails, usage errors exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from verify.perf import gate
+
+
+def pairs(ratio: float, noise: float, n: int = 20, seed: int = 0):
+    rng = random.Random(seed)
+    a = [1.0 * math.exp(rng.gauss(0, noise)) for _ in range(n)]
+    return a, [x * ratio * math.exp(rng.gauss(0, noise)) for x in a]
+
+
+def test_noise_alone_never_regresses_and_a_real_slowdown_does():
+    assert not any(gate.judge_pairs("e", *pairs(1.0, 0.06, seed=s), 1.0, 0.03).regressed for s in range(50))
+    slow = gate.judge_pairs("e", *pairs(1.10, 0.02), 1.0, 0.03)
+    assert slow.regressed and slow.p_value < gate.ALPHA and 1.07 < slow.ratio < 1.13
+    small = gate.judge_pairs("e", *pairs(1.02, 0.005), 1.0, 0.03)  # significant, but below the minimum effect
+    assert small.p_value < gate.ALPHA and not small.regressed
+
+
+def test_a_host_bound_point_must_beat_its_measured_spread():
+    a, b = pairs(1.10, 0.20)
+    gpu, host = gate.judge_pairs("e", a, b, 0.9, 0.03), gate.judge_pairs("e", a, b, 0.3, 0.03)
+    assert gpu.threshold == 0.03 and host.host_bound and host.threshold > 0.1
+    assert not host.regressed
+
+
+def test_a_stored_baseline_is_normalised_by_the_machine():
+    base = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0)
+    slower_gpu = dict(copy_gbps=2000.0, matmul_tflops=400.0, launch_us=5.0)  # half the GPU, the same host
+    assert gate.normalised(2.0, 1.0, slower_gpu, base) == pytest.approx(1.0)
+    assert gate.normalised(2.0, 0.0, slower_gpu, base) == pytest.approx(2.0)
+    slower_host = dict(base, launch_us=10.0)
+    assert gate.normalised(2.0, 0.0, slower_host, base) == pytest.approx(1.0)
+
+
+def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, capsys):
+    report = tmp_path / "gate.json"
+    assert gate.main(["--against", "HEAD", "--cases", "single_token", "--pairs", "8", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert len(result["speed"]) == 2 and result["accuracy"] and not result["regressions"]
+    assert all(a == b == "PASS" for a, b in result["accuracy"].values())
+    assert gate.main(["--against", "HEAD", "--no-accuracy", "--pairs", "8", "--inject-slowdown", "2"]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert gate.main(["--against", "no-such-ref-anywhere", "--no-accuracy"]) == 2
+    assert gate.main(["--baseline", str(tmp_path / "none.json"), "--no-accuracy"]) == 2
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(card="NVIDIA H20", probes={}, speed={}, accuracy={})))
+    assert gate.main(["--baseline", str(other), "--no-accuracy"]) == 2
+    other.write_text(json.dumps(dict(card="cpu", speed={}, accuracy={})))  # an older gate's baseline
+    assert gate.main(["--baseline", str(other), "--no-accuracy"]) == 2
