@@ -24,6 +24,7 @@ settings.load_profile("ci")
 MARKERS = {
     "gpu": "needs a CUDA GPU",
     "deep_gemm": "needs deep_gemm with its bf16 grouped GEMMs on an SM90/SM100 GPU",
+    "long": "takes tens of seconds on the 2-core CPU: scheduled first, so that it does not make the tail of `-n 8`",
 }
 
 
@@ -48,6 +49,9 @@ def _skip_reasons() -> dict[str, str | None]:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Longest first (a stable sort): xdist hands tests out in this order, and the short catalogue rows then fill the
+    # workers around the long ones instead of one long test running alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
     reasons = _skip_reasons()
     for item in items:
         for name, reason in reasons.items():

@@ -34,7 +34,7 @@ def silu_and_mul(
     num_rows = dispatch.flat_rows().shape[0]
     masked = dispatch.layout is Layout.MASKED
     if interpreting():
-        cfg = dict(BLOCK_R=256, BLOCK_I=min(triton.next_power_of_2(inter), 1024))
+        cfg = dict(BLOCK_R=1024, BLOCK_I=min(triton.next_power_of_2(inter), 1024))
     else:
         cfg = dict(BLOCK_R=4, BLOCK_I=min(triton.next_power_of_2(inter), 1024), num_warps=4)
     grid = (triton.cdiv(num_rows, cfg["BLOCK_R"]), triton.cdiv(inter, cfg["BLOCK_I"]))

@@ -79,12 +79,15 @@ class Worker:
 
     def __init__(self, tree: pathlib.Path, label: str):
         self.label = label
-        # the tree's `kernels` first; the gate's own `verify` and `reference` (plain torch there) from a shim
+        # the tree's `kernels` first; the gate's own `verify` and `reference` (plain torch there) from a shim.
+        # One hash seed for both: with random ones, two processes of the SAME tree timed a steady 3-5% apart on the
+        # CPU in one of three process pairs (the host's Python, dict and set layouts), which every pair of the run
+        # then shows alike and the signed-rank test takes for a regression; with one seed, 0 of 15 A/A runs flagged.
         self.shim = shim = pathlib.Path(tempfile.mkdtemp(prefix="gate-shim-"))
         for package in ("verify", "reference"):
             (shim / package).symlink_to(ROOT / package)
         paths = [str(shim), str(tree), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONHASHSEED="0")
         self.process = subprocess.Popen([sys.executable, "-m", "verify.perf.abworker"], cwd=shim, env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 

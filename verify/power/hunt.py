@@ -29,7 +29,7 @@ from kernels import moe_expert_forward  # noqa: E402
 from verify.cases import CASES_BY_NAME  # noqa: E402
 from verify.findings import Check, Verdict  # noqa: E402
 from verify.power.mutants import MUTANTS, MUTANTS_BY_NAME  # noqa: E402
-from verify.sweep import Row, Sweep, default_scale, targets  # noqa: E402
+from verify.sweep import Row, Sweep, Target, default_scale, targets  # noqa: E402
 
 HUNT_CASES = ("skewed", "padded", "boundary")  # every stage and axis: ep 1/2/4, an empty rank, 127/128/129 rows
 CALC_DIFF_THRESHOLD = 1e-3  # DeepGEMM's tests
@@ -42,6 +42,8 @@ class Hunt:
     failed_rows: int = 0
     killed_by: str = ""  # the first check that failed, on the first failing row
     where: str = ""  # that row, and its worst token
+    killed_in: str = ""  # that row's case
+    killed_at: Target | None = None  # and the row itself, to rerun it
     calc_diff_fails: int = 0  # rows the naive calc_diff check fails (or crashes)
     allclose_fails: int = 0  # rows the naive default assert_close fails (or crashes)
 
@@ -68,6 +70,8 @@ class Hunt:
             if not self.killed_by:
                 self.killed_by = row.checks[0]
                 self.where = f"{row.test_id}: {row.locus.describe()}" if row.locus else row.test_id
+                self.killed_in = row.case
+                self.killed_at = Target(row.ep_size, row.rank, row.layout, row.view)
 
 
 def hunt(name: str, impl: Callable, *, cases=HUNT_CASES, seed: int = 0, device: str = "cpu",
@@ -160,8 +164,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "seed": args.seed, "rounding": args.rounding, "cases": HUNT_CASES,
-                       "seconds": elapsed,
-                       "baseline": vars(baseline), "mutants": [vars(h) for h in hunts]}, f, indent=1)
+                       "seconds": elapsed, "baseline": dataclasses.asdict(baseline),
+                       "mutants": [dataclasses.asdict(h) for h in hunts]}, f, indent=1)
     return 0 if not survivors and not baseline.killed else 1
 
 

@@ -42,6 +42,7 @@ def test_transformers_fails_production_and_the_message_says_the_exact_bands_pass
     assert "closest profile hf_eager" in out
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("case", [c.name for c in CASES])
 @pytest.mark.parametrize("name", ["ragged", "masked"])
 def test_a_jax_implementation_passes_the_catalogue(capsys, tmp_path, name, case):

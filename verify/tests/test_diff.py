@@ -98,6 +98,7 @@ def test_honest_implementations_pass(capsys, impl):
     assert code == 0, out
 
 
+@pytest.mark.long
 def test_module_entry_point_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-m", "verify.diff", "--case", "single_token", "--ep-size", "2"],
                           capture_output=True, text=True, timeout=300)

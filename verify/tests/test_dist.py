@@ -20,6 +20,7 @@ def torchrun(tmp_path, world: int, *argv: str) -> tuple[int, dict[str, dict], st
     return done.returncode, rows, done.stdout + done.stderr
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_over_gloo_passes_every_rank_and_the_combine(tmp_path, world):
     code, rows, log = torchrun(tmp_path, world, "--case", "skewed")

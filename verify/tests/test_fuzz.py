@@ -19,6 +19,7 @@ from verify.power.mutants import MUTANTS_BY_NAME
 OFF_BY_ONE = "previous_rank_expert_as_local"
 
 
+@pytest.mark.long
 @given(case=fuzz_cases())
 def test_every_fuzzed_case_passes(case):
     row = run_case(case, moe_expert_forward)
@@ -26,9 +27,11 @@ def test_every_fuzzed_case_passes(case):
                                              f"replay: {replay_command(case, None, 'cpu')}")
 
 
+@pytest.mark.long
 def test_the_fuzzer_finds_and_shrinks_a_bug_only_raw_ids_show():
-    # seed 1 reaches the bug in 86 cases (the search is deterministic per seed; seeds 0 and 3 take ~180, as the CLI)
-    found = search(MUTANTS_BY_NAME[OFF_BY_ONE].impl, max_examples=100, seed=1, device="cpu")
+    # The search is deterministic per seed. Measured on the 2-core CPU: seed 5 finds and shrinks the bug in 6 s, seed 1
+    # after 86 cases (89 s), seeds 0 and 3 after ~180 (the CLI's default seed is 0), seed 2 not within 100.
+    found = search(MUTANTS_BY_NAME[OFF_BY_ONE].impl, max_examples=100, seed=5, device="cpu")
     assert found is not None, "the off-by-one local-range check survived 100 fuzzed cases"
     assert found.view is ViewKind.RAW and found.rank >= 1 and found.num_tokens <= 4, found.describe()
 

@@ -43,6 +43,7 @@ def test_a_stored_baseline_is_normalised_by_the_machine():
     assert gate.normalised(2.0, 0.0, slower_host, base) == pytest.approx(1.0)
 
 
+@pytest.mark.long
 def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, capsys):
     report = tmp_path / "gate.json"
     assert gate.main(["--against", "HEAD", "--cases", "single_token", "--pairs", "8", "--json", str(report)]) == 0
