@@ -8,5 +8,6 @@ configure_triton()  # TRITON_INTERPRET=1 on a CPU-only machine, before triton is
 
 from kernels.dispatch import Dispatch, Layout  # noqa: E402
 from kernels.executor import PRODUCTION, Stages, choose_layout, moe_expert_forward  # noqa: E402
+from kernels.graphs import GraphedExpertStage  # noqa: E402
 
-__all__ = ["PRODUCTION", "Dispatch", "Layout", "Stages", "choose_layout", "moe_expert_forward"]
+__all__ = ["PRODUCTION", "Dispatch", "GraphedExpertStage", "Layout", "Stages", "choose_layout", "moe_expert_forward"]

@@ -62,22 +62,44 @@ def masked_block_rows(counts: Sequence[int], alignment: int) -> int:
     return max(alignment, align_up(max(counts, default=0), alignment))
 
 
-def masked_block_bytes(counts: Sequence[int], hidden: int, inter: int, alignment: int) -> int:
+def unsynced_block_rows(num_tokens: int, alignment: int) -> int:
+    """Rows per expert block when the counts stay on the device (sync="after" / "never"): what the host knows without
+    them. An expert receives at most M slots when each row's ids are distinct (a router's top-k), aligned up; a slot
+    beyond its block (only a row repeating an id can make one) is dropped and flagged, never written."""
+    return max(alignment, align_up(num_tokens, alignment))
+
+
+def masked_bytes(num_local_experts: int, block_rows: int, hidden: int, inter: int) -> int:
     """Bytes of the masked layout's bf16 buffers: x [H], h [2I], a [I] and y [H] rows for E_local x block_rows rows."""
-    return len(counts) * masked_block_rows(counts, alignment) * (2 * hidden + 3 * inter) * 2
+    return num_local_experts * block_rows * (2 * hidden + 3 * inter) * 2
+
+
+def masked_block_bytes(counts: Sequence[int], hidden: int, inter: int, alignment: int) -> int:
+    """masked_bytes of the block the counts size."""
+    return masked_bytes(len(counts), masked_block_rows(counts, alignment), hidden, inter)
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalRouting:
-    """One rank's routing on the device, with its counts read back to the host."""
+    """One rank's routing on the device, and what the host knows of its counts.
+
+    `stats` is int32 [E_local + 2] on the device: the ids' per-local-expert histogram, the number of ids outside
+    [-1, num_experts), and (written by the scatter) the number of slots dropped for want of room in their expert's
+    rows. `counts` are the counts the layout is built from: the histogram, or the caller's host counts."""
 
     local_ids: torch.Tensor  # int32 [M, k], -1 where not local
     counts: torch.Tensor  # int32 [E_local], on the device
-    counts_host: tuple[int, ...]  # the same counts, on the host
+    counts_host: tuple[int, ...] | None  # the same counts on the host; None while not read back
+    stats: torch.Tensor
 
     @property
     def num_local_experts(self) -> int:
-        return len(self.counts_host)
+        return self.counts.shape[0]
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """int32 [1] on the device: the scatter's count of slots that found no room."""
+        return self.stats[self.num_local_experts + 1 :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +110,21 @@ class Dispatch:
     rows: torch.Tensor  # contiguous: bf16 [padded_rows, H]; masked: bf16 [E_local, block_rows, H]
     output_index: torch.Tensor  # int32 [M, k]: flat row of each local slot, -1 for skipped ids
     counts: torch.Tensor  # int32 [E_local] on the device (masked_m for the masked layout)
-    counts_host: tuple[int, ...]
+    counts_host: tuple[int, ...] | None  # None when the counts stay on the device (masked layout only)
     alignment: int  # contiguous: segment alignment; masked: block_rows is a multiple of it
     m_indices: torch.Tensor | None = None  # contiguous only: int32 [padded_rows]
 
     @property
     def num_local_experts(self) -> int:
-        return len(self.counts_host)
+        return self.counts.shape[0]
+
+    @property
+    def expected_m(self) -> int:
+        """Rows an expert is expected to hold (DeepGEMM's masked-GEMM hint): the mean count when the host has the
+        counts, else every slot's share, M * k / E_local, within the block."""
+        if self.counts_host is not None:
+            return max(1, -(-sum(self.counts_host) // self.num_local_experts))
+        return max(1, min(self.block_rows, -(-self.output_index.numel() // self.num_local_experts)))
 
     @property
     def layout_index(self) -> torch.Tensor:

@@ -1,13 +1,19 @@
 """The hybrid executor: `moe_expert_forward`, the bf16 expert stage of one rank under DeepEP normal mode.
 
-    count (global -> local ids, per-expert counts; the one device->host sync)
+    route (global -> local ids, per-expert counts, on the device)
+      -> [sync="before": counts read back, the one device->host sync before the GEMMs]
       -> layout choice (masked 3D block or contiguous flat rows)
       -> scatter -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
+      -> [sync="after": the routing's error flags read back, once every kernel is queued]
 
-Every buffer is sized from the routing actually seen, by the arithmetic of kernels/dispatch.py (the masked block
-from the largest per-expert count, the contiguous rows from the aligned counts). Inputs are never modified.
-`Stages` lists the replaceable pieces: tests swap one to inject legal slot permutations, poisoned allocations or
-mutants, without touching this file. The contract this implements: docs/contract.md, "Entry points".
+With the counts on the host (read back, or the caller's `host_counts`), every buffer is sized from the routing
+actually seen, by the arithmetic of kernels/dispatch.py (the masked block from the largest per-expert count, the
+contiguous rows from the aligned counts). Without them (sync="after" / "never", the decode path) the masked block is
+sized from M, which the host knows (`unsynced_block_rows`), the GEMMs read masked_m on the device, and nothing waits
+for the GPU before the last kernel is queued; sync="never" reads nothing at all, so the stage can be captured in a
+CUDA graph (kernels/graphs.py). Inputs are never modified. `Stages` lists the replaceable pieces: tests swap one to
+inject legal slot permutations, poisoned allocations or mutants, without touching this file. The contract this
+implements: docs/contract.md, "Entry points".
 """
 
 from __future__ import annotations
@@ -18,10 +24,19 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels import activation, gather, scatter
-from kernels.dispatch import Allocator, Dispatch, Layout, LocalRouting, masked_block_bytes
+from kernels.dispatch import (
+    Allocator,
+    Dispatch,
+    Layout,
+    LocalRouting,
+    masked_block_bytes,
+    masked_bytes,
+    unsynced_block_rows,
+)
 from kernels.gemm import BACKENDS, GroupedGemm, select
 
 LAYOUT_CHOICES = ("auto", *(str(layout) for layout in Layout))
+SYNCS = ("before", "after", "never")
 GEMMS = ("auto", *BACKENDS)
 GATE_UP_ORDERS = activation.GATE_UP_ORDERS
 
@@ -55,7 +70,8 @@ def _unchanged(dispatch: Dispatch) -> Dispatch:
 class Stages:
     """The pipeline's replaceable pieces. Defaults are production; `dataclasses.replace` one to test it."""
 
-    count: Callable[..., LocalRouting] = scatter.count_local_experts
+    count: Callable[..., LocalRouting] = scatter.count_local_experts  # sync="before", no host_counts
+    route: Callable[..., LocalRouting] = scatter.route_local_experts  # every other call: nothing read back
     choose_layout: Callable[..., Layout] = choose_layout
     scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
     scatter_masked: Callable[..., Dispatch] = scatter.scatter_masked
@@ -83,39 +99,78 @@ def moe_expert_forward(
     masked_max_tokens: int | None = None,
     gemm: str = "auto",
     gate_up_order: str = "gate_up",
+    sync: str = "before",
+    host_counts: Sequence[int] | None = None,
     stages: Stages = PRODUCTION,
 ) -> torch.Tensor:
     """bf16 [M, H] output of rank `ep_rank`'s experts for the tokens it received (docs/contract.md, "Entry points").
 
     x bf16 [M, H]; topk_ids int32/int64 [M, k] GLOBAL ids or -1; topk_weights fp32 [M, k]; w13 bf16 [E_local, 2I, H];
     w2 bf16 [E_local, H, I]. layout: "auto" | "masked" | "contiguous"; gemm: "auto" | "deep_gemm" | "grouped_mm" |
-    "triton" | "loop". Raises TypeError / ValueError naming the argument on bad input."""
+    "triton" | "loop". sync: when the host reads the device ("before" the GEMMs, "after" every kernel is queued, or
+    "never": CUDA-graph capture); host_counts: this rank's per-local-expert counts when the caller has them (DeepEP's
+    num_recv_tokens_per_expert_list). Raises TypeError / ValueError naming the argument on bad input."""
     num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout,
-                            masked_max_tokens, gemm, gate_up_order)
+                            masked_max_tokens, gemm, gate_up_order, sync, host_counts)
     num_tokens, hidden = x.shape
     num_local_experts, inter = w13.shape[0], w13.shape[1] // 2
     backend = stages.gemm or select(gemm, x.device, hidden, inter)[0]
     if num_tokens == 0:
         return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
+    if sync != "never" and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"sync={sync!r} reads the device, which CUDA-graph capture forbids: capture with "
+                         "sync='never' (kernels/graphs.py)")
 
     x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
-    routing = stages.count(topk_ids, ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
-    if sum(routing.counts_host) == 0:  # every id is remote or -1: nothing to compute, no GEMM launched
+    where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
+    if sync == "before" and host_counts is None:
+        routing = stages.count(topk_ids, **where)
+    else:
+        routing = stages.route(topk_ids, **where)
+        if host_counts is not None:
+            counts = torch.tensor(list(host_counts), dtype=torch.int32).to(x.device, non_blocking=True)
+            routing = dataclasses.replace(routing, counts=counts, counts_host=tuple(host_counts))
+            if sync == "before":
+                scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
+    if routing.counts_host is None and layout == "contiguous":
+        raise ValueError(f"layout='contiguous' is sized by counts on the host: with sync={sync!r} pass host_counts, "
+                         "or use layout='masked' / 'auto'")
+    if sync == "before" and sum(routing.counts_host) == 0:  # every id remote or -1: nothing to compute, no GEMM
         return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
-    if layout == "auto":
-        layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, backend.m_alignment,
-                                      masked_max_tokens)
-    scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
-    dispatch = stages.after_scatter(scatter_to(x, routing, alignment=backend.m_alignment, empty=stages.empty))
+
+    alignment = backend.m_alignment
+    if routing.counts_host is not None:
+        if layout == "auto":
+            layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
+        scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
+        dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
+    else:
+        block_rows = unsynced_block_rows(num_tokens, alignment)
+        if masked_bytes(num_local_experts, block_rows, hidden, inter) > MASKED_BLOCK_BUDGET_BYTES:
+            if sync == "never":
+                raise ValueError(f"x: {num_tokens} tokens need a masked block of {block_rows} rows per expert when the "
+                                 f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
+                                 "fewer tokens, or pass host_counts")
+            return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
+                                      num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
+                                      gemm=gemm, gate_up_order=gate_up_order, stages=stages)  # prefill: sync before
+        dispatch = stages.scatter_masked(x, routing, alignment=alignment, empty=stages.empty, block_rows=block_rows)
+    dispatch = stages.after_scatter(dispatch)
     h = backend(dispatch.rows, w13, dispatch, stages.empty)
     a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
     y = backend(a, w2, dispatch, stages.empty)
-    return stages.gather(y, dispatch, topk_weights, empty=stages.empty)
+    out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
+    if sync == "after" and scatter.check_routing(routing.stats.tolist(), num_experts, host_counts):
+        # a row repeated an id often enough to overflow an M-row block: the synced path sizes by the real counts
+        return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
+                                  num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
+                                  gemm=gemm, gate_up_order=gate_up_order, stages=stages)
+    return out
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout, masked_max_tokens, gemm,
-              gate_up_order) -> int:
+              gate_up_order, sync, host_counts) -> int:
     """Host-side checks (no device sync); ids outside [-1, num_experts) are caught on the device by `count`."""
     tensors = {"x": x, "topk_ids": topk_ids, "topk_weights": topk_weights, "w13": w13, "w2": w2}
     for name, t in tensors.items():
@@ -166,4 +221,11 @@ def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts,
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     if gate_up_order not in GATE_UP_ORDERS:
         raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
+    if sync not in SYNCS:
+        raise ValueError(f"sync must be one of {SYNCS}, got {sync!r}")
+    if host_counts is not None and (
+        len(host_counts) != num_local_experts or not all(isinstance(c, int) and c >= 0 for c in host_counts)
+    ):
+        raise ValueError(f"host_counts must hold {num_local_experts} ints >= 0 (one per local expert), got "
+                         f"{list(host_counts)!r}")
     return num_experts

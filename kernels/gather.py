@@ -33,5 +33,5 @@ def gather(
     else:
         cfg = dict(BLOCK_T=2, BLOCK_H=min(triton.next_power_of_2(hidden), 1024), num_warps=4)
     grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]), triton.cdiv(hidden, cfg["BLOCK_H"]))
-    K.gather_kernel[grid](y, dispatch.output_index, topk_weights, out, num_tokens, topk, hidden, **cfg)
+    K.gather_kernel[grid](y, dispatch.output_index, topk_weights, out, num_tokens, hidden, TOPK=topk, **cfg)
     return out

@@ -1,16 +1,23 @@
 """Scatter stage: global ids -> local ids and counts (on device), then tokens -> per-expert rows.
 
-`count_local_experts` maps GLOBAL ids to this rank's LOCAL ids and histograms them on the device, so a caller's count
-can never make a scatter write out of bounds. The executor reads those counts back to size its buffers: that is the
-pipeline's one device-to-host sync (it also carries the out-of-range id count, so bad ids cost no extra sync).
+`route_local_experts` maps GLOBAL ids to this rank's LOCAL ids and histograms them on the device, so a caller's count
+can never make a scatter write out of bounds; it reads nothing back. `count_local_experts` (the synced pipeline) also
+reads the counts back to size the buffers: the pipeline's one device-to-host sync before its GEMMs, which carries the
+out-of-range id count too, so bad ids cost no extra sync. `check_routing` is that check on stats read back later
+(`moe_expert_forward(sync="after")` reads them once every kernel is queued).
 
 `scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
 `kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there). Rows inside a
 segment are assigned by atomics: their order is NOT deterministic on a GPU. `output_index` is the authoritative
-token -> row map that the gather follows.
+token -> row map that the gather follows. A slot that finds no room (its expert's segment is full, or its block is:
+only when the sizes came from somewhere else than these ids) is dropped, counted in the routing's stats, never
+written; the masked layout's counts (masked_m) are then the rows actually filled.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -34,24 +41,43 @@ def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: in
         raise ValueError(f"{name} must be contiguous")
 
 
-def count_local_experts(
+def route_local_experts(
     topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int
 ) -> LocalRouting:
-    """Local ids and counts of rank `ep_rank`; raises ValueError if any id lies outside [-1, num_experts).
-    Synchronizes once (reads E_local + 1 int32 back)."""
+    """Local ids, counts and stats of rank `ep_rank` on the device; nothing is read back (counts_host is None)."""
     _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
     local_ids = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
-    stats = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=topk_ids.device)
+    stats = torch.zeros(num_local_experts + 2, dtype=torch.int32, device=topk_ids.device)
     # one-hot histogram of [block, E_PAD]: big blocks for the interpreter, register-sized ones on a GPU
     block = 1024 if interpreting() else max(32, 8192 // _pow2(num_local_experts))
     K.local_ids_kernel[(triton.cdiv(topk_ids.numel(), block),)](
         topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * num_local_experts, num_local_experts, num_experts,
         BLOCK=block, E_PAD=_pow2(num_local_experts),
     )
-    *counts_host, num_bad = stats.tolist()
+    return LocalRouting(local_ids, stats[:num_local_experts], None, stats)
+
+
+def check_routing(stats: Sequence[int], num_experts: int, host_counts: Sequence[int] | None = None) -> int:
+    """Raise ValueError on ids outside [-1, num_experts) or on host counts the ids contradict; else return the number
+    of slots the scatter dropped. `stats`: a LocalRouting's stats, read back."""
+    *histogram, num_bad, dropped = stats
     if num_bad:
         raise ValueError(f"topk_ids: {num_bad} id(s) outside [-1, num_experts={num_experts})")
-    return LocalRouting(local_ids, stats[:num_local_experts], tuple(counts_host))
+    if host_counts is not None and list(host_counts) != histogram:
+        raise ValueError(f"host_counts {list(host_counts)} != the counts of topk_ids on this rank {histogram}")
+    return dropped
+
+
+def count_local_experts(
+    topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int
+) -> LocalRouting:
+    """Local ids and counts of rank `ep_rank`, counts read back; raises ValueError if any id lies outside
+    [-1, num_experts). Synchronizes once (reads E_local + 2 int32 back)."""
+    routing = route_local_experts(topk_ids, ep_rank=ep_rank, num_local_experts=num_local_experts,
+                                  num_experts=num_experts)
+    stats = routing.stats.tolist()
+    check_routing(stats, num_experts)
+    return dataclasses.replace(routing, counts_host=tuple(stats[:num_local_experts]))
 
 
 def _scatter_config(hidden: int, num_local_experts: int) -> dict:
@@ -61,16 +87,15 @@ def _scatter_config(hidden: int, num_local_experts: int) -> dict:
                 num_warps=4)
 
 
-def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) -> torch.Tensor:
+def _scatter(x, routing, rows, fill, masked: bool, block_rows: int, alignment: int) -> torch.Tensor:
     _check("x", x, (torch.bfloat16,), 2)
     if routing.local_ids.shape[0] != x.shape[0]:
         raise ValueError(f"local_ids has {routing.local_ids.shape[0]} rows but x has {x.shape[0]}")
     num_local_experts = routing.num_local_experts
     output_index = torch.empty(routing.local_ids.shape, dtype=torch.int32, device=x.device)
-    fill = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
     cfg = _scatter_config(x.shape[1], num_local_experts)
     K.scatter_kernel[(triton.cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
-        x, routing.local_ids, routing.counts, fill, rows, output_index,
+        x, routing.local_ids, routing.counts, fill, routing.dropped, rows, output_index,
         routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
         MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_local_experts), **cfg,
     )
@@ -80,11 +105,15 @@ def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) ->
 def scatter_contiguous(
     x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty
 ) -> Dispatch:
-    """Contiguous (flat) layout (kernels/dispatch.py). `empty` allocates every output buffer."""
+    """Contiguous (flat) layout (kernels/dispatch.py), sized by the host's counts. `empty` allocates every output
+    buffer."""
     _check_alignment(alignment)
+    if routing.counts_host is None:
+        raise ValueError("routing: the contiguous layout is sized by counts on the host (counts_host is None)")
     num_rows = contiguous_rows(routing.counts_host, alignment)
     rows = empty((num_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    output_index = _scatter(x, routing, rows, masked=False, block_rows=0, alignment=alignment)
+    fill = torch.zeros(routing.num_local_experts, dtype=torch.int32, device=x.device)
+    output_index = _scatter(x, routing, rows, fill, masked=False, block_rows=0, alignment=alignment)
     m_indices = empty((num_rows,), dtype=torch.int32, device=x.device)
     num_local_experts = routing.num_local_experts
     block = 1024 if interpreting() else max(16, 4096 // _pow2(num_local_experts))
@@ -96,14 +125,23 @@ def scatter_contiguous(
 
 
 def scatter_masked(
-    x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty
+    x: torch.Tensor, routing: LocalRouting, *, alignment: int = 128, empty: Allocator = torch.empty,
+    block_rows: int | None = None,
 ) -> Dispatch:
-    """Masked (3D) layout (kernels/dispatch.py): blocks of `masked_block_rows` rows, sized by the routing, not M."""
+    """Masked (3D) layout (kernels/dispatch.py): blocks of `masked_block_rows` rows, sized by the host's counts, not
+    M; or of `block_rows` rows (a multiple of `alignment`) when the counts stay on the device. The Dispatch's counts
+    (masked_m) are the rows each block received."""
     _check_alignment(alignment)
-    block_rows = masked_block_rows(routing.counts_host, alignment)
+    if block_rows is None:
+        if routing.counts_host is None:
+            raise ValueError("block_rows: needed when the routing's counts are not on the host")
+        block_rows = masked_block_rows(routing.counts_host, alignment)
+    elif block_rows < alignment or block_rows % alignment:
+        raise ValueError(f"block_rows must be a positive multiple of alignment={alignment}, got {block_rows}")
     rows = empty((routing.num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    output_index = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
-    return Dispatch(Layout.MASKED, rows, output_index, routing.counts, routing.counts_host, alignment)
+    masked_m = torch.zeros(routing.num_local_experts, dtype=torch.int32, device=x.device)
+    output_index = _scatter(x, routing, rows, masked_m, masked=True, block_rows=block_rows, alignment=alignment)
+    return Dispatch(Layout.MASKED, rows, output_index, masked_m, routing.counts_host, alignment)
 
 
 def _check_alignment(alignment: int) -> None:

@@ -46,25 +46,38 @@ def local_ids_kernel(
 
 @triton.jit
 def scatter_kernel(
-    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, rows_ptr, output_index_ptr,
+    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, dropped_ptr, rows_ptr, output_index_ptr,
     num_slots, topk, hidden, num_local_experts, block_rows,
     MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Each local (token, slot) takes a row of its expert's segment (atomic fill counter) and copies x[token] there.
 
-    Contiguous: expert e's segment starts at the aligned prefix sum of the counts. Masked: block e starts at row
-    e * block_rows. output_index[token, slot] = the row (flat over the layout's rows), -1 for skipped ids."""
+    Contiguous: expert e's segment starts at the aligned prefix sum of the counts and holds counts[e] rows. Masked:
+    block e starts at row e * block_rows and holds block_rows rows. A slot whose ticket is past its expert's room is
+    dropped: counted in dropped_ptr, its fill ticket given back (so a masked fill ends at min(count, block_rows),
+    the rows filled), nothing written. output_index[token, slot] = the row (flat over the layout's rows), -1 for
+    skipped and dropped ids."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = offs < num_slots
     local = tl.load(local_ids_ptr + offs, mask=in_range, other=-1)
     valid = in_range & (local >= 0)
     if MASKED:
         start = local.to(tl.int64) * block_rows
+        room = block_rows
     else:
-        starts, _ = _segment_starts(counts_ptr, num_local_experts, ALIGN, E_PAD)
+        starts, counts = _segment_starts(counts_ptr, num_local_experts, ALIGN, E_PAD)
         experts = tl.arange(0, E_PAD)
-        start = tl.sum(tl.where(local[:, None] == experts[None, :], starts[None, :], 0), axis=1).to(tl.int64)
-    slot = tl.atomic_add(fill_ptr + tl.where(valid, local, 0), 1, mask=valid)
+        mine = local[:, None] == experts[None, :]
+        start = tl.sum(tl.where(mine, starts[None, :], 0), axis=1).to(tl.int64)
+        room = tl.sum(tl.where(mine, counts[None, :], 0), axis=1)
+    expert = tl.where(valid, local, 0)
+    slot = tl.atomic_add(fill_ptr + expert, 1, mask=valid)
+    dropped = valid & (slot >= room)
+    num_dropped = tl.sum(dropped.to(tl.int32), axis=0)
+    if num_dropped > 0:
+        tl.atomic_add(fill_ptr + expert, -1, mask=dropped)
+        tl.atomic_add(dropped_ptr, num_dropped)
+    valid = valid & (slot < room)
     row = tl.where(valid, start + slot.to(tl.int64), -1)
     tl.store(output_index_ptr + offs, row.to(tl.int32), mask=in_range)
 
@@ -123,19 +136,20 @@ def silu_and_mul_kernel(
 
 @triton.jit
 def gather_kernel(
-    y_ptr, output_index_ptr, weights_ptr, out_ptr, num_tokens, topk, hidden,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    y_ptr, output_index_ptr, weights_ptr, out_ptr, num_tokens, hidden,
+    TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out[t] = sum over slots k (in order) of weight[t, k] * y[output_index[t, k]], fp32 accumulation, bf16 store.
-    Slots with output_index -1 are skipped; every row of out is written (0 where no slot is local)."""
+    Slots with output_index -1 are skipped; every row of out is written (0 where no slot is local). The slot loop is
+    unrolled (TOPK is a constant), so every slot's row load is in flight at once."""
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_range = tokens < num_tokens
     col_ok = cols < hidden
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k in range(0, topk):
-        row = tl.load(output_index_ptr + tokens * topk + k, mask=in_range, other=-1).to(tl.int64)
-        weight = tl.load(weights_ptr + tokens * topk + k, mask=in_range, other=0.0)
+    for k in tl.static_range(TOPK):
+        row = tl.load(output_index_ptr + tokens * TOPK + k, mask=in_range, other=-1).to(tl.int64)
+        weight = tl.load(weights_ptr + tokens * TOPK + k, mask=in_range, other=0.0)
         used = (row >= 0)[:, None] & col_ok[None, :]
         row = tl.where(row >= 0, row, 0)
         values = tl.load(y_ptr + row[:, None] * hidden + cols[None, :], mask=used, other=0.0).to(tl.float32)

@@ -7,14 +7,15 @@ Semantics kept from the seed (rtp-llm #1111):
   and legacy names: a build without them reports the bf16 path unavailable and nothing raises;
 - `has_deep_gemm_bf16_grouped()` never raises;
 - a non-default `compiled_dims` is rejected (ValueError) rather than silently ignored;
-- usable only on SM 9.x / 10.x, with both GEMMs' K (H and I) multiples of 64, and not under CUDA-graph capture;
+- usable only on SM 9.x / 10.x, with both GEMMs' K (H and I) multiples of 64 (under CUDA-graph capture too: the
+  masked GEMM reads masked_m on the device and takes expected_m as a host hint; its JIT compile must have happened
+  in an eager call first);
 - at first use it checks that DeepGEMM's contiguous M alignment is the one the scatter laid segments out with.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 
@@ -91,8 +92,6 @@ class DeepGemm(GroupedGemm):
                 return False, 'deep_gemm is not installed (see README.md, "Adding DeepGEMM")'
             if not has_deep_gemm_bf16_grouped():
                 return False, "this deep_gemm build has no bf16 m-grouped GEMMs"
-            if torch.cuda.is_current_stream_capturing():
-                return False, "not under CUDA-graph capture (the pipeline syncs once for its counts)"
             return True, f"deep_gemm bf16 grouped GEMMs on SM{major}{minor}"
         except Exception as exc:  # availability never raises
             return False, f"deep_gemm availability check failed: {exc}"
@@ -118,8 +117,7 @@ class DeepGemm(GroupedGemm):
 
     def m_grouped_gemm_nt_masked(self, a, b, dispatch, empty):
         d = empty((*a.shape[:2], b.shape[1]), dtype=torch.bfloat16, device=a.device)
-        expected_m = max(1, math.ceil(sum(dispatch.counts_host) / dispatch.num_local_experts))
-        m_grouped_bf16_gemm_nt_masked(a, b, d, dispatch.counts, expected_m)
+        m_grouped_bf16_gemm_nt_masked(a, b, d, dispatch.counts, dispatch.expected_m)
         return d
 
 

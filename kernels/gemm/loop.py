@@ -32,7 +32,10 @@ class Loop(GroupedGemm):
 
     def m_grouped_gemm_nt_masked(self, a, b, dispatch, empty):
         d = empty((*a.shape[:2], b.shape[1]), dtype=torch.bfloat16, device=a.device)
-        for e, count in enumerate(dispatch.counts_host):
+        # counts on the device only (sync="after" / "never"): whole blocks (rows are independent; reading masked_m
+        # would be a sync)
+        counts = dispatch.counts_host or (dispatch.block_rows,) * dispatch.num_local_experts
+        for e, count in enumerate(counts):
             if count:
                 d[e, :count] = _matmul_nt(a[e, :count], b[e])
         return d

@@ -5,7 +5,10 @@ For each bench case (verify/cases.py: a realistic shape at one ep_size, one rout
 rank 0):
 - stages: count (+ the host sync), scatter, gemm1 (gate+up), silu_and_mul, gemm2 (down), gather, per layout and
   backend, each fed the real output of the stage before;
-- whole: kernels.moe_expert_forward per backend x layout, and the hybrid (layout="auto", gemm="auto");
+- whole: kernels.moe_expert_forward per backend x layout, and the hybrid (layout="auto", gemm="auto"); on a GPU at
+  M <= DECODE_MAX_TOKENS also the decode path, eager (`sync="after"`: no host sync before the last kernel is queued)
+  and graphed (kernels.GraphedExpertStage, the replay of the captured graph alone: a serving engine writes the next
+  batch into the captured buffers itself);
 - peers: the torch-native pipeline (verify/perf/peers.py), the faithful reference;
 - ceilings: a dense bf16 matmul of the same FLOPs (per M) and, once per run, a large device-to-device copy and a large
   dense matmul (the roofline's two roofs).
@@ -31,7 +34,7 @@ configure_triton()
 
 import triton  # noqa: E402
 
-from kernels import activation, gather, moe_expert_forward, scatter  # noqa: E402
+from kernels import GraphedExpertStage, activation, gather, moe_expert_forward, scatter  # noqa: E402
 from kernels.dispatch import LAYOUTS, Layout, masked_block_bytes  # noqa: E402
 from kernels.executor import choose_layout  # noqa: E402
 from kernels.gemm import BACKENDS, availability, select  # noqa: E402
@@ -48,6 +51,8 @@ from verify.perf import procs, report  # noqa: E402
 from verify.perf.peers import torch_native_forward  # noqa: E402
 from verify.probes import Trial  # noqa: E402
 from verify.sweep import detect_rounding  # noqa: E402
+
+DECODE_MAX_TOKENS = 1024  # the decode path's M-row blocks: DeepSeek-like ep 8 at M = 1024 holds 1.3 GB
 
 
 def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
@@ -118,6 +123,13 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     runs = {f"whole/{b}/{layout}": (lambda b=b, layout=layout: moe_expert_forward(*args, **kw, layout=layout, gemm=b))
             for b in backends for layout in map(str, LAYOUTS)}
     runs["hybrid"] = lambda: moe_expert_forward(*args, **kw)
+    if torch.device(case.device).type == "cuda" and tokens <= DECODE_MAX_TOKENS:
+        runs["decode"] = lambda: moe_expert_forward(*args, **kw, sync="after")
+        try:
+            graphed = GraphedExpertStage(*args, **kw)
+            runs["graphed"] = lambda: (graphed.graph.replay(), graphed.out)[1]
+        except Exception as exc:
+            point["errors"]["graphed"] = f"{type(exc).__name__}: {exc}"
     runs["torch_native"] = lambda: torch_native_forward(*args, **kw)
     judged_by = {}
     for name, (impl, rounding) in (impls or {}).items():

@@ -3,7 +3,9 @@ compute-sanitizer, the whole stage rerun for bitwise determinism, and a sweep ov
 
 `python -m verify.perf.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
 histogram, both scatters, m_indices, silu_and_mul in both layouts, our Triton grouped GEMM in both layouts, the gather)
-on a small skewed problem whose rank view is padded with NaN rows, checked against the reference. Run it under
+on a small skewed problem whose rank view is padded with NaN rows, checked against the reference; then the decode
+path (sync="after" and "never": M-row blocks, counts read on the device; host_counts in both layouts) and a batch
+whose repeated ids overflow an M-row block, so that the scatter's dropping branch runs too. Run it under
 `compute-sanitizer --tool memcheck|racecheck` with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every buffer is its
 own allocation and an out-of-bounds access cannot land inside a cached block.
 """
@@ -43,12 +45,23 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
     """Every Triton kernel once per layout; raises AssertionError if an output leaves its band."""
     args, kw, local_ids = rank_inputs(SANITIZER_SIZES, "skewed", seed, device, pad=8)
     refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
-    for layout in LAYOUTS:
-        out = moe_expert_forward(*args, **kw, layout=layout, gemm="triton")
+    valid = local_ids[local_ids >= 0].long().cpu()
+    counts = torch.bincount(valid, minlength=args[3].shape[0]).tolist()
+    runs = {f"{layout} layout": dict(layout=layout) for layout in map(str, LAYOUTS)}
+    runs.update({f"sync={sync}": dict(sync=sync) for sync in ("after", "never")})
+    runs.update({f"host_counts, {layout}": dict(layout=layout, sync="after", host_counts=counts)
+                 for layout in map(str, LAYOUTS)})
+    for name, options in runs.items():
+        out = moe_expert_forward(*args, **kw, gemm="triton", **options)
         findings = bands.judge(compare(out.float(), *refs, local_ids),
                                bands.bands_for(SANITIZER_SIZES.hidden, SANITIZER_SIZES.inter))
         if worst(findings) is Verdict.FAIL:
-            raise AssertionError(f"sanitizer workload, {layout} layout: {[f.message for f in findings]}")
+            raise AssertionError(f"sanitizer workload, {name}: {[f.message for f in findings]}")
+    x, ids, weights, w13, w2 = args
+    repeated = torch.zeros_like(ids[:, :2]).clamp_min(kw["ep_rank"] * w13.shape[0])  # 2 slots per row, one expert
+    many = x.repeat(2, 1)[: 2 * x.shape[0] - 8]  # > 128 rows' worth of slots: the M-row block overflows
+    moe_expert_forward(many, repeated.repeat(2, 1)[: many.shape[0]], weights[:, :2].repeat(2, 1)[: many.shape[0]],
+                       w13, w2, **kw, gemm="triton", sync="never")
 
 
 def memory_sweep(device: str, iterations: int, sizes: Sizes, seed: int = 0) -> list[int]:

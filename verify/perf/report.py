@@ -56,6 +56,15 @@ def floor_ratio(p: dict, ceil: dict) -> float:
     return ours_ms(p) / floor_ms(p, ceil)
 
 
+def decode_ratio(run: str) -> Callable[[dict, dict], float]:
+    """The decode path's whole stage ("decode": eager, "graphed": the captured graph) / the weight-read floor."""
+    return lambda p, c: p["ms"][run] / floor_ms(p, c)
+
+
+def _decode(shape: str) -> Callable[[dict], bool]:
+    return lambda p: p["shape"] == shape and p["tokens"] <= 256
+
+
 def torch_native_ratio(p: dict) -> float:
     return p["ms"]["torch_native"] / ours_ms(p)
 
@@ -91,6 +100,14 @@ TARGETS = (
            lambda p, c: gemm_share(p)),
     Target("decode_floor", "whole stage / weight-read floor at the measured copy bandwidth (M <= 256)", "<=", 1.15,
            lambda p: p["tokens"] <= 256, floor_ratio),
+    Target("decode_graphed_deepseek", "DeepSeek-like: graphed decode path / weight-read floor (M <= 256)", "<=",
+           1.15, _decode("deepseek"), decode_ratio("graphed")),
+    Target("decode_eager_deepseek", "DeepSeek-like: eager decode path (sync='after') / floor (M <= 256)", "<=", 1.2,
+           _decode("deepseek"), decode_ratio("decode")),
+    Target("decode_graphed_qwen3", "Qwen3-like: graphed decode path / weight-read floor (M <= 256)", "<=", 2.5,
+           _decode("qwen3"), decode_ratio("graphed")),
+    Target("decode_eager_qwen3", "Qwen3-like: eager decode path (sync='after') / floor (M <= 256)", "<=", 4.0,
+           _decode("qwen3"), decode_ratio("decode")),
     Target("scatter_bw", "scatter bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
            lambda p: p["tokens"] >= 4096, lambda p, c: scatter_gbps(p) / c["copy_gbps"]),
     Target("gather_bw", "gather bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,

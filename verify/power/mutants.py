@@ -52,7 +52,8 @@ def _local_routing(local: torch.Tensor, num_local_experts: int) -> LocalRouting:
     """A LocalRouting from local ids computed on the host (-1: not local)."""
     local = local.to(torch.int32).contiguous()
     counts = torch.bincount(local[local >= 0].long(), minlength=num_local_experts).to(torch.int32)
-    return LocalRouting(local, counts, tuple(counts.tolist()))
+    stats = torch.cat([counts, counts.new_zeros(2)])  # no bad id, nothing dropped yet
+    return LocalRouting(local, stats[:num_local_experts], tuple(counts.tolist()), stats)
 
 
 def _count_minus_one_wraps(topk_ids, *, ep_rank, num_local_experts, num_experts) -> LocalRouting:

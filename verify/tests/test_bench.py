@@ -19,9 +19,9 @@ def _point(tokens=4096, mean_rows=64.0, masked=1.0, contiguous=1.2, layout="mask
     times = {"whole/deep_gemm/masked": masked, "whole/deep_gemm/contiguous": contiguous,
              "whole/triton/masked": 2 * masked, "whole/triton/contiguous": 2 * contiguous, "hybrid": masked,
              "torch_native": 2.0, "gemm1/deep_gemm/masked": 0.5, "gemm2/deep_gemm/masked": 0.3,
-             "scatter/masked": 0.1, "gather/masked": 0.1, "dense": 0.8}
+             "scatter/masked": 0.1, "gather/masked": 0.1, "dense": 0.8, "graphed": 0.275, "decode": 0.3}
     times.update(ms)
-    return dict(case="c", tokens=tokens, slots=2 * tokens, hidden=1024, inter=512, mean_rows=mean_rows,
+    return dict(case="c", shape="deepseek", tokens=tokens, slots=2 * tokens, hidden=1024, inter=512, mean_rows=mean_rows,
                 weight_bytes=10**9, io_bytes=10**6, flops=10**12, masked_block_bytes=block, auto_layout=layout,
                 auto_backend="deep_gemm", ms=times, accuracy={"hybrid": {"l2_u": 0.3, "verdict": "PASS"}})
 
@@ -35,6 +35,9 @@ def test_targets_are_the_declared_ratios():
     assert got["gemm_share"]["rows"][0]["value"] == pytest.approx(0.8)
     assert not got["gemm_share"]["rows"][0]["met"]
     assert got["decode_floor"]["rows"][0]["value"] == pytest.approx(1.0 / (1e9 / 4000e6))
+    assert got["decode_graphed_deepseek"]["rows"][0]["value"] == pytest.approx(1.1)  # floor: 1 GB at 4000 GB/s
+    assert got["decode_eager_deepseek"]["rows"][0]["value"] == pytest.approx(1.2)
+    assert got["decode_graphed_qwen3"]["total"] == 0  # another shape
     assert got["vs_torch_native_small"]["rows"][0]["value"] == pytest.approx(2.0)
     assert got["vs_torch_native_large"]["total"] == 0  # M = 256 is not >= 4096
     assert got["auto_backend"]["rows"][0]["value"] == pytest.approx(1.0)

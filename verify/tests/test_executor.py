@@ -1,5 +1,6 @@
 """kernels.moe_expert_forward end to end against the reference, judged by the bands; its edge behaviours (M == 0,
-all-remote, layout choice, buffer sizing), inputs left alone, and bad input rejected naming the argument."""
+all-remote, layout choice, buffer sizing), the decode path (counts left on the device: sync="after" / "never";
+the caller's host_counts), inputs left alone, and bad input rejected naming the argument."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def check_rank(problem, ep_size, rank, **kwargs):
     w13, w2 = problem.rank_weights(ep_size, rank)
     order = kwargs.get("gate_up_order", "gate_up")
     out = moe_expert_forward(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
-                             stages=POISONED, **kwargs)
+                             **{"stages": POISONED, **kwargs})
     refs = [moe_reference(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=ep_size, ep_rank=rank,
                           gate_up_order=order, mode=mode) for mode in ("faithful", "exact")]
     metrics = compare(out.float(), *refs, view.local_ids())
@@ -69,6 +70,79 @@ def test_routing_edge_cases_on_every_rank(layout, routing, sizes, params, seed):
     problem = random_problem(sizes, routing, seed, DEVICE, **params)
     for rank in range(4):
         check_rank(problem, 4, rank, layout=layout)
+
+
+EDGE_CASES = [("empty_rank", Sizes(64, 128, 64, 8, 3), {"ep_size": 4}),
+              ("boundary", Sizes(160, 128, 64, 16, 4), {"counts": (127, 128, 129)}),
+              ("hot_expert", Sizes(200, 128, 64, 8, 2), {"share": 0.75})]
+
+
+@pytest.mark.parametrize("sync", ["after", "never"])
+@pytest.mark.parametrize("routing,sizes,params", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_the_unsynced_decode_path_passes_and_matches_the_synced_one(sync, routing, sizes, params, seed):
+    """Counts left on the device (an M-row block per expert, masked_m read by the kernels): within the bands with
+    poisoned buffers on every rank, and bit for bit the synced masked call wherever rows are position-independent."""
+    problem = random_problem(sizes, routing, seed, DEVICE, **params)
+    for rank in range(4):
+        out = check_rank(problem, 4, rank, sync=sync)
+        if DEVICE == "cpu":  # on a GPU DeepGEMM may tile an M-row block differently: the bands judge it there
+            assert checks.bitwise_equal(out, check_rank(problem, 4, rank, layout="masked"))
+
+
+def _with_host_counts(problem, ep_size, rank):
+    view = rank_view(problem.x, problem.routing, ep_size, rank)
+    local = view.local_ids()
+    counts = torch.bincount(local[local >= 0].long().cpu(), minlength=problem.sizes.num_experts // ep_size)
+    return view, counts.tolist()
+
+
+@pytest.mark.parametrize("sync", ["before", "after", "never"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_counts_replace_the_read_back(sync, layout, seed):
+    problem = random_problem(Sizes(96, 128, 64, 8, 3), "skewed", seed, DEVICE)
+    for rank in range(2):
+        _, counts = _with_host_counts(problem, 2, rank)
+        count_refused = Stages(count=_refuse, empty=checks.poisoned_empty)  # no read-back of the device's counts
+        out = check_rank(problem, 2, rank, sync=sync, layout=layout, host_counts=counts, stages=count_refused)
+        assert checks.bitwise_equal(out, check_rank(problem, 2, rank, layout=layout))
+
+
+@pytest.mark.parametrize("sync", ["before", "after"])
+def test_host_counts_the_ids_contradict_raise_naming_them(sync):
+    problem = random_problem(Sizes(32, 64, 64, 4, 2), "uniform", 0, DEVICE)
+    view, counts = _with_host_counts(problem, 2, 1)
+    counts[0] += 1
+    w13, w2 = problem.rank_weights(2, 1)
+    with pytest.raises(ValueError, match="host_counts"):
+        moe_expert_forward(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=2, ep_rank=1, sync=sync,
+                           host_counts=counts)
+
+
+def test_bad_ids_raise_after_the_work_is_queued_and_are_skipped_when_never_read():
+    args = good_arguments(DEVICE)
+    spoiled = args["topk_ids"].clone()
+    spoiled[3, 1] = 99
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_expert_forward(**dict(args, topk_ids=spoiled, sync="after"))
+    skipped = spoiled.clone()
+    skipped[3, 1] = -1
+    want = moe_expert_forward(**dict(args, topk_ids=skipped, layout="masked"))
+    assert checks.bitwise_equal(moe_expert_forward(**dict(args, topk_ids=spoiled, sync="never")), want)
+
+
+def test_a_row_repeating_an_id_past_the_m_row_block_is_dropped_and_flagged_never_written():
+    """M = 100 rows each naming expert 0 twice: 200 slots for a block of 128 rows. sync="after" sees the flag and
+    answers with the synced path; sync="never" drops the 72 slots without a trace outside the routing's stats."""
+    problem = random_problem(Sizes(100, 64, 64, 4, 2), "uniform", 0, DEVICE)
+    ids = torch.zeros_like(problem.routing.topk_ids)
+    args = (problem.x, ids, problem.routing.topk_weights, problem.w13, problem.w2)
+    synced = moe_expert_forward(*args)
+    routings = []
+    seen = Stages(route=lambda *a, **kw: routings.append(scatter.route_local_experts(*a, **kw)) or routings[-1],
+                  empty=checks.poisoned_empty)
+    assert checks.bitwise_equal(moe_expert_forward(*args, sync="after", stages=seen), synced)
+    moe_expert_forward(*args, sync="never", stages=seen)
+    assert [r.dropped.item() for r in routings] == [72, 72]
 
 
 def _refuse(*args, **kwargs):
@@ -163,6 +237,10 @@ BAD_INPUTS = CONTRACT_BAD_INPUTS + [
     ("layout", lambda a: a.update(layout="flat")),
     ("gemm", lambda a: a.update(gemm="cublas")),
     ("masked_max_tokens", lambda a: a.update(masked_max_tokens=-1)),
+    ("sync", lambda a: a.update(sync="later")),
+    ("host_counts", lambda a: a.update(host_counts=[1, 2])),  # E_local = 4
+    ("host_counts", lambda a: a.update(host_counts=[1, 2, -1, 0])),
+    ("layout", lambda a: a.update(sync="never", layout="contiguous")),  # sized by host counts, which it lacks
     ("H=", lambda a: a.update(x=a["x"][:, :8].contiguous(), w13=a["w13"][:, :, :8].contiguous(),
                               w2=a["w2"][:, :8].contiguous(), gemm="triton")),  # triton needs H % 16 == 0
 ]
