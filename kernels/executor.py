@@ -4,7 +4,8 @@
       -> [sync="before": counts read back, the one device->host sync before the GEMMs]
       -> layout choice (masked 3D block or contiguous flat rows)
       -> scatter -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
-      -> [sync="after": the routing's error flags read back, once every kernel is queued]
+      -> [sync="after": the routing's error flags read back once every kernel is queued (they were copied
+          after the scatter: the read waits for the scatter, not for the GEMMs)]
 
 With the counts on the host (read back, or the caller's `host_counts`), every buffer is sized from the routing
 actually seen, by the arithmetic of kernels/dispatch.py (the masked block from the largest per-expert count, the
@@ -157,16 +158,30 @@ def moe_expert_forward(
                                       gemm=gemm, gate_up_order=gate_up_order, stages=stages)  # prefill: sync before
         dispatch = stages.scatter_masked(x, routing, alignment=alignment, empty=stages.empty, block_rows=block_rows)
     dispatch = stages.after_scatter(dispatch)
+    flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
     h = backend(dispatch.rows, w13, dispatch, stages.empty)
     a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
     y = backend(a, w2, dispatch, stages.empty)
     out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
-    if sync == "after" and scatter.check_routing(routing.stats.tolist(), num_experts, host_counts):
+    if flags is not None and scatter.check_routing(flags(), num_experts, host_counts):
         # a row repeated an id often enough to overflow an M-row block: the synced path sizes by the real counts
         return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
                                   num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
                                   gemm=gemm, gate_up_order=gate_up_order, stages=stages)
     return out
+
+
+def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:
+    """t's values as the kernels queued so far leave them, read when called: on a GPU a non-blocking copy to pinned
+    memory and an event, so that the read waits for those kernels only, not for the GEMMs queued after them (the call
+    returns while the GPU still works); on a CPU a plain read."""
+    if not t.is_cuda:
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host.tolist())[1]
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout, masked_max_tokens, gemm,

@@ -4,7 +4,7 @@ ceilings measured in the same run.
 For each bench case (verify/cases.py: a realistic shape at one ep_size, one routing) and each M (tokens RECEIVED by
 rank 0):
 - stages: count (+ the host sync), scatter, gemm1 (gate+up), silu_and_mul, gemm2 (down), gather, per layout and
-  backend, each fed the real output of the stage before;
+  backend, each fed the real output of the stage before; on a GPU each stage also graphed (its GPU time alone);
 - whole: kernels.moe_expert_forward per backend x layout, and the hybrid (layout="auto", gemm="auto"); on a GPU at
   M <= DECODE_MAX_TOKENS also the decode path, eager (`sync="after"`: no host sync before the last kernel is queued)
   and graphed (kernels.GraphedExpertStage, the replay of the captured graph alone: a serving engine writes the next
@@ -73,25 +73,48 @@ def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
     return cpu
 
 
+def graphed(fn: Callable) -> Callable:
+    """fn captured in a CUDA graph (after one call on a side stream): its replay is fn's GPU work without the host's
+    launches, which is what a stage's bandwidth means (a 10 us kernel launched eagerly times the launch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) -> dict[str, float]:
-    """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2."""
+    """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2, each as called (eager);
+    on a GPU each also graphed ("graphed/<stage>": the count without its read-back, i.e. route_local_experts)."""
     ms, kw = {}, dict(ep_rank=0, num_local_experts=case.num_local_experts, num_experts=case.shape.num_experts)
-    ms["count"] = bench(lambda: scatter.count_local_experts(inp.topk_ids, **kw))
+    gpu = torch.device(case.device).type == "cuda"
+
+    def time(key: str, fn: Callable, capturable: Callable | None = None) -> None:
+        ms[key] = bench(fn)
+        if gpu:
+            ms[f"graphed/{key}"] = bench(graphed(capturable or fn))
+
+    time("count", lambda: scatter.count_local_experts(inp.topk_ids, **kw),
+         lambda: scatter.route_local_experts(inp.topk_ids, **kw))
     routing = scatter.count_local_experts(inp.topk_ids, **kw)
     for layout in LAYOUTS:
         scatter_to = scatter.scatter_masked if layout is Layout.MASKED else scatter.scatter_contiguous
-        ms[f"scatter/{layout}"] = bench(lambda scatter_to=scatter_to: scatter_to(inp.x, routing))
+        time(f"scatter/{layout}", lambda scatter_to=scatter_to: scatter_to(inp.x, routing))
         dispatch = scatter_to(inp.x, routing)
         for i, name in enumerate(backends):
             gemm = BACKENDS[name]
             h = gemm(dispatch.rows, inp.w13, dispatch)
             a = activation.silu_and_mul(h, dispatch)
             if i == 0:  # silu and gather do not depend on the backend
-                ms[f"silu/{layout}"] = bench(lambda h=h, d=dispatch: activation.silu_and_mul(h, d))
+                time(f"silu/{layout}", lambda h=h, d=dispatch: activation.silu_and_mul(h, d))
                 y = gemm(a, inp.w2, dispatch)
-                ms[f"gather/{layout}"] = bench(lambda y=y, d=dispatch: gather.gather(y, d, inp.topk_weights))
-            ms[f"gemm1/{name}/{layout}"] = bench(lambda g=gemm, d=dispatch: g(d.rows, inp.w13, d))
-            ms[f"gemm2/{name}/{layout}"] = bench(lambda g=gemm, a=a, d=dispatch: g(a, inp.w2, d))
+                time(f"gather/{layout}", lambda y=y, d=dispatch: gather.gather(y, d, inp.topk_weights))
+            time(f"gemm1/{name}/{layout}", lambda g=gemm, d=dispatch: g(d.rows, inp.w13, d))
+            time(f"gemm2/{name}/{layout}", lambda g=gemm, a=a, d=dispatch: g(a, inp.w2, d))
     return ms
 
 

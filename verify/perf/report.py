@@ -34,12 +34,18 @@ def floor_ms(p: dict, ceil: dict) -> float:
     return p["weight_bytes"] / (ceil["copy_gbps"] * 1e6)
 
 
+def _gpu_ms(p: dict, stage: str) -> float:
+    """The stage's GPU time: its graphed time where the run has one (a GPU), else as called."""
+    layout = p["auto_layout"]
+    return p["ms"].get(f"graphed/{stage}/{layout}") or _ours(p, stage)
+
+
 def scatter_gbps(p: dict) -> float:
-    return 2 * p["slots"] * p["hidden"] * 2 / _ours(p, "scatter") / 1e6  # rows read + rows written
+    return 2 * p["slots"] * p["hidden"] * 2 / _gpu_ms(p, "scatter") / 1e6  # rows read + rows written
 
 
 def gather_gbps(p: dict) -> float:
-    return (p["slots"] + p["tokens"]) * p["hidden"] * 2 / _ours(p, "gather") / 1e6  # slot rows read + output written
+    return (p["slots"] + p["tokens"]) * p["hidden"] * 2 / _gpu_ms(p, "gather") / 1e6  # slot rows read + output written
 
 
 def glue_ms(p: dict) -> float:

@@ -21,9 +21,10 @@ def _point(tokens=4096, mean_rows=64.0, masked=1.0, contiguous=1.2, layout="mask
              "torch_native": 2.0, "gemm1/deep_gemm/masked": 0.5, "gemm2/deep_gemm/masked": 0.3,
              "scatter/masked": 0.1, "gather/masked": 0.1, "dense": 0.8, "graphed": 0.275, "decode": 0.3}
     times.update(ms)
-    return dict(case="c", shape="deepseek", tokens=tokens, slots=2 * tokens, hidden=1024, inter=512, mean_rows=mean_rows,
-                weight_bytes=10**9, io_bytes=10**6, flops=10**12, masked_block_bytes=block, auto_layout=layout,
-                auto_backend="deep_gemm", ms=times, accuracy={"hybrid": {"l2_u": 0.3, "verdict": "PASS"}})
+    return dict(case="c", shape="deepseek", tokens=tokens, slots=2 * tokens, hidden=1024, inter=512,
+                mean_rows=mean_rows, weight_bytes=10**9, io_bytes=10**6, flops=10**12, masked_block_bytes=block,
+                auto_layout=layout, auto_backend="deep_gemm", ms=times,
+                accuracy={"hybrid": {"l2_u": 0.3, "verdict": "PASS"}})
 
 
 CEILINGS = {"copy_gbps": 4000.0, "peak_tflops": 800.0}
