@@ -12,8 +12,9 @@ point's verdict comes from the paired ratios r = B / A. A regression needs both
 - evidence: a one-sided Wilcoxon signed-rank test on log r, p < ALPHA (scipy.stats.wilcoxon: a paired test that
   assumes no normal distribution, so the heavy tails of host noise do not fake significance), and
 - an effect: the Hodges-Lehmann estimate of r (the median of the Walsh averages of log r) above --min-effect (3%).
-A point whose GPU is busy less than HOST_BOUND of its wall time is host-bound: it is reported apart, and its effect
-must also exceed the spread of its log r in this run (the median absolute deviation): host noise measured, not assumed.
+A point whose GPU is busy less than HOST_BOUND of its wall time (measured in a third process: `busy_shares`) is
+host-bound: it is reported apart, and its effect must also exceed the spread of its log r in this run (the median
+absolute deviation): host noise measured, not assumed.
 Accuracy: both trees' outputs on every rank row of the catalogue, judged by this tree's bands against this tree's
 references; a row that drops a grade (PASS -> WARN -> FAIL) is a regression.
 
@@ -137,7 +138,7 @@ class SpeedVerdict:
     ratio: float  # Hodges-Lehmann estimate of B / A
     p_value: float  # one-sided Wilcoxon signed-rank, B slower
     spread: float  # median absolute deviation of log(B / A)
-    busy: float  # the share of wall time the GPU spends in kernels (B's side)
+    busy: float  # the share of wall time the GPU spends in kernels (the working tree's, in a process of its own)
     threshold: float  # the effect the ratio had to exceed
     regressed: bool
 
@@ -163,8 +164,19 @@ def points_for(device_type: str) -> list[tuple[str, int]]:
     return [(case.name, tokens) for case, tokens in GATE_POINTS[device_type]]
 
 
-def busy_shares(worker: Worker, points) -> list[float]:
-    return [worker.ask(op="busy", point=i)["busy"] for i in range(len(points))]
+def busy_shares(tree: pathlib.Path, points, rep_ms: int, device_type: str) -> list[float]:
+    """Each point's GPU busy share, measured in a process of its own (1.0 everywhere on a CPU). Never in a timing
+    worker: torch.profiler leaves CUPTI attached to the process it ran in, whose launches then stay slower. On an
+    H200 the profiled worker of an A/A run timed the three host-bound points (Qwen3-like, gpt-oss-like) 21-24% slower
+    than its twin, and the A/B gate flagged one of them."""
+    if device_type != "cuda":
+        return [1.0] * len(points)
+    worker = Worker(tree, "busy")
+    try:
+        worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
+        return [worker.ask(op="busy", point=i)["busy"] for i in range(len(points))]
+    finally:
+        worker.close()
 
 
 def ab_speed(a: Worker, b: Worker, points, pairs: int, min_effect: float, busy: list[float]) -> list[SpeedVerdict]:
@@ -290,13 +302,13 @@ def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
 
 # ---- the command ---------------------------------------------------------------------------------------------------
 
-def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int) -> dict:
+def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, device_type: str) -> dict:
     """N A/A runs and N runs per injected slowdown; per point, how often the gate flagged."""
+    busy = busy_shares(ROOT, points, rep_ms, device_type)
     a, b = Worker(ROOT, "A"), Worker(ROOT, "B")
     table = {}
     try:
         a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
-        busy = busy_shares(a, points)
         for slowdown in (0.0, 0.03, 0.05, 0.10):
             b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown)
             flagged = [0] * len(points)
@@ -335,7 +347,7 @@ def main(argv=None) -> int:
     cases = args.cases or [c.name for c in CASES]
     start = time.perf_counter()
     if args.self_test:
-        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms)
+        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type)
         print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point")
         print(f"  {'entry':28s} {'busy':>5s} {'A/A':>5s} {'3%':>5s} {'5%':>5s} {'10%':>5s}")
         for entry, row in table.items():
@@ -350,11 +362,12 @@ def main(argv=None) -> int:
         except UsageError as exc:
             print(f"verify.gate: error: {exc}", file=sys.stderr)
             return 2
+        busy = busy_shares(ROOT, points, rep_ms, device_type)
         a, b = Worker(ref_tree, "A"), Worker(ROOT, "B")
         try:
             a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
             b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown)
-            verdicts = ab_speed(a, b, points, args.pairs, args.min_effect, busy_shares(b, points))
+            verdicts = ab_speed(a, b, points, args.pairs, args.min_effect, busy)
             accuracy = {} if args.no_accuracy else accuracy_grades([a, b], cases)
         finally:
             a.close()
