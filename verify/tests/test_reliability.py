@@ -41,6 +41,7 @@ def test_triton_kernels_under_compute_sanitizer(tool):
 
 
 # the Triton GEMM's tiles also cover padding rows of the block (unspecified contents) and the interpreter warns there
+@pytest.mark.long
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_sanitizer_workload_passes_its_bands():
     sanitizer_workload(default_device())  # outside the sanitizer (and on a CPU too): it must be right to mean anything
