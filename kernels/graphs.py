@@ -16,9 +16,28 @@ Python, no allocation, no host sync. What capture costs (kernels/executor.py, do
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from kernels.executor import moe_expert_forward
+
+T = TypeVar("T")
+
+
+def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """fn called once on a side stream (every kernel it launches compiled and warm), then captured: the graph, and
+    what the captured call returned (buffers of the graph's memory pool, rewritten by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
 
 
 class GraphedExpertStage:
@@ -31,14 +50,7 @@ class GraphedExpertStage:
         self.inputs = (x.clone(), topk_ids.clone(), topk_weights.clone())
         self.weights = (w13, w2)
         self.options = options
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            moe_expert_forward(*self.inputs, *self.weights, **options)  # compiles what the capture will launch
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = moe_expert_forward(*self.inputs, *self.weights, **options)
+        self.graph, self.out = capture(lambda: moe_expert_forward(*self.inputs, *self.weights, **options))
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         for name, new, captured in zip(("x", "topk_ids", "topk_weights"), (x, topk_ids, topk_weights), self.inputs,

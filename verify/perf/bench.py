@@ -38,6 +38,7 @@ from kernels import GraphedExpertStage, activation, gather, moe_expert_forward, 
 from kernels.dispatch import LAYOUTS, Layout, masked_block_bytes  # noqa: E402
 from kernels.executor import choose_layout  # noqa: E402
 from kernels.gemm import BACKENDS, availability, select  # noqa: E402
+from kernels.graphs import capture  # noqa: E402
 from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts  # noqa: E402
 from reference.rounding import Rounding  # noqa: E402
@@ -74,17 +75,9 @@ def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
 
 
 def graphed(fn: Callable) -> Callable:
-    """fn captured in a CUDA graph (after one call on a side stream): its replay is fn's GPU work without the host's
-    launches, which is what a stage's bandwidth means (a 10 us kernel launched eagerly times the launch)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """fn captured in a CUDA graph (kernels.graphs.capture): its replay is fn's GPU work without the host's launches,
+    which is what a stage's bandwidth means (a 10 us kernel launched eagerly times the launch)."""
+    return capture(fn)[0].replay
 
 
 def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) -> dict[str, float]:
