@@ -132,17 +132,22 @@ def test_bad_ids_raise_after_the_work_is_queued_and_are_skipped_when_never_read(
 
 def test_a_row_repeating_an_id_past_the_m_row_block_is_dropped_and_flagged_never_written():
     """M = 100 rows each naming expert 0 twice: 200 slots for a block of 128 rows. sync="after" sees the flag and
-    answers with the synced path; sync="never" drops the 72 slots without a trace outside the routing's stats."""
+    answers with the synced path; sync="never" drops the 72 slots without a trace outside the routing's stats, and
+    its masked_m says the 128 rows the block holds, so no GEMM reads past it."""
     problem = random_problem(Sizes(100, 64, 64, 4, 2), "uniform", 0, DEVICE)
     ids = torch.zeros_like(problem.routing.topk_ids)
     args = (problem.x, ids, problem.routing.topk_weights, problem.w13, problem.w2)
     synced = moe_expert_forward(*args)
-    routings = []
+    routings, dispatches = [], []
     seen = Stages(route=lambda *a, **kw: routings.append(scatter.route_local_experts(*a, **kw)) or routings[-1],
-                  empty=checks.poisoned_empty)
+                  after_scatter=lambda d: dispatches.append(d) or d, empty=checks.poisoned_empty)
     assert checks.bitwise_equal(moe_expert_forward(*args, sync="after", stages=seen), synced)
     moe_expert_forward(*args, sync="never", stages=seen)
     assert [r.dropped.item() for r in routings] == [72, 72]
+    never = dispatches[-1]
+    assert never.block_rows == 128 and never.counts.tolist() == [128, 0, 0, 0]
+    kept = never.output_index[never.output_index >= 0]
+    assert kept.numel() == 128 and kept.unique().numel() == 128 and int(kept.max()) < 128  # block 0's rows, once each
 
 
 def _refuse(*args, **kwargs):
