@@ -20,6 +20,7 @@ implements: docs/contract.md, "Entry points".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -124,6 +125,10 @@ def moe_expert_forward(
 
     x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
+    synced = functools.partial(moe_expert_forward, x, topk_ids, topk_weights, w13, w2, ep_size=ep_size,
+                               ep_rank=ep_rank, num_experts=num_experts, layout=layout,
+                               masked_max_tokens=masked_max_tokens, gemm=gemm, gate_up_order=gate_up_order,
+                               stages=stages)  # this call with sync="before": the counts read, buffers sized by them
     where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
     if sync == "before" and host_counts is None:
         routing = stages.count(topk_ids, **where)
@@ -153,9 +158,7 @@ def moe_expert_forward(
                 raise ValueError(f"x: {num_tokens} tokens need a masked block of {block_rows} rows per expert when the "
                                  f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
                                  "fewer tokens, or pass host_counts")
-            return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
-                                      num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
-                                      gemm=gemm, gate_up_order=gate_up_order, stages=stages)  # prefill: sync before
+            return synced()  # prefill-sized: sync before
         dispatch = stages.scatter_masked(x, routing, alignment=alignment, empty=stages.empty, block_rows=block_rows)
     dispatch = stages.after_scatter(dispatch)
     flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
@@ -164,10 +167,7 @@ def moe_expert_forward(
     y = backend(a, w2, dispatch, stages.empty)
     out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
     if flags is not None and scatter.check_routing(flags(), num_experts, host_counts):
-        # a row repeated an id often enough to overflow an M-row block: the synced path sizes by the real counts
-        return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
-                                  num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
-                                  gemm=gemm, gate_up_order=gate_up_order, stages=stages)
+        return synced()  # a row repeated an id often enough to overflow an M-row block: size by the real counts
     return out
 
 

@@ -89,19 +89,21 @@ def _scatter_config(hidden: int, num_local_experts: int) -> dict:
                 num_warps=4)
 
 
-def _scatter(x, routing, rows, fill, masked: bool, block_rows: int, alignment: int) -> torch.Tensor:
+def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """output_index, and the fill counters: the rows each expert received (masked_m for the masked layout)."""
     _check("x", x, (torch.bfloat16,), 2)
     if routing.local_ids.shape[0] != x.shape[0]:
         raise ValueError(f"local_ids has {routing.local_ids.shape[0]} rows but x has {x.shape[0]}")
     num_local_experts = routing.num_local_experts
     output_index = torch.empty(routing.local_ids.shape, dtype=torch.int32, device=x.device)
+    fill = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
     cfg = _scatter_config(x.shape[1], num_local_experts)
     K.scatter_kernel[(triton.cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
         x, routing.local_ids, routing.counts, fill, routing.dropped, rows, output_index,
         routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
         MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_local_experts), **cfg,
     )
-    return output_index
+    return output_index, fill
 
 
 def scatter_contiguous(
@@ -114,8 +116,7 @@ def scatter_contiguous(
         raise ValueError("routing: the contiguous layout is sized by counts on the host (counts_host is None)")
     num_rows = contiguous_rows(routing.counts_host, alignment)
     rows = empty((num_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    fill = torch.zeros(routing.num_local_experts, dtype=torch.int32, device=x.device)
-    output_index = _scatter(x, routing, rows, fill, masked=False, block_rows=0, alignment=alignment)
+    output_index, _ = _scatter(x, routing, rows, masked=False, block_rows=0, alignment=alignment)
     m_indices = empty((num_rows,), dtype=torch.int32, device=x.device)
     num_local_experts = routing.num_local_experts
     block = 1024 if interpreting() else max(16, 4096 // _pow2(num_local_experts))
@@ -141,8 +142,7 @@ def scatter_masked(
     elif block_rows < alignment or block_rows % alignment:
         raise ValueError(f"block_rows must be a positive multiple of alignment={alignment}, got {block_rows}")
     rows = empty((routing.num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    masked_m = torch.zeros(routing.num_local_experts, dtype=torch.int32, device=x.device)
-    output_index = _scatter(x, routing, rows, masked_m, masked=True, block_rows=block_rows, alignment=alignment)
+    output_index, masked_m = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
     return Dispatch(Layout.MASKED, rows, output_index, masked_m, routing.counts_host, alignment)
 
 

@@ -19,6 +19,7 @@ from kernels import PRODUCTION, Dispatch, Stages, choose_layout, moe_expert_forw
 from kernels.dispatch import Layout, LocalRouting
 from kernels.gemm.base import GroupedGemm
 from kernels.gemm.loop import Loop
+from reference.layouts import expert_counts
 from verify import checks
 
 
@@ -51,7 +52,7 @@ def _count_global_as_local(topk_ids, *, ep_rank, num_local_experts, num_experts)
 def _local_routing(local: torch.Tensor, num_local_experts: int) -> LocalRouting:
     """A LocalRouting from local ids computed on the host (-1: not local)."""
     local = local.to(torch.int32).contiguous()
-    counts = torch.bincount(local[local >= 0].long(), minlength=num_local_experts).to(torch.int32)
+    counts = expert_counts(local.long(), num_local_experts).to(torch.int32)
     stats = torch.cat([counts, counts.new_zeros(2)])  # no bad id, nothing dropped yet
     return LocalRouting(local, stats[:num_local_experts], tuple(counts.tolist()), stats)
 

@@ -15,6 +15,7 @@ from kernels.dispatch import LAYOUTS, M_ALIGNMENT, masked_block_bytes
 from kernels.gemm import BACKENDS, availability
 from kernels.gemm.loop import Loop
 from reference import moe_reference
+from reference.layouts import expert_counts
 from reference.routing import rank_view
 from verify import bands, checks
 from verify.cases import Sizes, random_problem
@@ -91,9 +92,7 @@ def test_the_unsynced_decode_path_passes_and_matches_the_synced_one(sync, routin
 
 def _with_host_counts(problem, ep_size, rank):
     view = rank_view(problem.x, problem.routing, ep_size, rank)
-    local = view.local_ids()
-    counts = torch.bincount(local[local >= 0].long().cpu(), minlength=problem.sizes.num_experts // ep_size)
-    return view, counts.tolist()
+    return view, expert_counts(view.local_ids(), problem.sizes.num_experts // ep_size).tolist()
 
 
 @pytest.mark.parametrize("sync", ["before", "after", "never"])
