@@ -31,7 +31,7 @@ def silu_and_mul(
         raise ValueError(f"h's last dimension must be 2*I (even), got {h.shape[-1]}")
     inter = h.shape[-1] // 2
     a = empty((*h.shape[:-1], inter), dtype=torch.bfloat16, device=h.device)
-    num_rows = dispatch.flat_rows().shape[0]
+    num_rows = h.numel() // h.shape[-1]  # the layout's rows (h's leading dims are the Dispatch's, checked above)
     masked = dispatch.layout is Layout.MASKED
     if interpreting():
         cfg = dict(BLOCK_R=1024, BLOCK_I=min(triton.next_power_of_2(inter), 1024))

@@ -20,7 +20,6 @@ implements: docs/contract.md, "Entry points".
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,10 +124,12 @@ def moe_expert_forward(
 
     x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
-    synced = functools.partial(moe_expert_forward, x, topk_ids, topk_weights, w13, w2, ep_size=ep_size,
-                               ep_rank=ep_rank, num_experts=num_experts, layout=layout,
-                               masked_max_tokens=masked_max_tokens, gemm=gemm, gate_up_order=gate_up_order,
-                               stages=stages)  # this call with sync="before": the counts read, buffers sized by them
+
+    def synced() -> torch.Tensor:  # this call with sync="before": the counts read, buffers sized by them
+        return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
+                                  num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
+                                  gemm=gemm, gate_up_order=gate_up_order, stages=stages)
+
     where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
     if sync == "before" and host_counts is None:
         routing = stages.count(topk_ids, **where)

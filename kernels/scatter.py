@@ -16,7 +16,6 @@ written; the masked layout's counts (masked_m) are then the rows actually filled
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -77,7 +76,7 @@ def count_local_experts(
                                   num_experts=num_experts)
     stats = routing.stats.tolist()
     check_routing(stats, num_experts)
-    return dataclasses.replace(routing, counts_host=tuple(stats[:num_local_experts]))
+    return LocalRouting(routing.local_ids, routing.counts, tuple(stats[:num_local_experts]), routing.stats)
 
 
 def _scatter_config(hidden: int, num_local_experts: int) -> dict:
@@ -99,7 +98,7 @@ def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) ->
     fill = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
     cfg = _scatter_config(x.shape[1], num_local_experts)
     K.scatter_kernel[(triton.cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
-        x, routing.local_ids, routing.counts, fill, routing.dropped, rows, output_index,
+        x, routing.local_ids, routing.counts, fill, routing.stats, rows, output_index,
         routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
         MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_local_experts), **cfg,
     )

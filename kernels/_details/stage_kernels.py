@@ -46,7 +46,7 @@ def local_ids_kernel(
 
 @triton.jit
 def scatter_kernel(
-    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, dropped_ptr, rows_ptr, output_index_ptr,
+    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
     num_slots, topk, hidden, num_local_experts, block_rows,
     MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -54,9 +54,9 @@ def scatter_kernel(
 
     Contiguous: expert e's segment starts at the aligned prefix sum of the counts and holds counts[e] rows. Masked:
     block e starts at row e * block_rows and holds block_rows rows. A slot whose ticket is past its expert's room is
-    dropped: counted in dropped_ptr, its fill ticket given back (so a masked fill ends at min(count, block_rows),
-    the rows filled), nothing written. output_index[token, slot] = the row (flat over the layout's rows), -1 for
-    skipped and dropped ids."""
+    dropped: counted in the routing's stats, its fill ticket given back (so a masked fill ends at
+    min(count, block_rows), the rows filled), nothing written. output_index[token, slot] = the row (flat over the
+    layout's rows), -1 for skipped and dropped ids."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = offs < num_slots
     local = tl.load(local_ids_ptr + offs, mask=in_range, other=-1)
@@ -76,7 +76,7 @@ def scatter_kernel(
     num_dropped = tl.sum(dropped.to(tl.int32), axis=0)
     if num_dropped > 0:
         tl.atomic_add(fill_ptr + expert, -1, mask=dropped)
-        tl.atomic_add(dropped_ptr, num_dropped)
+        tl.atomic_add(stats_ptr + num_local_experts + 1, num_dropped)  # LocalRouting.stats: [..., bad, dropped]
     valid = valid & (slot < room)
     row = tl.where(valid, start + slot.to(tl.int64), -1)
     tl.store(output_index_ptr + offs, row.to(tl.int32), mask=in_range)

@@ -15,6 +15,7 @@ Semantics kept from the seed (rtp-llm #1111):
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -74,6 +75,12 @@ def m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m: int, compiled_d
     _bf16_symbols()["masked"](a, b, d, masked_m, expected_m)
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    """A GPU's compute capability, asked once: every call of the stage checks it, and asking costs microseconds."""
+    return torch.cuda.get_device_capability(index)
+
+
 class DeepGemm(GroupedGemm):
     name = "deep_gemm"
 
@@ -85,7 +92,7 @@ class DeepGemm(GroupedGemm):
             device = torch.device(device)
             if device.type != "cuda":
                 return False, "DeepGEMM runs on CUDA GPUs only"
-            major, minor = torch.cuda.get_device_capability(device)
+            major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
             if major not in (9, 10):
                 return False, f"DeepGEMM supports SM90 and SM100 only, this GPU is SM{major}{minor}"
             if not has_deep_gemm():
