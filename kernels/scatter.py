@@ -1,10 +1,10 @@
 """Scatter stage: global ids -> local ids and counts (on device), then tokens -> per-expert rows.
 
 `route_local_experts` maps GLOBAL ids to this rank's LOCAL ids and histograms them on the device, so a caller's count
-can never make a scatter write out of bounds; it reads nothing back. `count_local_experts` (the synced pipeline) also
-reads the counts back to size the buffers: the pipeline's one device-to-host sync before its GEMMs, which carries the
-out-of-range id count too, so bad ids cost no extra sync. `check_routing` is that check on stats read back later
-(`moe_expert_forward(sync="after")` reads them once every kernel is queued).
+can never make a scatter write out of bounds; it reads nothing back. `count_local_experts` (the synced pipeline) is
+that, then `read_counts`, which reads the counts back to size the buffers: the pipeline's one device-to-host sync
+before its GEMMs, which carries the out-of-range id count too, so bad ids cost no extra sync. `check_routing` is that
+check on stats read back later (`moe_expert_forward(sync="after")` reads them once every kernel is queued).
 
 `scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
 `kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there). Rows inside a
@@ -72,11 +72,16 @@ def count_local_experts(
 ) -> LocalRouting:
     """Local ids and counts of rank `ep_rank`, counts read back; raises ValueError if any id lies outside
     [-1, num_experts). Synchronizes once (reads E_local + 2 int32 back)."""
-    routing = route_local_experts(topk_ids, ep_rank=ep_rank, num_local_experts=num_local_experts,
-                                  num_experts=num_experts)
+    return read_counts(route_local_experts(topk_ids, ep_rank=ep_rank, num_local_experts=num_local_experts,
+                                           num_experts=num_experts), num_experts)
+
+
+def read_counts(routing: LocalRouting, num_experts: int) -> LocalRouting:
+    """`routing` with its counts read back (the sync: waits for every kernel queued so far); raises ValueError if any
+    id lies outside [-1, num_experts)."""
     stats = routing.stats.tolist()
     check_routing(stats, num_experts)
-    return LocalRouting(routing.local_ids, routing.counts, tuple(stats[:num_local_experts]), routing.stats)
+    return LocalRouting(routing.local_ids, routing.counts, tuple(stats[: routing.num_local_experts]), routing.stats)
 
 
 def _scatter_config(hidden: int, num_local_experts: int) -> dict:

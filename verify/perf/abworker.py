@@ -7,7 +7,10 @@ share anything but the GPU. It reads one JSON request per line on stdin and writ
 
 - {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "slowdown": F}: build each point's inputs
   (verify.cases.BenchCase.received) and time each once; F > 0 delays every timed call by F x that time with a GPU sleep
-  on the stream before the pipeline (or a host sleep on a CPU), so the GPU work itself is slowed.
+  queued between the count's kernel and its read-back (a host sleep on a CPU): the GPU work itself is slowed, at the
+  one place where the default call's host waits for the GPU, so host-bound points slow by F too. (A sleep queued
+  before the stage ran while the host was still launching the count and hid in the GPU's idle time: an H200
+  self-test saw its 5% and 10% at the host-bound points as 0-4%.)
 - {"op": "time", "point": i}: the median ms of one do_bench (L2 flushed) of point i (perf_counter on a CPU).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
 - {"op": "grades", "case": name, "seed": S, "rows": [[ep, rank, view, layout], ...]}: the pipeline's output on each
@@ -18,6 +21,8 @@ share anything but the GPU. It reads one JSON request per line on stdin and writ
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -57,6 +62,17 @@ def _delay(device: str, ms: float):
     end.synchronize()
     cycles = int(ms * 10_000_000 / start.elapsed_time(end))
     return lambda: torch.cuda._sleep(cycles)
+
+
+def _count_then(delay, scatter):
+    """The count stage with `delay` queued between its kernel and its read-back."""
+
+    def count(topk_ids, **where):
+        routing = scatter.route_local_experts(topk_ids, **where)
+        delay()
+        return scatter.read_counts(routing, where["num_experts"])
+
+    return count
 
 
 def _busy(fn, device: str) -> float:
@@ -110,7 +126,7 @@ def main() -> int:
     from verify.cases import BENCH_CASES, CASES_BY_NAME
 
     device = default_device()
-    calls, sleeps = [], []
+    calls = []
     timer = None
     for line in sys.stdin:
         request = json.loads(line)
@@ -119,21 +135,22 @@ def main() -> int:
             break
         if op == "setup":
             timer = _timer(device, request["rep_ms"])
-            calls, sleeps = [], []
+            calls = []
             weights = {}
             for name, tokens in request["points"]:
                 case = BENCH_CASES[name]
                 weights.setdefault(name, case.draw_weights())
                 inp = case.received(tokens, weights[name])
-                call = (lambda inp=inp, case=case: kernels.moe_expert_forward(
-                    *inp.args, ep_size=case.ep_size, num_experts=case.shape.num_experts))
-                sleeps.append(_delay(device, request["slowdown"] * timer(call)))
+                call = functools.partial(kernels.moe_expert_forward, *inp.args, ep_size=case.ep_size,
+                                         num_experts=case.shape.num_experts)
+                if request["slowdown"] > 0:
+                    delayed = _count_then(_delay(device, request["slowdown"] * timer(call)), kernels.scatter)
+                    call = functools.partial(call, stages=dataclasses.replace(kernels.PRODUCTION, count=delayed))
                 calls.append(call)
             answer = dict(points=len(calls), device=device,
                           card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         elif op == "time":
-            delay, call = sleeps[request["point"]], calls[request["point"]]
-            answer = dict(ms=timer(lambda delay=delay, call=call: (delay(), call())))
+            answer = dict(ms=timer(calls[request["point"]]))
         elif op == "busy":
             answer = dict(busy=_busy(calls[request["point"]], device))
         elif op == "grades":

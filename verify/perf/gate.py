@@ -27,9 +27,10 @@ H200 the same unchanged entry measured 0.28 ms in one run and 0.59 ms seconds la
 that come and go between runs, which neither the passes' spread nor a launch-latency probe sees); only the paired
 A/B comparison of --against can judge them. `--update` writes the baseline.
 
-`--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep on the stream before
-the pipeline (a host sleep on a CPU): the gate must then fail. `--self-test N` measures the gate itself: N A/A runs
-(the tree against itself: every flagged point is a false alarm) and N runs with 3%, 5% and 10% injected.
+`--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep queued between the
+count's kernel and its read-back, where the host waits for the GPU (a host sleep on a CPU): the gate must then fail.
+`--self-test N` measures the gate itself: N A/A runs (the tree against itself: every flagged point is a false alarm)
+and N runs with 3%, 5% and 10% injected.
 Exit codes: 0 no regression, 1 regression, 2 usage error (unknown REF, no baseline, another card).
 """
 
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -327,8 +329,10 @@ def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
 SLOWDOWNS = (0.0, 0.03, 0.05, 0.10)  # --self-test: A/A, then the injected slowdowns
 
 
-def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, device_type: str) -> dict:
-    """N runs; per point and per slowdown of SLOWDOWNS, how often the gate flagged, and the median B/A it estimated.
+def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, device_type: str,
+              on_run: Callable[[dict], None] = lambda table: None) -> dict:
+    """N runs; per point and per slowdown of SLOWDOWNS, how often the gate flagged, and the median B/A it estimated
+    (the table so far is handed to `on_run` after every run, so a run cut short by a time limit still leaves one).
 
     One A worker and one B worker per slowdown (0 is the A/A twin), all of this tree, timed in one interleave whose
     order rotates pair by pair; each B is judged against A's timings of the same pairs exactly as the gate judges its
@@ -353,14 +357,17 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
                     v = judge_pairs(f"{name}/M={tokens}", times[i][0], times[i][j], busy[i], min_effect)
                     flagged[slowdown][i] += v.regressed
                     ratios[slowdown][i].append(v.ratio)
+            table = {f"{name}/M={tokens}": dict(busy=busy[i], runs=run + 1,
+                                                **{f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
+                                                **{f"B/A {s:.0%}": statistics.median(ratios[s][i]) for s in SLOWDOWNS})
+                     for i, (name, tokens) in enumerate(points)}
+            on_run(table)
             print(f"self-test: run {run + 1}/{runs}: flagged " +
                   ", ".join(f"{s:.0%} {sum(flagged[s])}" for s in SLOWDOWNS), flush=True)
     finally:
         for worker in workers:
             worker.close()
-    return {f"{name}/M={tokens}": dict(busy=busy[i], **{f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
-                                       **{f"B/A {s:.0%}": statistics.median(ratios[s][i]) for s in SLOWDOWNS})
-            for i, (name, tokens) in enumerate(points)}
+    return table
 
 
 def main(argv=None) -> int:
@@ -376,7 +383,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="accuracy: catalogue cases (all)")
     p.add_argument("--no-accuracy", action="store_true", help="speed only")
     p.add_argument("--inject-slowdown", type=float, default=0.0, metavar="F",
-                   help="slow the working tree's side by F x each point's time (a GPU sleep before the pipeline)")
+                   help="slow the working tree's side by F x each point's time (a GPU sleep before the count's "
+                        "read-back)")
     p.add_argument("--json", help="write the measurements and the verdicts here")
     args = p.parse_args(argv)
     device_type = torch.device(default_device()).type
@@ -387,7 +395,12 @@ def main(argv=None) -> int:
     cases = args.cases or [c.name for c in CASES]
     start = time.perf_counter()
     if args.self_test:
-        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type)
+        def save(table: dict) -> None:
+            if args.json:
+                pathlib.Path(args.json).write_text(json.dumps(dict(card=card, runs=args.self_test, pairs=args.pairs,
+                                                                   table=table), indent=1))
+
+        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, on_run=save)
         print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point, every process on "
               f"CPUs {sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 'any'}")
         print(f"  {'entry':28s} {'busy':>5s}  flagged: {'A/A':>4s} {'3%':>4s} {'5%':>4s} {'10%':>4s}   median B/A: "
@@ -395,9 +408,6 @@ def main(argv=None) -> int:
         for entry, row in table.items():
             print(f"  {entry:28s} {row['busy']:5.0%}           " + " ".join(f"{row[f'{s:.0%}']:4d}" for s in SLOWDOWNS)
                   + "               " + " ".join(f"{row[f'B/A {s:.0%}']:5.3f}" for s in SLOWDOWNS))
-        if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(dict(card=card, runs=args.self_test, pairs=args.pairs,
-                                                               table=table), indent=1))
         return 0
     if args.against:
         try:
