@@ -80,7 +80,7 @@ class UsageError(Exception):
 def shared_cpus(device_type: str) -> set[int]:
     """The CPUs every process of the gate runs on: the same two for all (near the GPU where the system says which
     are). Left to the scheduler, each worker runs on whichever core it first woke on, and host-bound timings follow
-    the core: in an A/A self-test on an H200 machine (5 workers of one tree, unpinned) the workers timed up to 10%
+    the core: in an A/A self-test on an H200 machine (5 workers of one tree, unpinned) the workers timed up to 11%
     apart at host-bound points, steadily (9 false alarms in 160), and the launch-latency probe read 17-26 us in
     successive runs on one machine. Only one worker runs at a time, so two cores are never contended."""
     allowed = sorted(os.sched_getaffinity(0))
