@@ -5,13 +5,14 @@ its import path (and the gate's own `verify` and `reference`, which never import
 verify.cases and reference are plain torch). Each process owns its CUDA context and module state; the two never
 share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
 
-- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "slowdown": F}: build each point's inputs
-  (verify.cases.BenchCase.received) and time each once; F > 0 delays every timed call by F x that time with a GPU sleep
-  queued between the count's kernel and its read-back (a host sleep on a CPU): the GPU work itself is slowed, at the
-  one place where the default call's host waits for the GPU, so host-bound points slow by F too. (A sleep queued
-  before the stage ran while the host was still launching the count and hid in the GPU's idle time: an H200
-  self-test saw its 5% and 10% at the host-bound points as 0-4%.)
-- {"op": "time", "point": i}: the median ms of one do_bench (L2 flushed) of point i (perf_counter on a CPU).
+- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "slowdown": F, "cpus": [...]}: build each point's
+  inputs (verify.cases.BenchCase.received) and time each once; F > 0 delays every timed call by F x that time with
+  a GPU sleep queued between the count's kernel and its read-back (a host sleep on a CPU): the GPU work itself is
+  slowed, at the one place where the default call's host waits for the GPU, so host-bound points slow by F too.
+  (A sleep queued before the stage ran while the host was still launching the count, and hid in the idle GPU: an
+  H200 self-test rarely flagged 10% at the host-bound points.)
+- {"op": "time", "point": i}: the median ms of one do_bench (L2 flushed) of point i (perf_counter on a CPU), timed on
+  the setup's `cpus` (the gate gives every worker the same ones; none: wherever the scheduler puts it).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
 - {"op": "grades", "case": name, "seed": S, "rows": [[ep, rank, view, layout], ...]}: the pipeline's output on each
   catalogue rank view, judged by the gate's bands (verify.bands, verify.metrics and reference: no `kernels` in them)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -62,6 +64,12 @@ def _delay(device: str, ms: float):
     end.synchronize()
     cycles = int(ms * 10_000_000 / start.elapsed_time(end))
     return lambda: torch.cuda._sleep(cycles)
+
+
+def _run_on(cpus) -> None:
+    """This process (and those it starts) on these CPUs from now on; nothing where the OS cannot pin."""
+    if cpus and hasattr(os, "sched_setaffinity") and set(cpus) != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, cpus)
 
 
 def _count_then(delay, scatter):
@@ -128,13 +136,17 @@ def main() -> int:
     device = default_device()
     calls = []
     timer = None
+    every_cpu = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    timing_cpus = None
     for line in sys.stdin:
         request = json.loads(line)
         op = request["op"]
         if op == "quit":
             break
         if op == "setup":
+            _run_on(every_cpu)
             timer = _timer(device, request["rep_ms"])
+            timing_cpus = request.get("cpus")
             calls = []
             weights = {}
             for name, tokens in request["points"]:
@@ -150,10 +162,12 @@ def main() -> int:
             answer = dict(points=len(calls), device=device,
                           card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         elif op == "time":
+            _run_on(timing_cpus)
             answer = dict(ms=timer(calls[request["point"]]))
         elif op == "busy":
             answer = dict(busy=_busy(calls[request["point"]], device))
         elif op == "grades":
+            _run_on(every_cpu)
             answer = dict(grades=_grades(kernels.moe_expert_forward, CASES_BY_NAME[request["case"]],
                                          request["seed"], request["rows"], device))
         else:

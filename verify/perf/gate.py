@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -77,12 +78,16 @@ class UsageError(Exception):
 
 # ---- workers -------------------------------------------------------------------------------------------------------
 
-def shared_cpus(device_type: str) -> set[int]:
-    """The CPUs every process of the gate runs on: the same two for all (near the GPU where the system says which
-    are). Left to the scheduler, each worker runs on whichever core it first woke on, and host-bound timings follow
-    the core: in an A/A self-test on an H200 machine (5 workers of one tree, unpinned) the workers timed up to 11%
-    apart at host-bound points, steadily (9 false alarms in 160), and the launch-latency probe read 17-26 us in
-    successive runs on one machine. Only one worker runs at a time, so two cores are never contended."""
+@functools.cache
+def shared_cpus(device_type: str) -> list[int]:
+    """The CPUs every worker times on: the same two for all (near the GPU where the system says which are). Left to
+    the scheduler, each worker runs on whichever core it first woke on, and host-bound timings follow the core: in an
+    A/A self-test on an H200 machine (5 workers of one tree, unpinned) the workers timed up to 11% apart at host-bound
+    points, steadily (9 false alarms in 160), and the launch-latency probe read 17-26 us in successive runs on one
+    machine. Only one worker times at a time, so two cores are never contended; compiling and the accuracy rows run
+    on every CPU."""
+    if not hasattr(os, "sched_getaffinity"):  # not Linux: no pinning
+        return []
     allowed = sorted(os.sched_getaffinity(0))
     near = set(allowed)
     if device_type == "cuda":
@@ -96,7 +101,7 @@ def shared_cpus(device_type: str) -> set[int]:
                 near.update(range(int(first), int(last or first) + 1))
         except (AttributeError, OSError, ValueError):
             pass
-    return set(([c for c in allowed if c in near] or allowed)[:2])
+    return ([c for c in allowed if c in near] or allowed)[:2]
 
 
 class Worker:
@@ -197,7 +202,7 @@ def busy_shares(tree: pathlib.Path, points, rep_ms: int, device_type: str) -> li
         return [1.0] * len(points)
     worker = Worker(tree, "busy")
     try:
-        worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
+        worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0, cpus=[])
         return [worker.ask(op="busy", point=i)["busy"] for i in range(len(points))]
     finally:
         worker.close()
@@ -344,7 +349,7 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
     ratios = {s: [[] for _ in points] for s in SLOWDOWNS}
     try:
         for worker, slowdown in zip(workers, (0.0, *SLOWDOWNS), strict=True):
-            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown)
+            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown, cpus=shared_cpus(device_type))
         for run in range(runs):
             times = [[[] for _ in workers] for _ in points]
             for pair in range(pairs):
@@ -390,8 +395,6 @@ def main(argv=None) -> int:
     device_type = torch.device(default_device()).type
     card = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     points, rep_ms = points_for(device_type), REP_MS[device_type]
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, shared_cpus(device_type))  # inherited by every worker this process starts
     cases = args.cases or [c.name for c in CASES]
     start = time.perf_counter()
     if args.self_test:
@@ -401,8 +404,8 @@ def main(argv=None) -> int:
                                                                    table=table), indent=1))
 
         table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, on_run=save)
-        print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point, every process on "
-              f"CPUs {sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 'any'}")
+        print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point, timed on CPUs "
+              f"{shared_cpus(device_type)}")
         print(f"  {'entry':28s} {'busy':>5s}  flagged: {'A/A':>4s} {'3%':>4s} {'5%':>4s} {'10%':>4s}   median B/A: "
               f"{'A/A':>5s} {'3%':>5s} {'5%':>5s} {'10%':>5s}")
         for entry, row in table.items():
@@ -418,8 +421,9 @@ def main(argv=None) -> int:
         busy = busy_shares(ROOT, points, rep_ms, device_type)
         a, b = Worker(ref_tree, "A"), Worker(ROOT, "B")
         try:
-            a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0)
-            b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown)
+            cpus = shared_cpus(device_type)
+            a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0, cpus=cpus)
+            b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown, cpus=cpus)
             verdicts = ab_speed(a, b, points, args.pairs, args.min_effect, busy)
             accuracy = {} if args.no_accuracy else accuracy_grades([a, b], cases)
         finally:
@@ -458,7 +462,8 @@ def main(argv=None) -> int:
             return 2
         worker = Worker(ROOT, "tree")
         try:
-            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown)
+            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown,
+                       cpus=shared_cpus(device_type))
             current = dict(card=card, probes=machine_probes(device_type),
                            speed=baseline_speed(worker, points, REPEATS))
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -32,6 +33,13 @@ def test_a_host_bound_point_must_beat_its_measured_spread():
     gpu, host = gate.judge_pairs("e", a, b, 0.9, 0.03), gate.judge_pairs("e", a, b, 0.3, 0.03)
     assert gpu.threshold == 0.03 and host.host_bound and host.threshold > 0.1
     assert not host.regressed
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_every_worker_times_on_the_same_two_allowed_cpus():
+    allowed = os.sched_getaffinity(0)
+    cpus = gate.shared_cpus("cpu")
+    assert set(cpus) <= allowed and len(cpus) == min(2, len(allowed)) and cpus == sorted(allowed)[: len(cpus)]
 
 
 def test_a_stored_baseline_is_normalised_by_the_machine():
