@@ -35,6 +35,14 @@ def test_targets_are_the_declared_ratios():
     got = {t["name"]: t for t in report.evaluate(results)}
     assert got["gemm_share"]["rows"][0]["value"] == pytest.approx(0.8)
     assert not got["gemm_share"]["rows"][0]["met"]
+    assert got["gemm_share_gpu"]["total"] == 0  # no graphed stage times in this run
+    graphed = {"graphed/count": 0.01, "graphed/scatter/masked": 0.02, "graphed/gemm1/deep_gemm/masked": 0.45,
+               "graphed/silu/masked": 0.02, "graphed/gemm2/deep_gemm/masked": 0.3, "graphed/gather/masked": 0.03}
+    summed = _point(tokens=4096, **graphed)
+    del summed["ms"]["graphed"]  # no whole graphed stage at this M: its stages summed
+    whole = _point(**graphed, graphed=0.85)  # the whole stage captured: its graph's time
+    share = {t["name"]: t for t in report.evaluate({"ceilings": CEILINGS, "points": [summed, whole]})}
+    assert [r["value"] for r in share["gemm_share_gpu"]["rows"]] == pytest.approx([0.75 / 0.83, 0.75 / 0.85])
     assert got["decode_floor"]["rows"][0]["value"] == pytest.approx(1.0 / (1e9 / 4000e6))
     assert got["decode_graphed_deepseek"]["rows"][0]["value"] == pytest.approx(1.1)  # floor: 1 GB at 4000 GB/s
     assert got["decode_eager_deepseek"]["rows"][0]["value"] == pytest.approx(1.2)
