@@ -208,14 +208,21 @@ def busy_shares(tree: pathlib.Path, points, rep_ms: int, device_type: str) -> li
         worker.close()
 
 
-def ab_speed(a: Worker, b: Worker, points, pairs: int, min_effect: float, busy: list[float]) -> list[SpeedVerdict]:
-    """`pairs` interleaved pairs of timings per point (the order alternates), then each point's verdict."""
-    times = {i: ([], []) for i in range(len(points))}
+def interleaved_times(workers: list[Worker], points, pairs: int) -> list[list[list[float]]]:
+    """times[point][worker]: `pairs` rounds, each timing every point once on every worker, the order rotating round
+    by round (two workers: A B, then B A, ...)."""
+    times = [[[] for _ in workers] for _ in points]
     for pair in range(pairs):
         for i in range(len(points)):
-            order = (0, 1) if pair % 2 == 0 else (1, 0)
-            for side in order:
-                times[i][side].append((a, b)[side].ask(op="time", point=i)["ms"])
+            shift = pair % len(workers)
+            for w in (*range(shift, len(workers)), *range(shift)):
+                times[i][w].append(workers[w].ask(op="time", point=i)["ms"])
+    return times
+
+
+def ab_speed(a: Worker, b: Worker, points, pairs: int, min_effect: float, busy: list[float]) -> list[SpeedVerdict]:
+    """`pairs` interleaved pairs of timings per point (the order alternates), then each point's verdict."""
+    times = interleaved_times([a, b], points, pairs)
     return [judge_pairs(f"{name}/M={tokens}", *times[i], busy[i], min_effect)
             for i, (name, tokens) in enumerate(points)]
 
@@ -340,9 +347,10 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
     (the table so far is handed to `on_run` after every run, so a run cut short by a time limit still leaves one).
 
     One A worker and one B worker per slowdown (0 is the A/A twin), all of this tree, timed in one interleave whose
-    order rotates pair by pair; each B is judged against A's timings of the same pairs exactly as the gate judges its
-    one B. One pass so measures the four tables at 5 timings per pair instead of 8; an A timing is further from its
-    B's than in the gate's A B interleave, which can only add noise: the false-alarm counts are if anything high."""
+    order rotates pair by pair (`interleaved_times`, as the gate's A B); each B is judged against A's timings of the
+    same pairs exactly as the gate judges its one B. One pass so measures the four tables at 5 timings per pair
+    instead of 8; an A timing is further from its B's than in the gate's A B interleave, which can only add noise:
+    the false-alarm counts are if anything high."""
     busy = busy_shares(ROOT, points, rep_ms, device_type)
     workers = [Worker(ROOT, "A"), *(Worker(ROOT, f"B+{s:.0%}") for s in SLOWDOWNS)]
     flagged = {s: [0] * len(points) for s in SLOWDOWNS}
@@ -351,12 +359,7 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
         for worker, slowdown in zip(workers, (0.0, *SLOWDOWNS), strict=True):
             worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown, cpus=shared_cpus(device_type))
         for run in range(runs):
-            times = [[[] for _ in workers] for _ in points]
-            for pair in range(pairs):
-                for i in range(len(points)):
-                    shift = (pair + i) % len(workers)
-                    for w in (*range(shift, len(workers)), *range(shift)):
-                        times[i][w].append(workers[w].ask(op="time", point=i)["ms"])
+            times = interleaved_times(workers, points, pairs)
             for j, slowdown in enumerate(SLOWDOWNS, start=1):
                 for i, (name, tokens) in enumerate(points):
                     v = judge_pairs(f"{name}/M={tokens}", times[i][0], times[i][j], busy[i], min_effect)

@@ -18,8 +18,11 @@ STAGES = ("count", "scatter", "gemm1", "silu", "gemm2", "gather")
 
 
 def _key(p: dict, stage: str) -> str:
-    """The measurement's name of `stage` in the hybrid's layout (and backend, for gemm / whole)."""
+    """The measurement's name of `stage` in the hybrid's layout (and backend, for gemm / whole; the count has
+    neither)."""
     layout, backend = p["auto_layout"], p["auto_backend"]
+    if stage == "count":
+        return stage
     return f"{stage}/{backend}/{layout}" if stage in ("gemm1", "gemm2", "whole") else f"{stage}/{layout}"
 
 
@@ -54,7 +57,7 @@ def gather_gbps(p: dict) -> float:
 
 def glue_ms(p: dict) -> float:
     """Whole stage minus its stages timed alone: host work the GPU waits for (the sync, launches), allocations."""
-    return _ours(p, "whole") - sum(p["ms"]["count"] if s == "count" else _ours(p, s) for s in STAGES)
+    return _ours(p, "whole") - sum(_ours(p, s) for s in STAGES)
 
 
 def gemm_share(p: dict) -> float:
@@ -64,7 +67,7 @@ def gemm_share(p: dict) -> float:
 def gemm_share_gpu(p: dict) -> float:
     """The two GEMMs' share of the stage's GPU time, everything graphed (the host's launches and read-back left out):
     of the whole captured stage where the run has one (the decode path, M <= 1024), else of its stages summed."""
-    whole = p["ms"].get("graphed") or p["ms"]["graphed/count"] + sum(_gpu_ms(p, s) for s in STAGES[1:])
+    whole = p["ms"].get("graphed") or sum(_gpu_ms(p, s) for s in STAGES)
     return (_gpu_ms(p, "gemm1") + _gpu_ms(p, "gemm2")) / whole
 
 
