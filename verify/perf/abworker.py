@@ -6,13 +6,14 @@ verify.cases and reference are plain torch). Each process owns its CUDA context 
 share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
 
 - {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "slowdown": F, "cpus": [...]}: build each point's
-  inputs (verify.cases.BenchCase.received) and time each once; F > 0 delays every timed call by F x that time with
-  a GPU sleep queued between the count's kernel and its read-back (a host sleep on a CPU): the GPU work itself is
-  slowed, at the one place where the default call's host waits for the GPU, so host-bound points slow by F too.
-  (A sleep queued before the stage ran while the host was still launching the count, and hid in the idle GPU: an
-  H200 self-test rarely flagged 10% at the host-bound points.)
-- {"op": "time", "point": i}: the median ms of one do_bench (L2 flushed) of point i (perf_counter on a CPU), timed on
-  the setup's `cpus` (the gate gives every worker the same ones; none: wherever the scheduler puts it).
+  inputs (verify.cases.BenchCase.received), and on a GPU its graphed stage where the tree has one and the point's
+  masked block fits (kernels.GraphedExpertStage: the stage's GPU work without the host); answers which points have
+  one. F > 0 slows every timed call by F x its time: the eager call with a GPU sleep queued between the count's
+  kernel and its read-back, where the default call's host waits for the GPU (a host sleep on a CPU), the graphed
+  call with a GPU sleep queued before the replay. (A sleep queued before the eager stage ran while the host was
+  still launching the count, and hid in the idle GPU: an H200 self-test rarely flagged 10% at host-bound points.)
+- {"op": "time", "point": i, "graphed": bool}: point i's ms per call (`_timer`), timed on the setup's `cpus` (the
+  gate gives every worker the same ones; none: wherever the scheduler puts it).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
 - {"op": "grades", "case": name, "seed": S, "rows": [[ep, rank, view, layout], ...]}: the pipeline's output on each
   catalogue rank view, judged by the gate's bands (verify.bands, verify.metrics and reference: no `kernels` in them)
@@ -32,16 +33,37 @@ import time
 
 import torch
 
+LOOPS = 5
+
 
 def _timer(device: str, rep_ms: int):
+    """ms per call of a callable. On a GPU: back-to-back calls between two CUDA events, in LOOPS loops of about
+    rep_ms / LOOPS each, the median loop. Not triton's do_bench: its L2 flush before each call races the host of a call
+    that waits for the GPU inside (the default call reads the counts back): whether the host is ahead of the flush or
+    behind it decides whether its launch time is counted, and whole do_bench runs of one unchanged Qwen3-like point on
+    an H200 landed at 0.30 or 0.55-0.72 ms, the share of each mode differing from process to process (12 processes,
+    per-process medians 0.32-0.63 ms). On a CPU: perf_counter, the median of LOOPS calls."""
     if device == "cuda":
-        import triton
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median")
+        def loop(fn, n: int) -> float:
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / n
+
+        def gpu(fn):
+            one = loop(fn, 1)
+            n = max(1, round(rep_ms / LOOPS / max(one, 1e-3)))
+            return statistics.median(loop(fn, n) for _ in range(LOOPS))
+
+        return gpu
 
     def cpu(fn):
         runs = []
-        for _ in range(3):
+        for _ in range(LOOPS):
             start = time.perf_counter()
             fn()
             runs.append((time.perf_counter() - start) * 1e3)
@@ -81,6 +103,26 @@ def _count_then(delay, scatter):
         return scatter.read_counts(routing, where["num_experts"])
 
     return count
+
+
+def _graphed(kernels, args, kw):
+    """The replay of the stage captured for these inputs (kernels.GraphedExpertStage), or None where the tree has no
+    graphed stage (older trees) or the point cannot be captured (a masked block over the budget at large M)."""
+    stage_type = getattr(kernels, "GraphedExpertStage", None)
+    if stage_type is None:
+        return None
+    try:
+        return stage_type(*args, **kw).graph.replay
+    except ValueError:
+        return None
+
+
+def _after(delay, fn):
+    def delayed():
+        delay()
+        fn()
+
+    return delayed
 
 
 def _busy(fn, device: str) -> float:
@@ -134,7 +176,7 @@ def main() -> int:
     from verify.cases import BENCH_CASES, CASES_BY_NAME
 
     device = default_device()
-    calls = []
+    calls, graphs = [], []
     timer = None
     every_cpu = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     timing_cpus = None
@@ -147,23 +189,27 @@ def main() -> int:
             _run_on(every_cpu)
             timer = _timer(device, request["rep_ms"])
             timing_cpus = request.get("cpus")
-            calls = []
+            calls, graphs = [], []
             weights = {}
             for name, tokens in request["points"]:
                 case = BENCH_CASES[name]
                 weights.setdefault(name, case.draw_weights())
                 inp = case.received(tokens, weights[name])
-                call = functools.partial(kernels.moe_expert_forward, *inp.args, ep_size=case.ep_size,
-                                         num_experts=case.shape.num_experts)
+                kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
+                call = functools.partial(kernels.moe_expert_forward, *inp.args, **kw)
+                graphed = _graphed(kernels, inp.args, kw) if device == "cuda" else None
                 if request["slowdown"] > 0:
                     delayed = _count_then(_delay(device, request["slowdown"] * timer(call)), kernels.scatter)
                     call = functools.partial(call, stages=dataclasses.replace(kernels.PRODUCTION, count=delayed))
+                    if graphed is not None:
+                        graphed = _after(_delay(device, request["slowdown"] * timer(graphed)), graphed)
                 calls.append(call)
-            answer = dict(points=len(calls), device=device,
+                graphs.append(graphed)
+            answer = dict(points=len(calls), device=device, graphed=[g is not None for g in graphs],
                           card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         elif op == "time":
             _run_on(timing_cpus)
-            answer = dict(ms=timer(calls[request["point"]]))
+            answer = dict(ms=timer((graphs if request.get("graphed") else calls)[request["point"]]))
         elif op == "busy":
             answer = dict(busy=_busy(calls[request["point"]], device))
         elif op == "grades":

@@ -6,15 +6,19 @@
 
 A/B, `--against REF` (the CI gate; REF is any git ref, in CI the merge-base with the target branch:
 `--against $(git merge-base origin/main HEAD)`): REF is exported with `git archive` into a temporary folder, and two
-worker processes (verify/perf/abworker.py), one running REF's `kernels` and one the working tree's, time the whole
-stage at the catalogue's GATE_POINTS on the same GPU, interleaved pair by pair (A then B, then B then A, ...). Each
-point's verdict comes from the paired ratios r = B / A. A regression needs both
+worker processes (verify/perf/abworker.py), one running REF's `kernels` and one the working tree's, time the stage
+at the catalogue's GATE_POINTS on the same GPU, interleaved pair by pair (A then B, then B then A, ...), each timing
+the ms per call of back-to-back calls. Every point is timed eager (the default call, host included) and, where both
+trees can capture it in a CUDA graph (kernels.GraphedExpertStage; masked blocks within the budget, i.e. the decode
+sizes), graphed too: the replay, the stage's GPU work without the host's noise. Each (point, timing) has its own
+verdict from the paired ratios r = B / A; either one regressing fails the gate. A regression needs both
 - evidence: a one-sided Wilcoxon signed-rank test on log r, p < ALPHA (scipy.stats.wilcoxon: a paired test that
   assumes no normal distribution, so the heavy tails of host noise do not fake significance), and
 - an effect: the Hodges-Lehmann estimate of r (the median of the Walsh averages of log r) above --min-effect (3%).
-A point whose GPU is busy less than HOST_BOUND of its wall time (measured in a third process: `busy_shares`) is
-host-bound: it is reported apart, and its effect must also exceed the spread of its log r in this run (the median
-absolute deviation): host noise measured, not assumed.
+An eager point whose GPU is busy less than HOST_BOUND of its wall time (measured in a third process: `busy_shares`)
+is host-bound: it is reported apart, and its effect must also exceed the spread of its log r in this run (the median
+absolute deviation): host noise measured, not assumed. Its GPU work is judged by its graphed timing, without that
+allowance.
 Accuracy: both trees' outputs on every rank row of the catalogue, judged by this tree's bands against this tree's
 references; a row that drops a grade (PASS -> WARN -> FAIL) is a regression.
 
@@ -27,8 +31,9 @@ H200 the same unchanged entry measured 0.28 ms in one run and 0.59 ms seconds la
 that come and go between runs, which neither the passes' spread nor a launch-latency probe sees); only the paired
 A/B comparison of --against can judge them. `--update` writes the baseline.
 
-`--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep queued between the
-count's kernel and its read-back, where the host waits for the GPU (a host sleep on a CPU): the gate must then fail.
+`--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep (eager: queued between
+the count's kernel and its read-back, where the host waits for the GPU; graphed: before the replay; a host sleep on
+a CPU): the gate must then fail.
 `--self-test N` measures the gate itself: N A/A runs (the tree against itself: every flagged point is a false alarm)
 and N runs with 3%, 5% and 10% injected.
 Exit codes: 0 no regression, 1 regression, 2 usage error (unknown REF, no baseline, another card).
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -122,8 +128,15 @@ class Worker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, **request) -> dict:
+        self.send(**request)
+        return self.receive()
+
+    def send(self, **request) -> None:
+        """A request whose answer `receive` reads later: several workers work on theirs at once."""
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
+
+    def receive(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"the {self.label} worker died (exit {self.process.wait()})")
@@ -159,9 +172,15 @@ def export(ref: str) -> pathlib.Path:
 
 # ---- speed ---------------------------------------------------------------------------------------------------------
 
+class Timing(enum.Enum):
+    EAGER = "eager"  # the default call, host included (verify/perf/abworker.py: back-to-back calls)
+    GRAPHED = "graphed"  # the replay of the stage captured in a CUDA graph: its GPU work alone
+
+
 @dataclasses.dataclass
 class SpeedVerdict:
     entry: str
+    timing: Timing
     a_ms: float  # median of A's times
     b_ms: float
     ratio: float  # Hodges-Lehmann estimate of B / A
@@ -173,10 +192,11 @@ class SpeedVerdict:
 
     @property
     def host_bound(self) -> bool:
-        return self.busy < HOST_BOUND
+        return self.timing is Timing.EAGER and self.busy < HOST_BOUND
 
 
-def judge_pairs(entry: str, a: list[float], b: list[float], busy: float, min_effect: float) -> SpeedVerdict:
+def judge_pairs(entry: str, a: list[float], b: list[float], busy: float, min_effect: float,
+                timing: Timing = Timing.EAGER) -> SpeedVerdict:
     """The verdict on paired times (see the module docstring)."""
     logs = [math.log(y / x) for x, y in zip(a, b, strict=True)]
     walsh = [(logs[i] + logs[j]) / 2 for i in range(len(logs)) for j in range(i, len(logs))]
@@ -184,9 +204,10 @@ def judge_pairs(entry: str, a: list[float], b: list[float], busy: float, min_eff
     center = statistics.median(logs)
     spread = statistics.median(abs(v - center) for v in logs)
     p_value = float(stats.wilcoxon(logs, alternative="greater").pvalue) if any(logs) else 1.0
-    threshold = max(min_effect, math.expm1(spread)) if busy < HOST_BOUND else min_effect
-    return SpeedVerdict(entry, statistics.median(a), statistics.median(b), estimate, p_value, spread, busy, threshold,
-                        p_value < ALPHA and estimate > 1 + threshold)
+    host_bound = timing is Timing.EAGER and busy < HOST_BOUND
+    threshold = max(min_effect, math.expm1(spread)) if host_bound else min_effect
+    return SpeedVerdict(entry, timing, statistics.median(a), statistics.median(b), estimate, p_value, spread, busy,
+                        threshold, p_value < ALPHA and estimate > 1 + threshold)
 
 
 def points_for(device_type: str) -> list[tuple[str, int]]:
@@ -208,37 +229,63 @@ def busy_shares(tree: pathlib.Path, points, rep_ms: int, device_type: str) -> li
         worker.close()
 
 
-def interleaved_times(workers: list[Worker], points, pairs: int) -> list[list[list[float]]]:
-    """times[point][worker]: `pairs` rounds, each timing every point once on every worker, the order rotating round
-    by round (two workers: A B, then B A, ...)."""
-    times = [[[] for _ in workers] for _ in points]
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One timed series: a point (index into the points) and how it is timed."""
+
+    point: int
+    timing: Timing
+
+
+def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus) -> list[Series]:
+    """Every worker set up at once (each its own process); the series all of them can time: every point eager, and
+    graphed where every worker's tree has a graphed stage for it."""
+    for worker, slowdown in zip(workers, slowdowns, strict=True):
+        worker.send(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown, cpus=cpus)
+    answers = [worker.receive() for worker in workers]
+    graphed = [all(answer["graphed"][i] for answer in answers) for i in range(len(points))]
+    return ([Series(i, Timing.EAGER) for i in range(len(points))]
+            + [Series(i, Timing.GRAPHED) for i in range(len(points)) if graphed[i]])
+
+
+def interleaved_times(workers: list[Worker], series: list[Series], pairs: int) -> list[list[list[float]]]:
+    """times[series][worker]: `pairs` rounds, each timing every series once on every worker, the order rotating
+    round by round (two workers: A B, then B A, ...)."""
+    times = [[[] for _ in workers] for _ in series]
     for pair in range(pairs):
-        for i in range(len(points)):
+        for i, s in enumerate(series):
             shift = pair % len(workers)
             for w in (*range(shift, len(workers)), *range(shift)):
-                times[i][w].append(workers[w].ask(op="time", point=i)["ms"])
+                times[i][w].append(workers[w].ask(op="time", point=s.point, graphed=s.timing is Timing.GRAPHED)["ms"])
     return times
 
 
-def ab_speed(a: Worker, b: Worker, points, pairs: int, min_effect: float, busy: list[float]) -> list[SpeedVerdict]:
-    """`pairs` interleaved pairs of timings per point (the order alternates), then each point's verdict."""
-    times = interleaved_times([a, b], points, pairs)
-    return [judge_pairs(f"{name}/M={tokens}", *times[i], busy[i], min_effect)
-            for i, (name, tokens) in enumerate(points)]
+def entry(points, s: Series) -> str:
+    name, tokens = points[s.point]
+    return f"{name}/M={tokens}"
+
+
+def ab_speed(a: Worker, b: Worker, points, series: list[Series], pairs: int, min_effect: float,
+             busy: list[float]) -> list[SpeedVerdict]:
+    """`pairs` interleaved pairs of timings per series (the order alternates), then each series' verdict."""
+    times = interleaved_times([a, b], series, pairs)
+    return [judge_pairs(entry(points, s), *times[i], busy[s.point], min_effect, s.timing)
+            for i, s in enumerate(series)]
 
 
 def format_speed(verdicts: list[SpeedVerdict], min_effect: float) -> str:
     lines = [f"speed: Wilcoxon signed-rank p < {ALPHA} and Hodges-Lehmann B/A > 1 + threshold (min effect "
-             f"{min_effect:.0%}; host-bound points: at least their measured spread)",
-             f"  {'entry':28s} {'A ms':>8s} {'B ms':>8s} {'B/A':>6s} {'p':>8s} {'spread':>7s} {'busy':>5s} "
-             f"{'thresh':>6s}"]
+             f"{min_effect:.0%}; host-bound eager points: at least their measured spread)",
+             f"  {'entry':28s} {'timing':8s} {'A ms':>8s} {'B ms':>8s} {'B/A':>6s} {'p':>8s} {'spread':>7s} "
+             f"{'busy':>5s} {'thresh':>6s}"]
     for host_bound in (False, True):
         rows = [v for v in verdicts if v.host_bound == host_bound]
         if rows and host_bound:
-            lines.append("  host-bound (GPU busy < 60% of the wall time):")
+            lines.append(f"  host-bound (eager, GPU busy < {HOST_BOUND:.0%} of the wall time):")
         for v in rows:
-            lines.append(f"  {v.entry:28s} {v.a_ms:8.3f} {v.b_ms:8.3f} {v.ratio:6.3f} {v.p_value:8.1e} "
-                         f"{v.spread:7.1%} {v.busy:5.0%} {v.threshold:6.1%}" + ("  REGRESSED" if v.regressed else ""))
+            lines.append(f"  {v.entry:28s} {v.timing.value:8s} {v.a_ms:8.3f} {v.b_ms:8.3f} {v.ratio:6.3f} "
+                         f"{v.p_value:8.1e} {v.spread:7.1%} {v.busy:5.0%} {v.threshold:6.1%}"
+                         + ("  REGRESSED" if v.regressed else ""))
     return "\n".join(lines)
 
 
@@ -251,7 +298,9 @@ def accuracy_grades(workers: list[Worker], case_names, seed: int = 0) -> dict[st
         sweep = Sweep(CASES_BY_NAME[name], lambda *args, **kw: None, seed=seed, device=default_device())
         targets = [t for t in sweep.targets() if t.rank is not None]
         rows = [[t.ep_size, t.rank, str(t.view), str(t.layout)] for t in targets]
-        answers = [w.ask(op="grades", case=name, seed=seed, rows=rows)["grades"] for w in workers]
+        for w in workers:  # the workers judge their rows at once
+            w.send(op="grades", case=name, seed=seed, rows=rows)
+        answers = [w.receive()["grades"] for w in workers]
         for target, spec in zip(targets, rows, strict=True):
             row_id = Row(name, target.ep_size, target.rank, target.layout, 0, target.view).test_id
             grades[row_id] = [answer["/".join(map(str, spec))] for answer in answers]
@@ -343,8 +392,9 @@ SLOWDOWNS = (0.0, 0.03, 0.05, 0.10)  # --self-test: A/A, then the injected slowd
 
 def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, device_type: str,
               on_run: Callable[[dict], None] = lambda table: None) -> dict:
-    """N runs; per point and per slowdown of SLOWDOWNS, how often the gate flagged, and the median B/A it estimated
-    (the table so far is handed to `on_run` after every run, so a run cut short by a time limit still leaves one).
+    """N runs; per point and per slowdown of SLOWDOWNS, how often the gate flagged it (either timing regressed: what
+    makes the gate exit 1), and the median B/A it estimated per timing (the table so far is handed to `on_run` after
+    every run, so a run cut short by a time limit still leaves one).
 
     One A worker and one B worker per slowdown (0 is the A/A twin), all of this tree, timed in one interleave whose
     order rotates pair by pair (`interleaved_times`, as the gate's A B); each B is judged against A's timings of the
@@ -354,21 +404,24 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
     busy = busy_shares(ROOT, points, rep_ms, device_type)
     workers = [Worker(ROOT, "A"), *(Worker(ROOT, f"B+{s:.0%}") for s in SLOWDOWNS)]
     flagged = {s: [0] * len(points) for s in SLOWDOWNS}
-    ratios = {s: [[] for _ in points] for s in SLOWDOWNS}
+    ratios = {(s, timing): [[] for _ in points] for s in SLOWDOWNS for timing in Timing}
     try:
-        for worker, slowdown in zip(workers, (0.0, *SLOWDOWNS), strict=True):
-            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown, cpus=shared_cpus(device_type))
+        series = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS), shared_cpus(device_type))
         for run in range(runs):
-            times = interleaved_times(workers, points, pairs)
+            times = interleaved_times(workers, series, pairs)
             for j, slowdown in enumerate(SLOWDOWNS, start=1):
-                for i, (name, tokens) in enumerate(points):
-                    v = judge_pairs(f"{name}/M={tokens}", times[i][0], times[i][j], busy[i], min_effect)
-                    flagged[slowdown][i] += v.regressed
-                    ratios[slowdown][i].append(v.ratio)
-            table = {f"{name}/M={tokens}": dict(busy=busy[i], runs=run + 1,
-                                                **{f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
-                                                **{f"B/A {s:.0%}": statistics.median(ratios[s][i]) for s in SLOWDOWNS})
-                     for i, (name, tokens) in enumerate(points)}
+                regressed = [False] * len(points)
+                for i, s in enumerate(series):
+                    v = judge_pairs(entry(points, s), times[i][0], times[i][j], busy[s.point], min_effect, s.timing)
+                    regressed[s.point] |= v.regressed
+                    ratios[slowdown, s.timing][s.point].append(v.ratio)
+                for i, flag in enumerate(regressed):
+                    flagged[slowdown][i] += flag
+            table = {entry(points, Series(i, Timing.EAGER)): dict(
+                busy=busy[i], runs=run + 1, flagged={f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
+                ratio={timing.value: {f"{s:.0%}": statistics.median(ratios[s, timing][i]) for s in SLOWDOWNS}
+                       for timing in Timing if ratios[0.0, timing][i]})
+                for i in range(len(points))}
             on_run(table)
             print(f"self-test: run {run + 1}/{runs}: flagged " +
                   ", ".join(f"{s:.0%} {sum(flagged[s])}" for s in SLOWDOWNS), flush=True)
@@ -376,6 +429,18 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
         for worker in workers:
             worker.close()
     return table
+
+
+def format_self_test(table: dict) -> str:
+    cols = " ".join(f"{s:>5.0%}" for s in SLOWDOWNS)
+    lines = [f"  {'entry':28s} {'busy':>5s}  flagged: {cols}   eager B/A: {cols}   graphed B/A: {cols}"]
+    for name, row in table.items():
+        ratios = [" ".join(f"{row['ratio'][t.value][f'{s:.0%}']:5.3f}" if t.value in row["ratio"] else "    -"
+                           for s in SLOWDOWNS) for t in Timing]
+        lines.append(f"  {name:28s} {row['busy']:5.0%}           "
+                     + " ".join(f"{row['flagged'][f'{s:.0%}']:5d}" for s in SLOWDOWNS)
+                     + f"              {ratios[0]}                {ratios[1]}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -391,8 +456,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="accuracy: catalogue cases (all)")
     p.add_argument("--no-accuracy", action="store_true", help="speed only")
     p.add_argument("--inject-slowdown", type=float, default=0.0, metavar="F",
-                   help="slow the working tree's side by F x each point's time (a GPU sleep before the count's "
-                        "read-back)")
+                   help="slow the working tree's side by F x each point's time (a GPU sleep: eager, before the "
+                        "count's read-back; graphed, before the replay)")
     p.add_argument("--json", help="write the measurements and the verdicts here")
     args = p.parse_args(argv)
     device_type = torch.device(default_device()).type
@@ -409,11 +474,7 @@ def main(argv=None) -> int:
         table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, on_run=save)
         print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point, timed on CPUs "
               f"{shared_cpus(device_type)}")
-        print(f"  {'entry':28s} {'busy':>5s}  flagged: {'A/A':>4s} {'3%':>4s} {'5%':>4s} {'10%':>4s}   median B/A: "
-              f"{'A/A':>5s} {'3%':>5s} {'5%':>5s} {'10%':>5s}")
-        for entry, row in table.items():
-            print(f"  {entry:28s} {row['busy']:5.0%}           " + " ".join(f"{row[f'{s:.0%}']:4d}" for s in SLOWDOWNS)
-                  + "               " + " ".join(f"{row[f'B/A {s:.0%}']:5.3f}" for s in SLOWDOWNS))
+        print(format_self_test(table))
         return 0
     if args.against:
         try:
@@ -424,10 +485,8 @@ def main(argv=None) -> int:
         busy = busy_shares(ROOT, points, rep_ms, device_type)
         a, b = Worker(ref_tree, "A"), Worker(ROOT, "B")
         try:
-            cpus = shared_cpus(device_type)
-            a.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0, cpus=cpus)
-            b.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown, cpus=cpus)
-            verdicts = ab_speed(a, b, points, args.pairs, args.min_effect, busy)
+            series = setup([a, b], points, rep_ms, (0.0, args.inject_slowdown), shared_cpus(device_type))
+            verdicts = ab_speed(a, b, points, series, args.pairs, args.min_effect, busy)
             accuracy = {} if args.no_accuracy else accuracy_grades([a, b], cases)
         finally:
             a.close()
@@ -439,9 +498,10 @@ def main(argv=None) -> int:
             drops = sum(1 for v in accuracy.values() if v[0] != v[1])
             print(f"accuracy: {len(accuracy)} rank rows judged for both; {drops} changed grade")
         regressions = accuracy_regressions(accuracy) + [
-            f"speed {v.entry}: B/A {v.ratio:.3f} (p {v.p_value:.1e}, threshold {v.threshold:.1%})"
+            f"speed {v.entry} ({v.timing.value}): B/A {v.ratio:.3f} (p {v.p_value:.1e}, threshold {v.threshold:.1%})"
             for v in verdicts if v.regressed]
-        report = dict(card=card, against=args.against, speed=[dataclasses.asdict(v) for v in verdicts],
+        report = dict(card=card, against=args.against,
+                      speed=[dict(dataclasses.asdict(v), timing=v.timing.value) for v in verdicts],
                       accuracy=accuracy, regressions=regressions)
     else:
         base = None
