@@ -5,13 +5,17 @@ its import path (and the gate's own `verify` and `reference`, which never import
 verify.cases and reference are plain torch). Each process owns its CUDA context and module state; the two never
 share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
 
-- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "slowdown": F, "cpus": [...]}: build each point's
-  inputs (verify.cases.BenchCase.received), and on a GPU its graphed stage where the tree has one and the point's
-  masked block fits (kernels.GraphedExpertStage: the stage's GPU work without the host); answers which points have
-  one. F > 0 slows every timed call by F x its time: the eager call with a GPU sleep queued between the count's
-  kernel and its read-back, where the default call's host waits for the GPU (a host sleep on a CPU), the graphed
-  call with a GPU sleep queued before the replay. (A sleep queued before the eager stage ran while the host was
-  still launching the count, and hid in the idle GPU: an H200 self-test rarely flagged 10% at host-bound points.)
+- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "cpus": [...]}: build each point's inputs
+  (verify.cases.BenchCase.received), and on a GPU its graphed stage where the tree has one
+  (kernels.GraphedExpertStage, given the point's counts as host_counts so that it queues the eager call's GPU work:
+  that work without the host); answers which points have one.
+- {"op": "slow", "slowdown": F}: from now on every timed call takes about (1 + F) x its time, with a GPU sleep (a
+  host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the count's kernel
+  and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay. (A sleep
+  queued before the eager stage ran while the host was still launching the count, and hid in the idle GPU: an H200
+  self-test rarely flagged 10% at host-bound points; and a sleep's length is not what it adds: part of it hides where
+  the GPU would have waited anyway, and at DeepSeek-like M = 1024 a graphed sleep of 10% of the replay's time
+  slowed it by 3%.)
 - {"op": "time", "point": i, "graphed": bool}: point i's ms per call (`_timer`), timed on the setup's `cpus` (the
   gate gives every worker the same ones; none: wherever the scheduler puts it).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
@@ -63,7 +67,7 @@ def _timer(device: str, rep_ms: int):
 
     def cpu(fn):
         runs = []
-        for _ in range(LOOPS):
+        for _ in range(3):
             start = time.perf_counter()
             fn()
             runs.append((time.perf_counter() - start) * 1e3)
@@ -94,27 +98,43 @@ def _run_on(cpus) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def _count_then(delay, scatter):
-    """The count stage with `delay` queued between its kernel and its read-back."""
+def _count_delayed(call, kernels):
+    """delay -> `call` with `delay` queued between the count stage's kernel and its read-back."""
 
-    def count(topk_ids, **where):
-        routing = scatter.route_local_experts(topk_ids, **where)
-        delay()
-        return scatter.read_counts(routing, where["num_experts"])
+    def slow(delay):
+        def count(topk_ids, **where):
+            routing = kernels.scatter.route_local_experts(topk_ids, **where)
+            delay()
+            return kernels.scatter.read_counts(routing, where["num_experts"])
 
-    return count
+        return functools.partial(call, stages=dataclasses.replace(kernels.PRODUCTION, count=count))
+
+    return slow
 
 
-def _graphed(kernels, args, kw):
-    """The replay of the stage captured for these inputs (kernels.GraphedExpertStage), or None where the tree has no
-    graphed stage (older trees) or the point cannot be captured (a masked block over the budget at large M)."""
+def _graphed(kernels, inp, kw):
+    """The replay of the stage captured for these inputs with their counts on the host (kernels.GraphedExpertStage),
+    or None where the tree has no graphed stage or no host_counts (older trees)."""
     stage_type = getattr(kernels, "GraphedExpertStage", None)
     if stage_type is None:
         return None
+    counts = torch.bincount(inp.local_ids[inp.local_ids >= 0], minlength=inp.w13.shape[0]).tolist()
     try:
-        return stage_type(*args, **kw).graph.replay
-    except ValueError:
+        return stage_type(*inp.args, **kw, host_counts=counts).graph.replay
+    except TypeError:
         return None
+
+
+def _fitted(device: str, timer, fn, slow, fraction: float, rounds: int = 2, reps: int = 3):
+    """slow(delay) where the delay makes it take about (1 + fraction) x fn's time here: `rounds` corrections of the
+    delay's length by what it missed, each from the median of `reps` interleaved ratios."""
+    base = timer(fn)
+    ms = fraction * base
+    for _ in range(rounds):
+        delayed = slow(_delay(device, ms))
+        got = statistics.median(timer(delayed) / timer(fn) for _ in range(reps)) - 1
+        ms = max(ms + (fraction - got) * base, 0.0)
+    return slow(_delay(device, ms))
 
 
 def _after(delay, fn):
@@ -196,17 +216,18 @@ def main() -> int:
                 weights.setdefault(name, case.draw_weights())
                 inp = case.received(tokens, weights[name])
                 kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
-                call = functools.partial(kernels.moe_expert_forward, *inp.args, **kw)
-                graphed = _graphed(kernels, inp.args, kw) if device == "cuda" else None
-                if request["slowdown"] > 0:
-                    delayed = _count_then(_delay(device, request["slowdown"] * timer(call)), kernels.scatter)
-                    call = functools.partial(call, stages=dataclasses.replace(kernels.PRODUCTION, count=delayed))
-                    if graphed is not None:
-                        graphed = _after(_delay(device, request["slowdown"] * timer(graphed)), graphed)
-                calls.append(call)
-                graphs.append(graphed)
+                calls.append(functools.partial(kernels.moe_expert_forward, *inp.args, **kw))
+                graphs.append(_graphed(kernels, inp, kw) if device == "cuda" else None)
             answer = dict(points=len(calls), device=device, graphed=[g is not None for g in graphs],
                           card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+        elif op == "slow":
+            _run_on(timing_cpus)
+            fraction = request["slowdown"]
+            for i, call in enumerate(calls):
+                calls[i] = _fitted(device, timer, call, _count_delayed(call, kernels), fraction)
+                if graphs[i] is not None:
+                    graphs[i] = _fitted(device, timer, graphs[i], functools.partial(_after, fn=graphs[i]), fraction)
+            answer = dict(points=len(calls))
         elif op == "time":
             _run_on(timing_cpus)
             answer = dict(ms=timer((graphs if request.get("graphed") else calls)[request["point"]]))

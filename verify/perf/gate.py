@@ -223,7 +223,7 @@ def busy_shares(tree: pathlib.Path, points, rep_ms: int, device_type: str) -> li
         return [1.0] * len(points)
     worker = Worker(tree, "busy")
     try:
-        worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=0.0, cpus=[])
+        worker.ask(op="setup", points=points, rep_ms=rep_ms, cpus=[])
         return [worker.ask(op="busy", point=i)["busy"] for i in range(len(points))]
     finally:
         worker.close()
@@ -238,11 +238,15 @@ class Series:
 
 
 def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus) -> list[Series]:
-    """Every worker set up at once (each its own process); the series all of them can time: every point eager, and
-    graphed where every worker's tree has a graphed stage for it."""
-    for worker, slowdown in zip(workers, slowdowns, strict=True):
-        worker.send(op="setup", points=points, rep_ms=rep_ms, slowdown=slowdown, cpus=cpus)
+    """Every worker set up at once (each its own process), then the slowed ones fitting their sleeps one at a time (on
+    a quiet machine); the series all of them can time: every point eager, and graphed where every worker's tree has a
+    graphed stage."""
+    for worker in workers:
+        worker.send(op="setup", points=points, rep_ms=rep_ms, cpus=cpus)
     answers = [worker.receive() for worker in workers]
+    for worker, slowdown in zip(workers, slowdowns, strict=True):
+        if slowdown:
+            worker.ask(op="slow", slowdown=slowdown)
     graphed = [all(answer["graphed"][i] for answer in answers) for i in range(len(points))]
     return ([Series(i, Timing.EAGER) for i in range(len(points))]
             + [Series(i, Timing.GRAPHED) for i in range(len(points)) if graphed[i]])
@@ -525,8 +529,7 @@ def main(argv=None) -> int:
             return 2
         worker = Worker(ROOT, "tree")
         try:
-            worker.ask(op="setup", points=points, rep_ms=rep_ms, slowdown=args.inject_slowdown,
-                       cpus=shared_cpus(device_type))
+            setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
             current = dict(card=card, probes=machine_probes(device_type),
                            speed=baseline_speed(worker, points, REPEATS))
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
