@@ -6,9 +6,8 @@ verify.cases and reference are plain torch). Each process owns its CUDA context 
 share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
 
 - {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "cpus": [...]}: build each point's inputs
-  (verify.cases.BenchCase.received), and on a GPU its graphed stage where the tree has one
-  (kernels.GraphedExpertStage, given the point's counts as host_counts so that it queues the eager call's GPU work:
-  that work without the host); answers which points have one.
+  (verify.cases.BenchCase.received), and on a GPU its graphed stage where the tree has one and the point's masked
+  block fits (kernels.GraphedExpertStage: the stage's GPU work without the host); answers which points have one.
 - {"op": "slow", "slowdown": F}: from now on every timed call takes about (1 + F) x its time, with a GPU sleep (a
   host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the count's kernel
   and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay. (A sleep
@@ -113,15 +112,15 @@ def _count_delayed(call, kernels):
 
 
 def _graphed(kernels, inp, kw):
-    """The replay of the stage captured for these inputs with their counts on the host (kernels.GraphedExpertStage),
-    or None where the tree has no graphed stage or no host_counts (older trees)."""
+    """The replay of the stage captured for these inputs (kernels.GraphedExpertStage: the decode path, its masked
+    block sized from M), or None where the tree has no graphed stage (older trees) or the block is over the budget
+    (large M)."""
     stage_type = getattr(kernels, "GraphedExpertStage", None)
     if stage_type is None:
         return None
-    counts = torch.bincount(inp.local_ids[inp.local_ids >= 0], minlength=inp.w13.shape[0]).tolist()
     try:
-        return stage_type(*inp.args, **kw, host_counts=counts).graph.replay
-    except TypeError:
+        return stage_type(*inp.args, **kw).graph.replay
+    except ValueError:
         return None
 
 
