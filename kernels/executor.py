@@ -20,6 +20,7 @@ implements: docs/contract.md, "Entry points".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -136,7 +137,7 @@ def moe_expert_forward(
     else:
         routing = stages.route(topk_ids, **where)
         if host_counts is not None:
-            counts = torch.tensor(list(host_counts), dtype=torch.int32).to(x.device, non_blocking=True)
+            counts = _counts_source(host_counts, x.device).to(x.device, non_blocking=True)
             routing = dataclasses.replace(routing, counts=counts, counts_host=tuple(host_counts))
             if sync == "before":
                 scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
@@ -170,6 +171,20 @@ def moe_expert_forward(
     if flags is not None and scatter.check_routing(flags(), num_experts, host_counts):
         return synced()  # a row repeated an id often enough to overflow an M-row block: size by the real counts
     return out
+
+
+def _counts_source(host_counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """host_counts as a host tensor to copy to the device. Under CUDA-graph capture the copy is captured and repeats at
+    every replay from the same host address: it must be pinned and outlive the graph (`_pinned_counts`)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _pinned_counts(tuple(host_counts))
+    return torch.tensor(list(host_counts), dtype=torch.int32)
+
+
+@functools.cache
+def _pinned_counts(host_counts: tuple[int, ...]) -> torch.Tensor:
+    """Kept for the process's life: one small tensor per distinct counts captured."""
+    return torch.tensor(host_counts, dtype=torch.int32).pin_memory()
 
 
 def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:

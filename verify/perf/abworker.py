@@ -6,15 +6,15 @@ verify.cases and reference are plain torch). Each process owns its CUDA context 
 share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
 
 - {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "cpus": [...]}: build each point's inputs
-  (verify.cases.BenchCase.received), and on a GPU its graphed stage where the tree has one and the point's masked
-  block fits (kernels.GraphedExpertStage: the stage's GPU work without the host); answers which points have one.
+  (verify.cases.BenchCase.received), and on a GPU its graphed stage (`_graphed`: the stage's GPU work without the
+  host); answers, per point, why it has none (null where it has one).
 - {"op": "slow", "slowdown": F}: from now on every timed call takes about (1 + F) x its time, with a GPU sleep (a
   host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the count's kernel
-  and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay. (A sleep
-  queued before the eager stage ran while the host was still launching the count, and hid in the idle GPU: an H200
-  self-test rarely flagged 10% at host-bound points; and a sleep's length is not what it adds: part of it hides where
-  the GPU would have waited anyway, and at DeepSeek-like M = 1024 a graphed sleep of 10% of the replay's time
-  slowed it by 3%.)
+  and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay; answers
+  the slowdown each adds, measured. (A sleep queued before the eager stage ran while the host was still launching
+  the count, and hid in the idle GPU: an H200 self-test rarely flagged 10% at host-bound points. And a sleep's length
+  is not what it adds: sized once at setup, sleeps of 10% added 3.1% to DeepSeek-like M = 1024's replay, and one of
+  5% added 43% to M = 4096's eager call, in an H200 self-test.)
 - {"op": "time", "point": i, "graphed": bool}: point i's ms per call (`_timer`), timed on the setup's `cpus` (the
   gate gives every worker the same ones; none: wherever the scheduler puts it).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
@@ -112,28 +112,39 @@ def _count_delayed(call, kernels):
 
 
 def _graphed(kernels, inp, kw):
-    """The replay of the stage captured for these inputs (kernels.GraphedExpertStage: the decode path, its masked
-    block sized from M), or None where the tree has no graphed stage (older trees) or the block is over the budget
-    (large M)."""
+    """(the replay of the stage captured for these inputs, None) or (None, why not). The decode capture
+    (kernels.GraphedExpertStage: the masked block sized from M); where that block is over the budget (large M), the
+    capture given the point's counts as host_counts (the layout those counts choose, as DeepEP's dispatch allows)."""
     stage_type = getattr(kernels, "GraphedExpertStage", None)
     if stage_type is None:
-        return None
+        return None, "this tree has no kernels.GraphedExpertStage"
     try:
-        return stage_type(*inp.args, **kw).graph.replay
+        return stage_type(*inp.args, **kw).graph.replay, None
     except ValueError:
-        return None
+        pass
+    counts = torch.bincount(inp.local_ids[inp.local_ids >= 0], minlength=inp.w13.shape[0]).tolist()
+    try:
+        return stage_type(*inp.args, **kw, host_counts=counts).graph.replay, None
+    except Exception as exc:  # this tree cannot capture the point: it is timed eager only, and the gate says why
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def _fitted(device: str, timer, fn, slow, fraction: float, rounds: int = 2, reps: int = 3):
-    """slow(delay) where the delay makes it take about (1 + fraction) x fn's time here: `rounds` corrections of the
-    delay's length by what it missed, each from the median of `reps` interleaved ratios."""
+def _fitted(device: str, timer, fn, slow, fraction: float, rounds: int = 3, reps: int = 3):
+    """(slow(delay), the slowdown it adds) where the delay makes fn take about (1 + fraction) x its time here: `rounds`
+    corrections of the delay's length by what it missed (each from the median of `reps` interleaved ratios), kept
+    between fraction x fn's time (a sleep adds at most its length) and four times that."""
     base = timer(fn)
     ms = fraction * base
+
+    def added(delayed) -> float:
+        return statistics.median(timer(delayed) / timer(fn) for _ in range(reps)) - 1
+
     for _ in range(rounds):
-        delayed = slow(_delay(device, ms))
-        got = statistics.median(timer(delayed) / timer(fn) for _ in range(reps)) - 1
-        ms = max(ms + (fraction - got) * base, 0.0)
-    return slow(_delay(device, ms))
+        got = added(slow(_delay(device, ms)))
+        ms = min(max(ms + (fraction - got) * base, fraction * base), 4 * fraction * base)
+    delayed = slow(_delay(device, ms))
+    return delayed, added(delayed)
 
 
 def _after(delay, fn):
@@ -208,7 +219,7 @@ def main() -> int:
             _run_on(every_cpu)
             timer = _timer(device, request["rep_ms"])
             timing_cpus = request.get("cpus")
-            calls, graphs = [], []
+            calls, graphs, not_graphed = [], [], []
             weights = {}
             for name, tokens in request["points"]:
                 case = BENCH_CASES[name]
@@ -216,17 +227,24 @@ def main() -> int:
                 inp = case.received(tokens, weights[name])
                 kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
                 calls.append(functools.partial(kernels.moe_expert_forward, *inp.args, **kw))
-                graphs.append(_graphed(kernels, inp, kw) if device == "cuda" else None)
-            answer = dict(points=len(calls), device=device, graphed=[g is not None for g in graphs],
+                graph, why_not = _graphed(kernels, inp, kw) if device == "cuda" else (None, "no CUDA graphs on a CPU")
+                graphs.append(graph)
+                not_graphed.append(why_not)
+            answer = dict(points=len(calls), device=device, not_graphed=not_graphed,
                           card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         elif op == "slow":
             _run_on(timing_cpus)
             fraction = request["slowdown"]
+            added = {"eager": [], "graphed": []}
             for i, call in enumerate(calls):
-                calls[i] = _fitted(device, timer, call, _count_delayed(call, kernels), fraction)
+                calls[i], got = _fitted(device, timer, call, _count_delayed(call, kernels), fraction)
+                added["eager"].append(got)
+                got = None
                 if graphs[i] is not None:
-                    graphs[i] = _fitted(device, timer, graphs[i], functools.partial(_after, fn=graphs[i]), fraction)
-            answer = dict(points=len(calls))
+                    graphs[i], got = _fitted(device, timer, graphs[i], functools.partial(_after, fn=graphs[i]),
+                                             fraction)
+                added["graphed"].append(got)
+            answer = dict(added=added)
         elif op == "time":
             _run_on(timing_cpus)
             answer = dict(ms=timer((graphs if request.get("graphed") else calls)[request["point"]]))

@@ -74,6 +74,7 @@ ALPHA = 0.01
 MIN_EFFECT = 0.03
 HOST_BOUND = 0.6  # GPU busy below this share of the wall time: host-bound
 PAIRS = 20
+MIN_PAIRS = math.ceil(-math.log2(ALPHA))  # all n pairs one way: the smallest one-sided p is 2^-n
 REP_MS = {"cuda": 10, "cpu": 1}
 REPEATS = 5  # --baseline: interleaved passes per entry
 
@@ -237,19 +238,27 @@ class Series:
     timing: Timing
 
 
-def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus) -> list[Series]:
+@dataclasses.dataclass
+class Setup:
+    """What the workers can time: every point eager, and graphed where every worker has a graphed stage for it."""
+
+    series: list[Series]
+    not_graphed: dict[str, str]  # entry -> why it is timed eager only (the first worker's reason)
+    added: list[dict]  # per worker, the slowdown its fitted sleeps add ({} unslowed): timing -> per point
+
+
+def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus) -> Setup:
     """Every worker set up at once (each its own process), then the slowed ones fitting their sleeps one at a time (on
-    a quiet machine); the series all of them can time: every point eager, and graphed where every worker's tree has a
-    graphed stage."""
+    a quiet machine)."""
     for worker in workers:
         worker.send(op="setup", points=points, rep_ms=rep_ms, cpus=cpus)
     answers = [worker.receive() for worker in workers]
-    for worker, slowdown in zip(workers, slowdowns, strict=True):
-        if slowdown:
-            worker.ask(op="slow", slowdown=slowdown)
-    graphed = [all(answer["graphed"][i] for answer in answers) for i in range(len(points))]
-    return ([Series(i, Timing.EAGER) for i in range(len(points))]
-            + [Series(i, Timing.GRAPHED) for i in range(len(points)) if graphed[i]])
+    added = [worker.ask(op="slow", slowdown=slowdown)["added"] if slowdown else {}
+             for worker, slowdown in zip(workers, slowdowns, strict=True)]
+    why = [next((a["not_graphed"][i] for a in answers if a["not_graphed"][i]), None) for i in range(len(points))]
+    series = ([Series(i, Timing.EAGER) for i in range(len(points))]
+              + [Series(i, Timing.GRAPHED) for i in range(len(points)) if why[i] is None])
+    return Setup(series, {f"{name}/M={tokens}": w for (name, tokens), w in zip(points, why, strict=True) if w}, added)
 
 
 def interleaved_times(workers: list[Worker], series: list[Series], pairs: int) -> list[list[list[float]]]:
@@ -410,7 +419,8 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
     flagged = {s: [0] * len(points) for s in SLOWDOWNS}
     ratios = {(s, timing): [[] for _ in points] for s in SLOWDOWNS for timing in Timing}
     try:
-        series = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS), shared_cpus(device_type))
+        prepared = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS), shared_cpus(device_type))
+        series = prepared.series
         for run in range(runs):
             times = interleaved_times(workers, series, pairs)
             for j, slowdown in enumerate(SLOWDOWNS, start=1):
@@ -424,6 +434,9 @@ def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, dev
             table = {entry(points, Series(i, Timing.EAGER)): dict(
                 busy=busy[i], runs=run + 1, flagged={f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
                 ratio={timing.value: {f"{s:.0%}": statistics.median(ratios[s, timing][i]) for s in SLOWDOWNS}
+                       for timing in Timing if ratios[0.0, timing][i]},
+                added={timing.value: {f"{s:.0%}": added[timing.value][i] for s, added in
+                                      zip(SLOWDOWNS[1:], prepared.added[2:], strict=True)}
                        for timing in Timing if ratios[0.0, timing][i]})
                 for i in range(len(points))}
             on_run(table)
@@ -464,6 +477,10 @@ def main(argv=None) -> int:
                         "count's read-back; graphed, before the replay)")
     p.add_argument("--json", help="write the measurements and the verdicts here")
     args = p.parse_args(argv)
+    if args.pairs < MIN_PAIRS:
+        print(f"verify.gate: --pairs {args.pairs}: below {MIN_PAIRS} pairs the signed-rank test cannot reach "
+              f"p < {ALPHA} (with every pair slower, p = 2^-pairs): nothing could ever be flagged", file=sys.stderr)
+        return 2
     device_type = torch.device(default_device()).type
     card = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     points, rep_ms = points_for(device_type), REP_MS[device_type]
@@ -489,8 +506,8 @@ def main(argv=None) -> int:
         busy = busy_shares(ROOT, points, rep_ms, device_type)
         a, b = Worker(ref_tree, "A"), Worker(ROOT, "B")
         try:
-            series = setup([a, b], points, rep_ms, (0.0, args.inject_slowdown), shared_cpus(device_type))
-            verdicts = ab_speed(a, b, points, series, args.pairs, args.min_effect, busy)
+            prepared = setup([a, b], points, rep_ms, (0.0, args.inject_slowdown), shared_cpus(device_type))
+            verdicts = ab_speed(a, b, points, prepared.series, args.pairs, args.min_effect, busy)
             accuracy = {} if args.no_accuracy else accuracy_grades([a, b], cases)
         finally:
             a.close()
@@ -498,6 +515,8 @@ def main(argv=None) -> int:
             shutil.rmtree(ref_tree, ignore_errors=True)
         print(f"verify.gate: A = {args.against}, B = the working tree, on {card}")
         print(format_speed(verdicts, args.min_effect))
+        for name, why in prepared.not_graphed.items():
+            print(f"  {name}: eager only ({why})")
         if accuracy:
             drops = sum(1 for v in accuracy.values() if v[0] != v[1])
             print(f"accuracy: {len(accuracy)} rank rows judged for both; {drops} changed grade")
@@ -506,7 +525,8 @@ def main(argv=None) -> int:
             for v in verdicts if v.regressed]
         report = dict(card=card, against=args.against,
                       speed=[dict(dataclasses.asdict(v), timing=v.timing.value) for v in verdicts],
-                      accuracy=accuracy, regressions=regressions)
+                      not_graphed=prepared.not_graphed, injected=prepared.added[1], accuracy=accuracy,
+                      regressions=regressions)
     else:
         base = None
         if not args.update:

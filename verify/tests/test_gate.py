@@ -63,6 +63,7 @@ def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, c
 
 
 def test_usage_errors_exit_2(tmp_path):
+    assert gate.main(["--against", "HEAD", "--pairs", str(gate.MIN_PAIRS - 1)]) == 2  # could never flag anything
     assert gate.main(["--against", "no-such-ref-anywhere", "--no-accuracy"]) == 2
     assert gate.main(["--baseline", str(tmp_path / "none.json"), "--no-accuracy"]) == 2
     other = tmp_path / "other.json"

@@ -43,6 +43,25 @@ def test_a_captured_stage_replays_other_batches_bit_for_bit(case, seed):
         assert checks.bitwise_equal(synced, eager), f"batch {i}: sync='after' != sync='never'"
 
 
+def test_a_stage_captured_with_host_counts_replays_them(seed):
+    """host_counts (DeepEP's counts) captured: their copy to the device repeats at every replay, from memory that
+    outlives the capture; replays of other batches with the same counts match the eager call bit for bit."""
+    case = CASES[0]
+    batches = [random_problem(_decode_sizes(case), case.routing, seed + i, "cuda", **dict(case.routing_params))
+               for i in range(3)]
+    for batch in batches:  # the same ids, new x and router weights: the counts stay those captured
+        batch.routing.topk_ids.copy_(batches[0].routing.topk_ids)
+    ids = batches[0].routing.topk_ids
+    counts = torch.bincount(ids[ids >= 0].flatten(), minlength=batches[0].w13.shape[0]).tolist()
+    args = lambda p: (p.x, p.routing.topk_ids, p.routing.topk_weights)  # noqa: E731
+    stage = GraphedExpertStage(*args(batches[0]), batches[0].w13, batches[0].w2, host_counts=counts)
+    torch.empty(1 << 20, dtype=torch.int32).pin_memory()  # pinned memory reused, were the captured source freed
+    for i, batch in enumerate(batches[1:], start=1):
+        graphed = stage(*args(batch)).clone()
+        eager = moe_expert_forward(*args(batch), batches[0].w13, batches[0].w2, sync="never", host_counts=counts)
+        assert checks.bitwise_equal(graphed, eager), f"batch {i}: replay != eager"
+
+
 @pytest.mark.parametrize("sync", ["before", "after"])
 def test_a_capture_that_would_read_the_device_fails_clearly(sync):
     p = random_problem(_decode_sizes(CASES[0]), "uniform", 0, "cuda")
