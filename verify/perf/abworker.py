@@ -130,10 +130,10 @@ def _graphed(kernels, inp, kw):
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def _fitted(device: str, timer, fn, slow, fraction: float, rounds: int = 3, reps: int = 3):
-    """(slow(delay), the slowdown it adds) where the delay makes fn take about (1 + fraction) x its time here: `rounds`
-    corrections of the delay's length by what it missed (each from the median of `reps` interleaved ratios), kept
-    between fraction x fn's time (a sleep adds at most its length) and four times that."""
+def _fitted(delay_of, timer, fn, slow, fraction: float, rounds: int = 3, reps: int = 3):
+    """(slow(delay), the slowdown it adds) where the delay (`delay_of(ms)`) makes fn take about (1 + fraction) x its
+    time here: `rounds` corrections of the delay's length by what it missed (each from the median of `reps`
+    interleaved ratios), kept between fraction x fn's time (a sleep adds at most its length) and four times that."""
     base = timer(fn)
     ms = fraction * base
 
@@ -141,9 +141,9 @@ def _fitted(device: str, timer, fn, slow, fraction: float, rounds: int = 3, reps
         return statistics.median(timer(delayed) / timer(fn) for _ in range(reps)) - 1
 
     for _ in range(rounds):
-        got = added(slow(_delay(device, ms)))
+        got = added(slow(delay_of(ms)))
         ms = min(max(ms + (fraction - got) * base, fraction * base), 4 * fraction * base)
-    delayed = slow(_delay(device, ms))
+    delayed = slow(delay_of(ms))
     return delayed, added(delayed)
 
 
@@ -235,13 +235,14 @@ def main() -> int:
         elif op == "slow":
             _run_on(timing_cpus)
             fraction = request["slowdown"]
+            delay_of = functools.partial(_delay, device)
             added = {"eager": [], "graphed": []}
             for i, call in enumerate(calls):
-                calls[i], got = _fitted(device, timer, call, _count_delayed(call, kernels), fraction)
+                calls[i], got = _fitted(delay_of, timer, call, _count_delayed(call, kernels), fraction)
                 added["eager"].append(got)
                 got = None
                 if graphs[i] is not None:
-                    graphs[i], got = _fitted(device, timer, graphs[i], functools.partial(_after, fn=graphs[i]),
+                    graphs[i], got = _fitted(delay_of, timer, graphs[i], functools.partial(_after, fn=graphs[i]),
                                              fraction)
                 added["graphed"].append(got)
             answer = dict(added=added)

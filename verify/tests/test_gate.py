@@ -62,6 +62,25 @@ def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, c
     assert "REGRESSED" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("hidden", [0.0, 0.04, 0.5])
+def test_an_injected_sleep_is_fitted_to_what_it_adds(hidden):
+    """A sleep adds its length less what hides where the GPU would have waited anyway (`hidden`, in units of the
+    call's time): the fitted sleep adds the asked share where that hidden part is small, and where no sleep up to four
+    times the share can add it, what it adds is reported as it is."""
+    from verify.perf import abworker
+
+    def slow(delay_ms):  # the callable the fit times: it reports its modelled time
+        return lambda: 1.0 + max(delay_ms - hidden, 0.0)
+
+    def timer(fn):
+        return fn() * math.exp(random.gauss(0, 0.002))
+
+    random.seed(0)
+    for fraction in (0.03, 0.05, 0.10):
+        _, added = abworker._fitted(lambda ms: ms, timer, lambda: 1.0, slow, fraction)
+        assert added == pytest.approx(fraction if hidden < fraction else 0.0, abs=0.01)
+
+
 def test_usage_errors_exit_2(tmp_path):
     assert gate.main(["--against", "HEAD", "--pairs", str(gate.MIN_PAIRS - 1)]) == 2  # could never flag anything
     assert gate.main(["--against", "no-such-ref-anywhere", "--no-accuracy"]) == 2
