@@ -44,8 +44,8 @@ def _timer(device: str, rep_ms: int):
     rep_ms / LOOPS each, the median loop. Not triton's do_bench: its L2 flush before each call races the host of a call
     that waits for the GPU inside (the default call reads the counts back): whether the host is ahead of the flush or
     behind it decides whether its launch time is counted, and whole do_bench runs of one unchanged Qwen3-like point on
-    an H200 landed at 0.30 or 0.55-0.72 ms, the share of each mode differing from process to process (12 processes,
-    per-process medians 0.32-0.63 ms). On a CPU: perf_counter, the median of LOOPS calls."""
+    an H200 landed in two clusters, ~0.30-0.41 and ~0.46-0.78 ms, the share of each differing from process to process
+    (12 processes, per-process medians 0.35-0.56 ms). On a CPU: perf_counter, the median of 3 calls."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -227,6 +227,7 @@ def main() -> int:
                 inp = case.received(tokens, weights[name])
                 kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
                 calls.append(functools.partial(kernels.moe_expert_forward, *inp.args, **kw))
+                calls[-1]()  # compiled before anything is timed
                 graph, why_not = _graphed(kernels, inp, kw) if device == "cuda" else (None, "no CUDA graphs on a CPU")
                 graphs.append(graph)
                 not_graphed.append(why_not)
