@@ -77,6 +77,7 @@ PAIRS = 20
 MIN_PAIRS = math.ceil(-math.log2(ALPHA))  # all n pairs one way: the smallest one-sided p is 2^-n
 REP_MS = {"cuda": 10, "cpu": 1}
 REPEATS = 5  # --baseline: interleaved passes per entry
+BASELINE_FORMAT = 2  # 2: ms per call of back-to-back calls (abworker._timer); before: do_bench medians, no field
 
 
 class UsageError(Exception):
@@ -536,9 +537,9 @@ def main(argv=None) -> int:
                 print(f"verify.gate: --baseline {args.baseline} does not exist (create it with --update)",
                       file=sys.stderr)
                 return 2
-            if "probes" not in base:
-                print(f"verify.gate: --baseline {args.baseline} was written by an older gate; write it again with "
-                      "--update", file=sys.stderr)
+            if base.get("format") != BASELINE_FORMAT:
+                print(f"verify.gate: --baseline {args.baseline} was written by an older gate, which timed differently; "
+                      "write it again with --update", file=sys.stderr)
                 return 2
             if base["card"] != card:
                 print(f"verify.gate: --baseline {args.baseline} was measured on {base['card']}, this is {card}",
@@ -550,7 +551,7 @@ def main(argv=None) -> int:
         worker = Worker(ROOT, "tree")
         try:
             setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
-            current = dict(card=card, probes=machine_probes(device_type),
+            current = dict(format=BASELINE_FORMAT, card=card, probes=machine_probes(device_type),
                            speed=baseline_speed(worker, points, REPEATS))
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
             current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}

@@ -81,12 +81,25 @@ def test_an_injected_sleep_is_fitted_to_what_it_adds(hidden):
         assert added == pytest.approx(fraction if hidden <= 3 * fraction else 0.0, abs=0.01)
 
 
-def test_usage_errors_exit_2(tmp_path):
-    assert gate.main(["--against", "HEAD", "--pairs", str(gate.MIN_PAIRS - 1)]) == 2  # could never flag anything
-    assert gate.main(["--against", "no-such-ref-anywhere", "--no-accuracy"]) == 2
-    assert gate.main(["--baseline", str(tmp_path / "none.json"), "--no-accuracy"]) == 2
+@pytest.mark.long
+def test_a_stored_baseline_is_written_and_a_slowdown_against_it_fails(tmp_path):
+    baseline = tmp_path / "cpu.json"
+    assert gate.main(["--baseline", str(baseline), "--update", "--no-accuracy"]) == 0
+    written = json.loads(baseline.read_text())
+    assert written["format"] == gate.BASELINE_FORMAT and written["card"] == "cpu"
+    assert set(written["speed"]) == {f"{name}/M={tokens}" for name, tokens in gate.points_for("cpu")}
+    assert gate.main(["--baseline", str(baseline), "--no-accuracy", "--inject-slowdown", "2"]) == 1
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    def refused(*argv, says: str) -> bool:
+        return gate.main(list(argv)) == 2 and says in capsys.readouterr().err
+
+    assert refused("--against", "HEAD", "--pairs", str(gate.MIN_PAIRS - 1), says="could ever be flagged")
+    assert refused("--against", "no-such-ref-anywhere", "--no-accuracy", says="no-such-ref-anywhere")
+    assert refused("--baseline", str(tmp_path / "none.json"), "--no-accuracy", says="does not exist")
     other = tmp_path / "other.json"
-    other.write_text(json.dumps(dict(card="NVIDIA H20", probes={}, speed={}, accuracy={})))
-    assert gate.main(["--baseline", str(other), "--no-accuracy"]) == 2
-    other.write_text(json.dumps(dict(card="cpu", speed={}, accuracy={})))  # an older gate's baseline
-    assert gate.main(["--baseline", str(other), "--no-accuracy"]) == 2
+    other.write_text(json.dumps(dict(format=gate.BASELINE_FORMAT, card="NVIDIA H20", probes={}, speed={}, accuracy={})))
+    assert refused("--baseline", str(other), "--no-accuracy", says="measured on NVIDIA H20")
+    other.write_text(json.dumps(dict(card="cpu", probes={}, speed={}, accuracy={})))  # an older gate's baseline
+    assert refused("--baseline", str(other), "--no-accuracy", says="older gate")
