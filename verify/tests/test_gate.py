@@ -54,11 +54,11 @@ def test_a_stored_baseline_is_normalised_by_the_machine():
 @pytest.mark.long
 def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, capsys):
     report = tmp_path / "gate.json"
-    assert gate.main(["--against", "HEAD", "--cases", "single_token", "--pairs", "8", "--json", str(report)]) == 0
+    assert gate.main(["--against", "HEAD", "--cases", "single_token", "--pairs", "7", "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert len(result["speed"]) == 2 and result["accuracy"] and not result["regressions"]
     assert all(a == b == "PASS" for a, b in result["accuracy"].values())
-    assert gate.main(["--against", "HEAD", "--no-accuracy", "--pairs", "8", "--inject-slowdown", "2"]) == 1
+    assert gate.main(["--against", "HEAD", "--no-accuracy", "--pairs", "7", "--inject-slowdown", "2"]) == 1
     assert "REGRESSED" in capsys.readouterr().out
 
 
