@@ -5,16 +5,20 @@
     python -m verify.gate --baseline baselines/<card>.json [--update]   # against a stored baseline (another machine)
 
 A/B, `--against REF` (the CI gate; REF is any git ref, in CI the merge-base with the target branch:
-`--against $(git merge-base origin/main HEAD)`): REF is exported with `git archive` into a temporary folder, and two
-worker processes (verify/perf/abworker.py), one running REF's `kernels` and one the working tree's, time the stage
-at the catalogue's GATE_POINTS on the same GPU, interleaved pair by pair (A then B, then B then A, ...), each timing
-the ms per call of back-to-back calls. Every point is timed eager (the default call, host included) and, where both
-trees can capture it in a CUDA graph (kernels.GraphedExpertStage; masked blocks within the budget, i.e. the decode
-sizes), graphed too: the replay, the stage's GPU work without the host's noise. Each (point, timing) has its own
-verdict from the paired ratios r = B / A; either one regressing fails the gate. A regression needs both
+`--against $(git merge-base origin/main HEAD)`): REF is exported with `git archive` into a temporary folder, and
+worker processes (verify/perf/abworker.py), A running REF's `kernels` and B the working tree's, PROCESS_PAIRS (A, B)
+pairs of them, time the stage at the catalogue's GATE_POINTS on the same GPU, each pair interleaved (A then B, then
+B then A, ...), each timing the ms per call of back-to-back calls. Every point is timed eager (the default call, host
+included) and graphed (kernels.GraphedExpertStage, its masked block sized from M, or at large M captured with the
+point's counts as host_counts): the replay, the stage's GPU work without the host's noise. Each (point, timing) has
+its own verdict from the paired ratios r = B / A of every process pair; either one regressing fails the gate. A
+regression needs
 - evidence: a one-sided Wilcoxon signed-rank test on log r, p < ALPHA (scipy.stats.wilcoxon: a paired test that
   assumes no normal distribution, so the heavy tails of host noise do not fake significance), and
-- an effect: the Hodges-Lehmann estimate of r (the median of the Walsh averages of log r) above --min-effect (3%).
+- an effect: the Hodges-Lehmann estimate of r (the median of the Walsh averages of log r) above --min-effect (3%),
+  over every pair's ratios and over each pair's alone. A process has a speed of its own for its whole life (in an H200
+  A/A self-test a worker timed up to 6% faster than its twin at the host-bound points, steadily), which one pair's
+  ratios, however many, cannot tell from a regression; it fakes one here only if it does so in every pair.
 An eager point whose GPU is busy less than HOST_BOUND of its wall time (measured in a third process: `busy_shares`)
 is host-bound: it is reported apart, and its effect must also exceed the spread of its log r in this run (the median
 absolute deviation): host noise measured, not assumed. Its GPU work is judged by its graphed timing, without that
@@ -74,6 +78,7 @@ ALPHA = 0.01
 MIN_EFFECT = 0.03
 HOST_BOUND = 0.6  # GPU busy below this share of the wall time: host-bound
 PAIRS = 20
+PROCESS_PAIRS = 2  # a process's own speed can fake a regression only if it does so in each pair
 MIN_PAIRS = math.ceil(-math.log2(ALPHA))  # all n pairs one way: the smallest one-sided p is 2^-n
 REP_MS = {"cuda": 10, "cpu": 1}
 REPEATS = 5  # --baseline: interleaved passes per entry
@@ -185,11 +190,12 @@ class SpeedVerdict:
     timing: Timing
     a_ms: float  # median of A's times
     b_ms: float
-    ratio: float  # Hodges-Lehmann estimate of B / A
-    p_value: float  # one-sided Wilcoxon signed-rank, B slower
+    ratio: float  # Hodges-Lehmann estimate of B / A over every process pair's ratios
+    pair_ratios: list[float]  # the same estimate per process pair
+    p_value: float  # one-sided Wilcoxon signed-rank, B slower, every process pair's ratios
     spread: float  # median absolute deviation of log(B / A)
     busy: float  # the share of wall time the GPU spends in kernels (the working tree's, in a process of its own)
-    threshold: float  # the effect the ratio had to exceed
+    threshold: float  # the effect the ratio, and each pair's, had to exceed
     regressed: bool
 
     @property
@@ -197,19 +203,27 @@ class SpeedVerdict:
         return self.timing is Timing.EAGER and self.busy < HOST_BOUND
 
 
-def judge_pairs(entry: str, a: list[float], b: list[float], busy: float, min_effect: float,
+def _hodges_lehmann(logs: list[float]) -> float:
+    """The median of the Walsh averages of log ratios, as a ratio."""
+    return math.exp(statistics.median((logs[i] + logs[j]) / 2 for i in range(len(logs)) for j in range(i, len(logs))))
+
+
+def judge_pairs(entry: str, a: list[list[float]], b: list[list[float]], busy: float, min_effect: float,
                 timing: Timing = Timing.EAGER) -> SpeedVerdict:
-    """The verdict on paired times (see the module docstring)."""
-    logs = [math.log(y / x) for x, y in zip(a, b, strict=True)]
-    walsh = [(logs[i] + logs[j]) / 2 for i in range(len(logs)) for j in range(i, len(logs))]
-    estimate = math.exp(statistics.median(walsh))
+    """The verdict on paired times, a[k] and b[k] timed by process pair k (see the module docstring)."""
+    per_pair = [[math.log(y / x) for x, y in zip(ak, bk, strict=True)] for ak, bk in zip(a, b, strict=True)]
+    logs = [v for pair in per_pair for v in pair]
+    estimate = _hodges_lehmann(logs)
+    pair_ratios = [_hodges_lehmann(pair) for pair in per_pair]
     center = statistics.median(logs)
     spread = statistics.median(abs(v - center) for v in logs)
     p_value = float(stats.wilcoxon(logs, alternative="greater").pvalue) if any(logs) else 1.0
     host_bound = timing is Timing.EAGER and busy < HOST_BOUND
     threshold = max(min_effect, math.expm1(spread)) if host_bound else min_effect
-    return SpeedVerdict(entry, timing, statistics.median(a), statistics.median(b), estimate, p_value, spread, busy,
-                        threshold, p_value < ALPHA and estimate > 1 + threshold)
+    regressed = p_value < ALPHA and estimate > 1 + threshold and min(pair_ratios) > 1 + threshold
+    return SpeedVerdict(entry, timing, statistics.median(x for ak in a for x in ak),
+                        statistics.median(y for bk in b for y in bk), estimate, pair_ratios, p_value, spread, busy,
+                        threshold, regressed)
 
 
 def points_for(device_type: str) -> list[tuple[str, int]]:
@@ -262,15 +276,17 @@ def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus) -> Setup:
     return Setup(series, {f"{name}/M={tokens}": w for (name, tokens), w in zip(points, why, strict=True) if w}, added)
 
 
-def interleaved_times(workers: list[Worker], series: list[Series], pairs: int) -> list[list[list[float]]]:
-    """times[series][worker]: `pairs` rounds, each timing every series once on every worker, the order rotating
-    round by round (two workers: A B, then B A, ...)."""
-    times = [[[] for _ in workers] for _ in series]
-    for pair in range(pairs):
+def interleaved_times(groups: list[list[Worker]], series: list[Series], rounds: int) -> list[list[list[list[float]]]]:
+    """times[series][group][member]: `rounds` rounds, each timing every series once on every worker, group after group,
+    a group's members back to back in an order that rotates round by round (two members: A B, then B A, ...)."""
+    times = [[[[] for _ in group] for group in groups] for _ in series]
+    for r in range(rounds):
         for i, s in enumerate(series):
-            shift = pair % len(workers)
-            for w in (*range(shift, len(workers)), *range(shift)):
-                times[i][w].append(workers[w].ask(op="time", point=s.point, graphed=s.timing is Timing.GRAPHED)["ms"])
+            for g, group in enumerate(groups):
+                shift = r % len(group)
+                for w in (*range(shift, len(group)), *range(shift)):
+                    ms = group[w].ask(op="time", point=s.point, graphed=s.timing is Timing.GRAPHED)["ms"]
+                    times[i][g][w].append(ms)
     return times
 
 
@@ -279,26 +295,27 @@ def entry(points, s: Series) -> str:
     return f"{name}/M={tokens}"
 
 
-def ab_speed(a: Worker, b: Worker, points, series: list[Series], pairs: int, min_effect: float,
+def ab_speed(pairs: list[tuple[Worker, Worker]], points, series: list[Series], rounds: int, min_effect: float,
              busy: list[float]) -> list[SpeedVerdict]:
-    """`pairs` interleaved pairs of timings per series (the order alternates), then each series' verdict."""
-    times = interleaved_times([a, b], series, pairs)
-    return [judge_pairs(entry(points, s), *times[i], busy[s.point], min_effect, s.timing)
-            for i, s in enumerate(series)]
+    """`rounds` interleaved rounds per series on every (A, B) process pair, then each series' verdict."""
+    times = interleaved_times([list(pair) for pair in pairs], series, rounds)
+    return [judge_pairs(entry(points, s), [t[0] for t in times[i]], [t[1] for t in times[i]], busy[s.point],
+                        min_effect, s.timing) for i, s in enumerate(series)]
 
 
 def format_speed(verdicts: list[SpeedVerdict], min_effect: float) -> str:
     lines = [f"speed: Wilcoxon signed-rank p < {ALPHA} and Hodges-Lehmann B/A > 1 + threshold (min effect "
              f"{min_effect:.0%}; host-bound eager points: at least their measured spread)",
-             f"  {'entry':28s} {'timing':8s} {'A ms':>8s} {'B ms':>8s} {'B/A':>6s} {'p':>8s} {'spread':>7s} "
-             f"{'busy':>5s} {'thresh':>6s}"]
+             f"  {'entry':28s} {'timing':8s} {'A ms':>8s} {'B ms':>8s} {'B/A':>6s} {'per pair':>12s} {'p':>8s} "
+             f"{'spread':>7s} {'busy':>5s} {'thresh':>6s}"]
     for host_bound in (False, True):
         rows = [v for v in verdicts if v.host_bound == host_bound]
         if rows and host_bound:
             lines.append(f"  host-bound (eager, GPU busy < {HOST_BOUND:.0%} of the wall time):")
         for v in rows:
+            per_pair = "/".join(f"{r:.3f}" for r in v.pair_ratios)
             lines.append(f"  {v.entry:28s} {v.timing.value:8s} {v.a_ms:8.3f} {v.b_ms:8.3f} {v.ratio:6.3f} "
-                         f"{v.p_value:8.1e} {v.spread:7.1%} {v.busy:5.0%} {v.threshold:6.1%}"
+                         f"{per_pair:>12s} {v.p_value:8.1e} {v.spread:7.1%} {v.busy:5.0%} {v.threshold:6.1%}"
                          + ("  REGRESSED" if v.regressed else ""))
     return "\n".join(lines)
 
@@ -404,41 +421,50 @@ def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
 SLOWDOWNS = (0.0, 0.03, 0.05, 0.10)  # --self-test: A/A, then the injected slowdowns
 
 
-def self_test(runs: int, points, pairs: int, min_effect: float, rep_ms: int, device_type: str,
+def self_test(runs: int, points, rounds: int, min_effect: float, rep_ms: int, device_type: str, processes: int,
               on_run: Callable[[dict], None] = lambda table: None) -> dict:
     """N runs; per point and per slowdown of SLOWDOWNS, how often the gate flagged it (either timing regressed: what
-    makes the gate exit 1), and the median B/A it estimated per timing (the table so far is handed to `on_run` after
-    every run, so a run cut short by a time limit still leaves one).
+    makes the gate exit 1), the median B/A it estimated per timing, and what the injected sleeps added (the table so
+    far is handed to `on_run` after every run, so a run cut short by a time limit still leaves one).
 
-    One A worker and one B worker per slowdown (0 is the A/A twin), all of this tree, timed in one interleave whose
-    order rotates pair by pair (`interleaved_times`, as the gate's A B); each B is judged against A's timings of the
-    same pairs exactly as the gate judges its one B. One pass so measures the four tables at 5 timings per pair
-    instead of 8; an A timing is further from its B's than in the gate's A B interleave, which can only add noise:
-    the false-alarm counts are if anything high."""
+    `processes` groups of one A worker and one B worker per slowdown (0 is the A/A twin), all of this tree, each group
+    timed back to back in an order that rotates round by round (`interleaved_times`); each B is judged against its
+    group's A, over the groups, exactly as the gate judges its B against its A over its process pairs. One pass so
+    measures the four tables at 5 timings per group instead of 8; an A timing is further from its B's than in the
+    gate's A B interleave, which can only add noise: the false-alarm counts are if anything high. The workers live
+    for the whole self-test: a process's own speed is drawn once, not once per run as in separate gate runs."""
     busy = busy_shares(ROOT, points, rep_ms, device_type)
-    workers = [Worker(ROOT, "A"), *(Worker(ROOT, f"B+{s:.0%}") for s in SLOWDOWNS)]
+    groups = [[Worker(ROOT, f"A{k}"), *(Worker(ROOT, f"B{k}+{s:.0%}") for s in SLOWDOWNS)] for k in range(processes)]
+    workers = [w for group in groups for w in group]
     flagged = {s: [0] * len(points) for s in SLOWDOWNS}
     ratios = {(s, timing): [[] for _ in points] for s in SLOWDOWNS for timing in Timing}
     try:
-        prepared = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS), shared_cpus(device_type))
+        prepared = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS) * processes, shared_cpus(device_type))
         series = prepared.series
+        # what each slowdown's sleeps add, per timing and point: the median over the groups
+        added = {(slowdown, timing.value): [statistics.median(prepared.added[k * len(groups[0]) + j][timing.value][i]
+                                                              for k in range(processes))
+                                            if prepared.added[j][timing.value][i] is not None else None
+                                            for i in range(len(points))]
+                 for j, slowdown in enumerate(SLOWDOWNS[1:], start=2) for timing in Timing}
         for run in range(runs):
-            times = interleaved_times(workers, series, pairs)
+            times = interleaved_times(groups, series, rounds)
             for j, slowdown in enumerate(SLOWDOWNS, start=1):
                 regressed = [False] * len(points)
                 for i, s in enumerate(series):
-                    v = judge_pairs(entry(points, s), times[i][0], times[i][j], busy[s.point], min_effect, s.timing)
+                    v = judge_pairs(entry(points, s), [t[0] for t in times[i]], [t[j] for t in times[i]],
+                                    busy[s.point], min_effect, s.timing)
                     regressed[s.point] |= v.regressed
                     ratios[slowdown, s.timing][s.point].append(v.ratio)
                 for i, flag in enumerate(regressed):
                     flagged[slowdown][i] += flag
+            timed = [t for t in Timing if any(x.timing is t for x in series)]
             table = {entry(points, Series(i, Timing.EAGER)): dict(
                 busy=busy[i], runs=run + 1, flagged={f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
-                ratio={timing.value: {f"{s:.0%}": statistics.median(ratios[s, timing][i]) for s in SLOWDOWNS}
-                       for timing in Timing if ratios[0.0, timing][i]},
-                added={timing.value: {f"{s:.0%}": added[timing.value][i] for s, added in
-                                      zip(SLOWDOWNS[1:], prepared.added[2:], strict=True)}
-                       for timing in Timing if ratios[0.0, timing][i]})
+                ratio={t.value: {f"{s:.0%}": statistics.median(ratios[s, t][i]) for s in SLOWDOWNS}
+                       for t in timed if ratios[0.0, t][i]},
+                added={t.value: {f"{s:.0%}": added[s, t.value][i] for s in SLOWDOWNS[1:]}
+                       for t in timed if ratios[0.0, t][i]})
                 for i in range(len(points))}
             on_run(table)
             print(f"self-test: run {run + 1}/{runs}: flagged " +
@@ -469,7 +495,10 @@ def main(argv=None) -> int:
     mode.add_argument("--baseline", metavar="PATH", help="against a stored baseline (baselines/<card>.json)")
     mode.add_argument("--self-test", type=int, metavar="N", help="N A/A runs and N runs per injected slowdown")
     p.add_argument("--update", action="store_true", help="--baseline: measure and write it instead")
-    p.add_argument("--pairs", type=int, default=PAIRS, help="interleaved A/B pairs per point (default %(default)s)")
+    p.add_argument("--pairs", type=int, default=PAIRS, help="interleaved A/B pairs per point and process pair "
+                   "(default %(default)s)")
+    p.add_argument("--processes", type=int, default=PROCESS_PAIRS, help="A/B process pairs; a regression must show in "
+                   "each (default %(default)s)")
     p.add_argument("--min-effect", type=float, default=MIN_EFFECT, help="smallest slowdown that counts (0.03 = 3%%)")
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="accuracy: catalogue cases (all)")
     p.add_argument("--no-accuracy", action="store_true", help="speed only")
@@ -482,6 +511,9 @@ def main(argv=None) -> int:
         print(f"verify.gate: --pairs {args.pairs}: below {MIN_PAIRS} pairs the signed-rank test cannot reach "
               f"p < {ALPHA} (with every pair slower, p = 2^-pairs): nothing could ever be flagged", file=sys.stderr)
         return 2
+    if args.processes < 1:
+        print(f"verify.gate: --processes {args.processes}: needs at least one A/B process pair", file=sys.stderr)
+        return 2
     device_type = torch.device(default_device()).type
     card = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     points, rep_ms = points_for(device_type), REP_MS[device_type]
@@ -491,11 +523,12 @@ def main(argv=None) -> int:
         def save(table: dict) -> None:
             if args.json:
                 pathlib.Path(args.json).write_text(json.dumps(dict(card=card, runs=args.self_test, pairs=args.pairs,
-                                                                   table=table), indent=1))
+                                                                   processes=args.processes, table=table), indent=1))
 
-        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, on_run=save)
-        print(f"\nself-test on {card}: {args.self_test} runs each, {args.pairs} pairs per point, timed on CPUs "
-              f"{shared_cpus(device_type)}")
+        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, args.processes,
+                          on_run=save)
+        print(f"\nself-test on {card}: {args.self_test} runs each, {args.processes} process groups x {args.pairs} "
+              f"pairs per point, timed on CPUs {shared_cpus(device_type)}")
         print(format_self_test(table))
         return 0
     if args.against:
@@ -505,14 +538,16 @@ def main(argv=None) -> int:
             print(f"verify.gate: error: {exc}", file=sys.stderr)
             return 2
         busy = busy_shares(ROOT, points, rep_ms, device_type)
-        a, b = Worker(ref_tree, "A"), Worker(ROOT, "B")
+        pairs = [(Worker(ref_tree, f"A{k}"), Worker(ROOT, f"B{k}")) for k in range(args.processes)]
         try:
-            prepared = setup([a, b], points, rep_ms, (0.0, args.inject_slowdown), shared_cpus(device_type))
-            verdicts = ab_speed(a, b, points, prepared.series, args.pairs, args.min_effect, busy)
-            accuracy = {} if args.no_accuracy else accuracy_grades([a, b], cases)
+            prepared = setup([w for pair in pairs for w in pair], points, rep_ms,
+                             (0.0, args.inject_slowdown) * args.processes, shared_cpus(device_type))
+            verdicts = ab_speed(pairs, points, prepared.series, args.pairs, args.min_effect, busy)
+            accuracy = {} if args.no_accuracy else accuracy_grades(list(pairs[0]), cases)
         finally:
-            a.close()
-            b.close()
+            for pair in pairs:
+                for worker in pair:
+                    worker.close()
             shutil.rmtree(ref_tree, ignore_errors=True)
         print(f"verify.gate: A = {args.against}, B = the working tree, on {card}")
         print(format_speed(verdicts, args.min_effect))
@@ -526,7 +561,7 @@ def main(argv=None) -> int:
             for v in verdicts if v.regressed]
         report = dict(card=card, against=args.against,
                       speed=[dict(dataclasses.asdict(v), timing=v.timing.value) for v in verdicts],
-                      not_graphed=prepared.not_graphed, injected=prepared.added[1], accuracy=accuracy,
+                      not_graphed=prepared.not_graphed, injected=prepared.added[1::2], accuracy=accuracy,
                       regressions=regressions)
     else:
         base = None

@@ -14,10 +14,12 @@ import pytest
 from verify.perf import gate
 
 
-def pairs(ratio: float, noise: float, n: int = 20, seed: int = 0):
+def pairs(ratio: float, noise: float, n: int = 20, seed: int = 0, processes: int = 2, offsets=None):
+    """Timings of `processes` A/B process pairs: B = A x ratio x noise, x each pair's own steady offset of B."""
     rng = random.Random(seed)
-    a = [1.0 * math.exp(rng.gauss(0, noise)) for _ in range(n)]
-    return a, [x * ratio * math.exp(rng.gauss(0, noise)) for x in a]
+    a = [[1.0 * math.exp(rng.gauss(0, noise)) for _ in range(n)] for _ in range(processes)]
+    offsets = offsets or [1.0] * processes
+    return a, [[x * ratio * off * math.exp(rng.gauss(0, noise)) for x in ak] for ak, off in zip(a, offsets)]
 
 
 def test_noise_alone_never_regresses_and_a_real_slowdown_does():
@@ -26,6 +28,15 @@ def test_noise_alone_never_regresses_and_a_real_slowdown_does():
     assert slow.regressed and slow.p_value < gate.ALPHA and 1.07 < slow.ratio < 1.13
     small = gate.judge_pairs("e", *pairs(1.02, 0.005), 1.0, 0.03)  # significant, but below the minimum effect
     assert small.p_value < gate.ALPHA and not small.regressed
+
+
+def test_one_process_pairs_steady_offset_is_not_a_regression():
+    """A B process 6% slower than its A for its whole life (seen at host-bound points on an H200), in one pair of two:
+    significant and above 3% pooled, but the other pair does not show it. In both pairs it is flagged."""
+    one = gate.judge_pairs("e", *pairs(1.0, 0.005, offsets=[1.06, 1.0]), 1.0, 0.03)
+    assert one.p_value < gate.ALPHA and one.pair_ratios[0] > 1.05 and not one.regressed
+    both = gate.judge_pairs("e", *pairs(1.0, 0.005, offsets=[1.06, 1.06]), 1.0, 0.03)
+    assert both.regressed and min(both.pair_ratios) > 1.05
 
 
 def test_a_host_bound_point_must_beat_its_measured_spread():
@@ -57,8 +68,10 @@ def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, c
     assert gate.main(["--against", "HEAD", "--cases", "single_token", "--pairs", "7", "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert len(result["speed"]) == 2 and result["accuracy"] and not result["regressions"]
+    assert all(len(v["pair_ratios"]) == gate.PROCESS_PAIRS for v in result["speed"])
     assert all(a == b == "PASS" for a, b in result["accuracy"].values())
-    assert gate.main(["--against", "HEAD", "--no-accuracy", "--pairs", "7", "--inject-slowdown", "2"]) == 1
+    assert gate.main(["--against", "HEAD", "--no-accuracy", "--pairs", "7", "--processes", "1",
+                      "--inject-slowdown", "2"]) == 1  # one process pair: the smallest gate
     assert "REGRESSED" in capsys.readouterr().out
 
 
@@ -82,6 +95,19 @@ def test_an_injected_sleep_is_fitted_to_what_it_adds(hidden):
 
 
 @pytest.mark.long
+def test_the_self_test_tabulates_flags_ratios_and_what_the_sleeps_added(tmp_path):
+    report = tmp_path / "self-test.json"
+    assert gate.main(["--self-test", "1", "--pairs", str(gate.MIN_PAIRS), "--processes", "1", "--json",
+                      str(report)]) == 0
+    table = json.loads(report.read_text())["table"]
+    assert set(table) == {f"{name}/M={tokens}" for name, tokens in gate.points_for("cpu")}
+    for row in table.values():
+        assert row["runs"] == 1 and all(row["flagged"][f"{s:.0%}"] in (0, 1) for s in gate.SLOWDOWNS)
+        assert set(row["ratio"]) == {"eager"} and set(row["ratio"]["eager"]) == {f"{s:.0%}" for s in gate.SLOWDOWNS}
+        assert all(added > 0 for added in row["added"]["eager"].values())  # a host sleep adds its length
+
+
+@pytest.mark.long
 def test_a_stored_baseline_is_written_and_a_slowdown_against_it_fails(tmp_path):
     baseline = tmp_path / "cpu.json"
     assert gate.main(["--baseline", str(baseline), "--update", "--no-accuracy"]) == 0
@@ -96,6 +122,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
         return gate.main(list(argv)) == 2 and says in capsys.readouterr().err
 
     assert refused("--against", "HEAD", "--pairs", str(gate.MIN_PAIRS - 1), says="could ever be flagged")
+    assert refused("--against", "HEAD", "--processes", "0", says="--processes")
     assert refused("--against", "no-such-ref-anywhere", "--no-accuracy", says="no-such-ref-anywhere")
     assert refused("--baseline", str(tmp_path / "none.json"), "--no-accuracy", says="does not exist")
     other = tmp_path / "other.json"
