@@ -19,7 +19,8 @@ def pairs(ratio: float, noise: float, n: int = 20, seed: int = 0, processes: int
     rng = random.Random(seed)
     a = [[1.0 * math.exp(rng.gauss(0, noise)) for _ in range(n)] for _ in range(processes)]
     offsets = offsets or [1.0] * processes
-    return a, [[x * ratio * off * math.exp(rng.gauss(0, noise)) for x in ak] for ak, off in zip(a, offsets)]
+    return a, [[x * ratio * off * math.exp(rng.gauss(0, noise)) for x in ak]
+               for ak, off in zip(a, offsets, strict=True)]
 
 
 def test_noise_alone_never_regresses_and_a_real_slowdown_does():
