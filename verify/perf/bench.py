@@ -10,8 +10,9 @@ rank 0):
   and graphed (kernels.GraphedExpertStage, the replay of the captured graph alone: a serving engine writes the next
   batch into the captured buffers itself);
 - peers: the torch-native pipeline (verify/perf/peers.py), the faithful reference;
-- ceilings: a dense bf16 matmul of the same FLOPs (per M) and, once per run, a large device-to-device copy and a large
-  dense matmul (the roofline's two roofs).
+- ceilings: a dense bf16 matmul of the same FLOPs (per M), on a GPU a copy of the bytes scatter and gather move (per
+  M, graphed: what their size alone allows), and, once per run, a large device-to-device copy and a large dense
+  matmul (the roofline's two roofs).
 Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
 plumbing only). Every whole-stage output is also judged against the faithful reference with verify.bands.
 verify/perf/report.py turns the points into the targets table, the fitted layout rule and the plots.
@@ -167,6 +168,11 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
                                        l2_u=m.rel_l2 / bands.U_BF16, verdict=worst(findings).name)
         point["ms"][name] = bench(fn)
     point["ms"].update(_stage_times(case, inp, backends, bench))
+    if torch.device(case.device).type == "cuda":  # a copy of the bytes each memory-bound stage moves, graphed
+        for stage, moved in report.MOVED_BYTES.items():
+            src = torch.empty(max(moved(point) // 2, 1), dtype=torch.uint8, device=case.device)
+            dst = torch.empty_like(src)
+            point["ms"][f"graphed/copy/{stage}"] = bench(graphed(lambda src=src, dst=dst: dst.copy_(src)))
     point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
     a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
     b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)

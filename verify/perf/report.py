@@ -47,12 +47,21 @@ def _gpu_ms(p: dict, stage: str) -> float:
     return p["ms"].get(f"graphed/{_key(p, stage)}") or _ours(p, stage)
 
 
-def scatter_gbps(p: dict) -> float:
-    return 2 * p["slots"] * p["hidden"] * 2 / _gpu_ms(p, "scatter") / 1e6  # rows read + rows written
+MOVED_BYTES = {  # what the memory-bound stages read + write
+    "scatter": lambda p: 2 * p["slots"] * p["hidden"] * 2,  # the slots' rows read, and written
+    "gather": lambda p: (p["slots"] + p["tokens"]) * p["hidden"] * 2,  # the slots' rows read, the output written
+}
 
 
-def gather_gbps(p: dict) -> float:
-    return (p["slots"] + p["tokens"]) * p["hidden"] * 2 / _gpu_ms(p, "gather") / 1e6  # slot rows read + output written
+def moved_gbps(p: dict, stage: str) -> float:
+    return MOVED_BYTES[stage](p) / _gpu_ms(p, stage) / 1e6
+
+
+def over_same_size_copy(p: dict, stage: str) -> float | None:
+    """The stage's speed over a device-to-device copy of the bytes it moves, timed in the same run (graphed): how near
+    the stage comes to what its size allows, launch and ramp included (None where the run has no such copy)."""
+    copy = p["ms"].get(f"graphed/copy/{stage}")
+    return copy / _gpu_ms(p, stage) if copy else None
 
 
 def glue_ms(p: dict) -> float:
@@ -130,9 +139,9 @@ TARGETS = (
     Target("decode_eager_qwen3", "Qwen3-like: eager decode path (sync='after') / floor (M <= 256)", "<=", 4.0,
            _decode("qwen3"), decode_ratio("decode")),
     Target("scatter_bw", "scatter bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
-           lambda p: p["tokens"] >= 4096, lambda p, c: scatter_gbps(p) / c["copy_gbps"]),
+           lambda p: p["tokens"] >= 4096, lambda p, c: moved_gbps(p, "scatter") / c["copy_gbps"]),
     Target("gather_bw", "gather bytes/s / copy bandwidth (M >= 4096)", ">=", 0.70,
-           lambda p: p["tokens"] >= 4096, lambda p, c: gather_gbps(p) / c["copy_gbps"]),
+           lambda p: p["tokens"] >= 4096, lambda p, c: moved_gbps(p, "gather") / c["copy_gbps"]),
     Target("vs_torch_native_large", "torch-native pipeline time / ours (M >= 4096)", ">=", 1.5,
            lambda p: p["tokens"] >= 4096, lambda p, c: torch_native_ratio(p)),
     Target("vs_torch_native_small", "torch-native pipeline time / ours (M <= 1024)", ">=", 1.3,
@@ -203,20 +212,26 @@ def point_line(p: dict) -> str:
             f"{p['accuracy']['hybrid']['verdict']}")
 
 
+def _bandwidth_cell(p: dict, stage: str, ceil: dict) -> str:
+    same = over_same_size_copy(p, stage)
+    return f"{moved_gbps(p, stage) / ceil['copy_gbps']:.2f}" + (f" ({same:.2f})" if same else "")
+
+
 def format_report(results: dict) -> str:
     """Markdown: the per-point table (ratios), then the targets and the fitted layout rule."""
     ceil = results["ceilings"]
     lines = [f"Card: {results['card']} (torch {results['torch']}, triton {results['triton']}); same-run ceilings: "
              f"copy {ceil['copy_gbps']:.0f} GB/s, dense bf16 matmul {ceil['peak_tflops']:.0f} TFLOP/s", "",
              "| case | M | slots | layout, backend | whole ms | TFLOP/s | / dense same FLOPs | / weight floor | GEMM "
-             "share | glue ms | scatter / copy | gather / copy | torch-native / ours | masked / contiguous | l2/u |",
+             "share | glue ms | scatter / copy (same bytes) | gather / copy (same bytes) | torch-native / ours | "
+             "masked / contiguous | l2/u |",
              "|" + "---|" * 15]
     for p in results["points"]:
         lines.append(
             f"| {p['case']} | {p['tokens']} | {p['slots']} | {p['auto_layout']}, {p['auto_backend']} | "
             f"{ours_ms(p):.3f} | {p['flops'] / ours_ms(p) / 1e9:.1f} | {ours_ms(p) / p['ms']['dense']:.2f} | "
             f"{floor_ratio(p, ceil):.2f} | {gemm_share(p):.2f} | {glue_ms(p):.3f} | "
-            f"{scatter_gbps(p) / ceil['copy_gbps']:.2f} | {gather_gbps(p) / ceil['copy_gbps']:.2f} | "
+            f"{_bandwidth_cell(p, 'scatter', ceil)} | {_bandwidth_cell(p, 'gather', ceil)} | "
             f"{torch_native_ratio(p):.2f} | {masked_over_contiguous(p):.2f} | "
             f"{p['accuracy']['hybrid']['l2_u']:.2f} |")
     outside = sorted({k for p in results["points"] for k in p["ms"] if k.startswith("impl/")})

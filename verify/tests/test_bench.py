@@ -56,6 +56,10 @@ def test_targets_are_the_declared_ratios():
     assert memory["met"] == 0 and memory["total"] == 1
     scatter = {t["name"]: t for t in report.evaluate(big)}["scatter_bw"]["rows"][0]["value"]
     assert scatter == pytest.approx(2 * 8192 * 1024 * 2 / 0.1 / 1e6 / 4000.0)
+    assert report.over_same_size_copy(whole, "gather") is None  # no copy of the same bytes in this run
+    copied = _point(**graphed, **{"graphed/copy/gather": 0.021})
+    assert report.over_same_size_copy(copied, "gather") == pytest.approx(0.7)  # the graphed gather: 0.03 ms
+    assert report._bandwidth_cell(copied, "gather", CEILINGS).endswith("(0.70)")  # the report's cell: "x (same-size)"
 
 
 def test_layout_fit_finds_the_crossover_and_respects_the_budget():
