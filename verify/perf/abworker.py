@@ -114,20 +114,24 @@ def _count_delayed(call, kernels):
 def _graphed(kernels, inp, kw):
     """(the replay of the stage captured for these inputs, None) or (None, why not). The decode capture
     (kernels.GraphedExpertStage: the masked block sized from M); where that block is over the budget (large M), the
-    capture given the point's counts as host_counts (the layout those counts choose, as DeepEP's dispatch allows)."""
+    capture given the point's counts as host_counts (the layout those counts choose, as DeepEP's dispatch allows).
+    A tree that cannot capture a point has it timed eager only, and the gate says why."""
     stage_type = getattr(kernels, "GraphedExpertStage", None)
     if stage_type is None:
         return None, "this tree has no kernels.GraphedExpertStage"
-    try:
-        return stage_type(*inp.args, **kw).graph.replay, None
-    except ValueError:
-        pass
     counts = torch.bincount(inp.local_ids[inp.local_ids >= 0], minlength=inp.w13.shape[0]).tolist()
-    try:
-        return stage_type(*inp.args, **kw, host_counts=counts).graph.replay, None
-    except Exception as exc:  # this tree cannot capture the point: it is timed eager only, and the gate says why
-        torch.cuda.synchronize()
-        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    why = None
+    for options in ({}, dict(host_counts=counts)):
+        try:
+            return stage_type(*inp.args, **kw, **options).graph.replay, None
+        except ValueError as exc:  # the decode block over the budget: try the counts
+            why = exc
+        except Exception as exc:
+            why = exc
+            break
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # what a failed capture left queued, done before anything is timed
+    return None, f"{type(why).__name__}: {why}".splitlines()[0][:200]
 
 
 def _fitted(delay_of, timer, fn, slow, fraction: float, rounds: int = 3, reps: int = 3):

@@ -10,6 +10,7 @@ import os
 import random
 
 import pytest
+import torch
 
 from verify.perf import gate
 
@@ -74,6 +75,29 @@ def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, c
     assert gate.main(["--against", "HEAD", "--no-accuracy", "--pairs", "7", "--processes", "1",
                       "--inject-slowdown", "2"]) == 1  # one process pair: the smallest gate
     assert "REGRESSED" in capsys.readouterr().out
+
+
+def test_a_point_is_graphed_by_the_decode_capture_else_with_its_counts_else_eager_with_the_reason():
+    from types import SimpleNamespace
+
+    from verify.perf import abworker
+
+    inp = SimpleNamespace(args=(), local_ids=torch.tensor([[0, -1], [2, 0]]), w13=torch.empty(3, 1, 1))
+
+    def stage_type(fail_decode: bool, fail_counts: bool):
+        def make(*args, host_counts=None, **kw):
+            if (host_counts is None and fail_decode) or (host_counts is not None and fail_counts):
+                raise ValueError("x: over the masked budget" if host_counts is None else "no room")
+            return SimpleNamespace(graph=SimpleNamespace(replay=("counts", host_counts)))
+        return make
+
+    def graphed(**fails):
+        return abworker._graphed(SimpleNamespace(GraphedExpertStage=stage_type(**fails)), inp, {})
+
+    assert graphed(fail_decode=False, fail_counts=True) == (("counts", None), None)
+    assert graphed(fail_decode=True, fail_counts=False) == (("counts", [2, 0, 1]), None)
+    assert graphed(fail_decode=True, fail_counts=True) == (None, "ValueError: no room")
+    assert abworker._graphed(SimpleNamespace(), inp, {})[1] == "this tree has no kernels.GraphedExpertStage"
 
 
 @pytest.mark.parametrize("hidden", [0.0, 0.04, 0.5])
