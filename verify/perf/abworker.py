@@ -5,9 +5,9 @@ its import path (and the gate's own `verify` and `reference`, which never import
 verify.cases and reference are plain torch). Each process owns its CUDA context and module state; the two never
 share anything but the GPU. It reads one JSON request per line on stdin and writes one JSON answer per line:
 
-- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "cpus": [...]}: build each point's inputs
-  (verify.cases.BenchCase.received), and on a GPU its graphed stage (`_graphed`: the stage's GPU work without the
-  host); answers, per point, why it has none (null where it has one).
+- {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "cpus": [...], "graphed": bool (true)}: build each
+  point's inputs (verify.cases.BenchCase.received), and on a GPU, unless "graphed" is false, its graphed stage
+  (`_graphed`: the stage's GPU work without the host); answers, per point, why it has none (null where it has one).
 - {"op": "slow", "slowdown": F}: from now on every timed call takes about (1 + F) x its time, with a GPU sleep (a
   host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the count's kernel
   and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay; answers
@@ -119,16 +119,16 @@ def _graphed(kernels, inp, kw):
     stage_type = getattr(kernels, "GraphedExpertStage", None)
     if stage_type is None:
         return None, "this tree has no kernels.GraphedExpertStage"
-    counts = torch.bincount(inp.local_ids[inp.local_ids >= 0], minlength=inp.w13.shape[0]).tolist()
+    from reference.layouts import expert_counts
+
     why = None
-    for options in ({}, dict(host_counts=counts)):
+    for options in ({}, dict(host_counts=expert_counts(inp.local_ids, inp.w13.shape[0]).tolist())):
         try:
             return stage_type(*inp.args, **kw, **options).graph.replay, None
-        except ValueError as exc:  # the decode block over the budget: try the counts
-            why = exc
         except Exception as exc:
             why = exc
-            break
+            if not isinstance(exc, ValueError):  # a ValueError: the decode block over the budget, so try the counts
+                break
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # what a failed capture left queued, done before anything is timed
     return None, f"{type(why).__name__}: {why}".splitlines()[0][:200]
@@ -233,7 +233,12 @@ def main() -> int:
                 kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
                 calls.append(functools.partial(kernels.moe_expert_forward, *inp.args, **kw))
                 calls[-1]()  # compiled before anything is timed
-                graph, why_not = _graphed(kernels, inp, kw) if device == "cuda" else (None, "no CUDA graphs on a CPU")
+                if device != "cuda":
+                    graph, why_not = None, "no CUDA graphs on a CPU"
+                elif not request.get("graphed", True):
+                    graph, why_not = None, "not asked for"
+                else:
+                    graph, why_not = _graphed(kernels, inp, kw)
                 graphs.append(graph)
                 not_graphed.append(why_not)
             answer = dict(points=len(calls), device=device, not_graphed=not_graphed,

@@ -239,7 +239,7 @@ def busy_shares(tree: pathlib.Path, points, rep_ms: int, device_type: str) -> li
         return [1.0] * len(points)
     worker = Worker(tree, "busy")
     try:
-        worker.ask(op="setup", points=points, rep_ms=rep_ms, cpus=[])
+        worker.ask(op="setup", points=points, rep_ms=rep_ms, cpus=[], graphed=False)  # profiles the eager call only
         return [worker.ask(op="busy", point=i)["busy"] for i in range(len(points))]
     finally:
         worker.close()
@@ -262,11 +262,11 @@ class Setup:
     added: list[dict]  # per worker, the slowdown its fitted sleeps add ({} unslowed): timing -> per point
 
 
-def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus) -> Setup:
+def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus, graphed: bool = True) -> Setup:
     """Every worker set up at once (each its own process), then the slowed ones fitting their sleeps one at a time (on
     a quiet machine)."""
     for worker in workers:
-        worker.send(op="setup", points=points, rep_ms=rep_ms, cpus=cpus)
+        worker.send(op="setup", points=points, rep_ms=rep_ms, cpus=cpus, graphed=graphed)
     answers = [worker.receive() for worker in workers]
     added = [worker.ask(op="slow", slowdown=slowdown)["added"] if slowdown else {}
              for worker, slowdown in zip(workers, slowdowns, strict=True)]
@@ -441,12 +441,12 @@ def self_test(runs: int, points, rounds: int, min_effect: float, rep_ms: int, de
     try:
         prepared = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS) * processes, shared_cpus(device_type))
         series = prepared.series
-        # what each slowdown's sleeps add, per timing and point: the median over the groups
-        added = {(slowdown, timing.value): [statistics.median(prepared.added[k * len(groups[0]) + j][timing.value][i]
-                                                              for k in range(processes))
-                                            if prepared.added[j][timing.value][i] is not None else None
-                                            for i in range(len(points))]
-                 for j, slowdown in enumerate(SLOWDOWNS[1:], start=2) for timing in Timing}
+        # what each slowdown's sleeps add, per timing and point: the median over the groups (member j of each)
+        by_group = [prepared.added[k * len(group):(k + 1) * len(group)] for k, group in enumerate(groups)]
+        added = {(slowdown, t.value): [None if by_group[0][j][t.value][i] is None
+                                       else statistics.median(group[j][t.value][i] for group in by_group)
+                                       for i in range(len(points))]
+                 for j, slowdown in enumerate(SLOWDOWNS[1:], start=2) for t in Timing}
         for run in range(runs):
             times = interleaved_times(groups, series, rounds)
             for j, slowdown in enumerate(SLOWDOWNS, start=1):
@@ -585,7 +585,8 @@ def main(argv=None) -> int:
             return 2
         worker = Worker(ROOT, "tree")
         try:
-            setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
+            setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type),
+                  graphed=False)  # a stored baseline holds eager times only
             current = dict(format=BASELINE_FORMAT, card=card, probes=machine_probes(device_type),
                            speed=baseline_speed(worker, points, REPEATS))
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
