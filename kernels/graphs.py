@@ -11,7 +11,10 @@ Python, no allocation, no host sync. What capture costs (kernels/executor.py, do
 - nothing is read back, so nothing raises: ids must lie in [-1, num_experts) and each row's ids must be distinct
   (a router's top-k); otherwise the offending slots are skipped (never written out of bounds), unreported. Check the
   ids upstream, or run the eager `sync="after"`, which raises;
-- w13 and w2 are captured by address: update them in place, never rebind them.
+- w13 and w2 are captured by address: update them in place, never rebind them;
+- the stage owns the input buffers its graph reads: keep the stage, not only `stage.graph`, for as long as you replay
+  (a graph replayed after its stage was freed reads memory the allocator has reused or, after the next capture's
+  `empty_cache`, given back: an illegal memory access).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def _graphed(kernels, inp, kw):
     why = None
     for options in ({}, dict(host_counts=expert_counts(inp.local_ids, inp.w13.shape[0]).tolist())):
         try:
-            return stage_type(*inp.args, **kw, **options).graph.replay, None
+            stage = stage_type(*inp.args, **kw, **options)
+            return (lambda stage=stage: stage.graph.replay()), None  # the stage kept: it owns the buffers read
         except Exception as exc:
             why = exc
             if not isinstance(exc, ValueError):  # a ValueError: the decode block over the budget, so try the counts

@@ -131,8 +131,10 @@ class Worker:
             (shim / package).symlink_to(ROOT / package)
         paths = [str(shim), str(tree), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONHASHSEED="0")
-        self.process = subprocess.Popen([sys.executable, "-m", "verify.perf.abworker"], cwd=shim, env=env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.log = shim / "stderr.txt"  # what the worker printed: quoted if it dies
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "verify.perf.abworker"], cwd=shim, env=env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
 
     def ask(self, **request) -> dict:
         self.send(**request)
@@ -146,7 +148,8 @@ class Worker:
     def receive(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"the {self.label} worker died (exit {self.process.wait()})")
+            tail = self.log.read_text().splitlines()[-12:]
+            raise RuntimeError("\n".join([f"the {self.label} worker died (exit {self.process.wait()}):", *tail]))
         return json.loads(line)
 
     def close(self) -> None:

@@ -78,25 +78,37 @@ def test_the_tree_against_head_passes_and_an_injected_slowdown_fails(tmp_path, c
 
 
 def test_a_point_is_graphed_by_the_decode_capture_else_with_its_counts_else_eager_with_the_reason():
+    import gc
+    import weakref
     from types import SimpleNamespace
 
     from verify.perf import abworker
 
     inp = SimpleNamespace(args=(), local_ids=torch.tensor([[0, -1], [2, 0]]), w13=torch.empty(3, 1, 1))
+    stages = []
+
+    class Stage:  # the stage owns the buffers its graph reads
+        def __init__(self, host_counts):
+            self.graph = SimpleNamespace(replay=lambda: ("counts", host_counts))
+            stages.append(weakref.ref(self))
 
     def stage_type(fail_decode: bool, fail_counts: bool):
         def make(*args, host_counts=None, **kw):
             if (host_counts is None and fail_decode) or (host_counts is not None and fail_counts):
                 raise ValueError("x: over the masked budget" if host_counts is None else "no room")
-            return SimpleNamespace(graph=SimpleNamespace(replay=("counts", host_counts)))
+            return Stage(host_counts)
         return make
 
-    def graphed(**fails):
-        return abworker._graphed(SimpleNamespace(GraphedExpertStage=stage_type(**fails)), inp, {})
+    def replayed(**fails):
+        replay, why = abworker._graphed(SimpleNamespace(GraphedExpertStage=stage_type(**fails)), inp, {})
+        gc.collect()
+        assert stages[-1]() is not None, "the stage was freed while its graph is still replayed"
+        return replay(), why
 
-    assert graphed(fail_decode=False, fail_counts=True) == (("counts", None), None)
-    assert graphed(fail_decode=True, fail_counts=False) == (("counts", [2, 0, 1]), None)
-    assert graphed(fail_decode=True, fail_counts=True) == (None, "ValueError: no room")
+    assert replayed(fail_decode=False, fail_counts=True) == (("counts", None), None)
+    assert replayed(fail_decode=True, fail_counts=False) == (("counts", [2, 0, 1]), None)
+    assert abworker._graphed(SimpleNamespace(GraphedExpertStage=stage_type(True, True)), inp, {}) == (
+        None, "ValueError: no room")
     assert abworker._graphed(SimpleNamespace(), inp, {})[1] == "this tree has no kernels.GraphedExpertStage"
 
 
@@ -159,3 +171,12 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert refused("--baseline", str(other), "--no-accuracy", says="measured on NVIDIA H20")
     other.write_text(json.dumps(dict(card="cpu", probes={}, speed={}, accuracy={})))  # an older gate's baseline
     assert refused("--baseline", str(other), "--no-accuracy", says="older gate")
+
+
+def test_a_dead_worker_is_reported_with_what_it_printed():
+    worker = gate.Worker(gate.ROOT, "X")
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)the X worker died \(exit 1\):.*KeyError: 'no-such-case'"):
+            worker.ask(op="setup", points=[["no-such-case", 1]], rep_ms=1, cpus=[])
+    finally:
+        worker.close()

@@ -62,6 +62,30 @@ def test_a_stage_captured_with_host_counts_replays_them(seed):
         assert checks.bitwise_equal(graphed, eager), f"batch {i}: replay != eager"
 
 
+@pytest.mark.parametrize("with_counts", [False, True], ids=["decode", "host_counts"])
+def test_a_replay_of_bad_ids_writes_nothing_out_of_bounds_and_the_next_batch_is_exact(with_counts, seed):
+    """The graph's promise for ids it cannot check (kernels/graphs.py): out-of-range ids, ids repeated in a row past
+    an M-row block, ids that contradict the captured host_counts are skipped, never written out of bounds (the
+    synchronize would raise an illegal memory access), and the stage stays sound for the next good batch."""
+    case = CASES[0]
+    good, other = (random_problem(_decode_sizes(case), case.routing, seed + i, "cuda", **dict(case.routing_params))
+                   for i in range(2))
+    ids = good.routing.topk_ids
+    num_local, num_experts = good.w13.shape[0], good.sizes.num_experts
+    counts = torch.bincount(ids[ids >= 0].flatten(), minlength=num_local).tolist()
+    extra = dict(host_counts=counts) if with_counts else {}
+    args = lambda p: (p.x, p.routing.topk_ids, p.routing.topk_weights)  # noqa: E731
+    stage = GraphedExpertStage(*args(good), good.w13, good.w2, **extra)
+    bad = torch.randint(-3 * num_experts, 3 * num_experts, ids.shape, device="cuda", dtype=ids.dtype)
+    bad[: ids.shape[0] // 2] = 0  # half the rows all expert 0: past its block and its captured count
+    stage(other.x, bad, other.routing.topk_weights)
+    torch.cuda.synchronize()
+    other.routing.topk_ids.copy_(ids)  # the captured counts hold again
+    graphed = stage(*args(other)).clone()
+    eager = moe_expert_forward(*args(other), good.w13, good.w2, sync="never", **extra)
+    assert checks.bitwise_equal(graphed, eager)
+
+
 @pytest.mark.parametrize("sync", ["before", "after"])
 def test_a_capture_that_would_read_the_device_fails_clearly(sync):
     p = random_problem(_decode_sizes(CASES[0]), "uniform", 0, "cuda")
