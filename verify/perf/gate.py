@@ -29,11 +29,12 @@ references; a row that drops a grade (PASS -> WARN -> FAIL) is a regression.
 `--baseline PATH` compares with a stored baseline instead (the card-to-card report): its speed entries are normalised
 by what this run measures of the machine (copy bandwidth and dense matmul for the GPU's share of an entry, a kernel
 launch's latency for the host's share), so a baseline written on one machine can be checked on another of the same
-card; a GPU-bound entry regresses when its normalised time exceeds the baseline by more than --min-effect and 3
-standard errors of the two medians. Host-bound entries are reported, not judged, against a stored baseline: on an
-H200 the same unchanged entry measured 0.28 ms in one run and 0.59 ms seconds later on the same machine (host stalls
-that come and go between runs, which neither the passes' spread nor a launch-latency probe sees); only the paired
-A/B comparison of --against can judge them. `--update` writes the baseline.
+card. Every entry is stored eager and graphed; a graphed timing (GPU work alone) and a GPU-bound eager one regress
+when the normalised time exceeds the baseline by more than --min-effect and 3 standard errors of the two medians.
+Host-bound eager timings are reported, not judged, against a stored baseline: on an H200 the same unchanged entry
+measured 0.28 ms in one run and 0.59 ms seconds later on the same machine (host stalls that come and go between runs,
+which neither the passes' spread nor a launch-latency probe sees); only the paired A/B comparison of --against can
+judge them, and their GPU work is judged here by their graphed timing. `--update` writes the baseline.
 
 `--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep (eager: queued between
 the count's kernel and its read-back, where the host waits for the GPU; graphed: before the replay; a host sleep on
@@ -82,7 +83,8 @@ PROCESS_PAIRS = 2  # a process's own speed can fake a regression only if it does
 MIN_PAIRS = math.ceil(-math.log2(ALPHA))  # all n pairs one way: the smallest one-sided p is 2^-n
 REP_MS = {"cuda": 10, "cpu": 1}
 REPEATS = 5  # --baseline: interleaved passes per entry
-BASELINE_FORMAT = 2  # 2: ms per call of back-to-back calls (abworker._timer); before: do_bench medians, no field
+BASELINE_FORMAT = 3  # 3: eager and graphed per entry; 2: eager only; both ms per call of back-to-back calls
+# (abworker._timer); before: do_bench medians, no field
 
 
 class UsageError(Exception):
@@ -381,37 +383,48 @@ def normalised(ms: float, busy: float, probes: dict, reference: dict) -> float:
     return ms * (busy * gpu + (1 - busy) * host)
 
 
-def baseline_speed(worker: Worker, points, repeats: int) -> dict:
-    runs = {i: [] for i in range(len(points))}
+def baseline_speed(worker: Worker, points, series: list[Series], repeats: int) -> dict:
+    """entry -> the GPU's busy share of its eager call and, per timing the worker has for it, the median ms of
+    `repeats` interleaved passes with its standard error."""
+    runs = {(s.point, s.timing): [] for s in series}
     for _ in range(repeats):
-        for i in range(len(points)):
-            runs[i].append(worker.ask(op="time", point=i)["ms"])
-    out = {}
-    for i, (name, tokens) in enumerate(points):
-        med = statistics.median(runs[i])
-        sigma = 1.4826 * statistics.median(abs(x - med) for x in runs[i]) / med
-        out[f"{name}/M={tokens}"] = dict(ms=med, se=1.253 * sigma / math.sqrt(len(runs[i])), runs=runs[i],
-                                         busy=worker.ask(op="busy", point=i)["busy"])
+        for s in series:
+            graphed = s.timing is Timing.GRAPHED
+            runs[s.point, s.timing].append(worker.ask(op="time", point=s.point, graphed=graphed)["ms"])
+    out = {entry(points, Series(i, Timing.EAGER)): dict(busy=worker.ask(op="busy", point=i)["busy"])
+           for i in range(len(points))}
+    for (i, timing), times in runs.items():
+        med = statistics.median(times)
+        sigma = 1.4826 * statistics.median(abs(x - med) for x in times) / med
+        out[entry(points, Series(i, timing))][timing.value] = dict(ms=med, se=1.253 * sigma / math.sqrt(len(times)),
+                                                                   runs=times)
     return out
 
 
 def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
+    """Each (entry, timing) of both runs: its time normalised to the baseline's machine over the baseline's. A graphed
+    timing is GPU work alone (busy 1); an eager one on a host-bound entry is reported, not judged."""
     regressions = []
     print(f"speed against {base['card']} baseline, normalised by this machine's probes {now['probes']} "
           f"(baseline: {base['probes']}):")
-    for entry, e in now["speed"].items():
-        b = base["speed"].get(entry)
-        if b is None:
-            print(f"  {entry}: new entry")
-            continue
-        ratio = normalised(e["ms"], e["busy"], now["probes"], base["probes"]) / b["ms"]
-        margin = max(min_effect, 3 * math.hypot(b["se"], e["se"]))
-        host_bound = e["busy"] < HOST_BOUND
-        slow = ratio > 1 + margin and not host_bound  # a host-bound entry: reported, judged only by --against
-        print(f"  {entry:28s} {b['ms']:8.3f} -> {e['ms']:8.3f} ms, normalised ratio {ratio:.3f}, margin {margin:.1%}"
-              + (" (host-bound: not judged here)" if host_bound else "") + ("  REGRESSED" if slow else ""))
-        if slow:
-            regressions.append(f"speed {entry}: normalised {ratio - 1:+.1%} > {margin:.1%}")
+    for name, e in now["speed"].items():
+        b = base["speed"].get(name)
+        for timing in Timing:
+            if timing.value not in e:
+                continue
+            if b is None or timing.value not in b:
+                print(f"  {name:28s} {timing.value:8s} new entry")
+                continue
+            busy = 1.0 if timing is Timing.GRAPHED else e["busy"]
+            ratio = normalised(e[timing.value]["ms"], busy, now["probes"], base["probes"]) / b[timing.value]["ms"]
+            margin = max(min_effect, 3 * math.hypot(b[timing.value]["se"], e[timing.value]["se"]))
+            host_bound = busy < HOST_BOUND
+            slow = ratio > 1 + margin and not host_bound  # a host-bound entry: reported, judged only by --against
+            print(f"  {name:28s} {timing.value:8s} {b[timing.value]['ms']:8.3f} -> {e[timing.value]['ms']:8.3f} ms, "
+                  f"normalised ratio {ratio:.3f}, margin {margin:.1%}"
+                  + (" (host-bound: not judged here)" if host_bound else "") + ("  REGRESSED" if slow else ""))
+            if slow:
+                regressions.append(f"speed {name} ({timing.value}): normalised {ratio - 1:+.1%} > {margin:.1%}")
     for row_id, now_verdict in now["accuracy"].items():
         was = base["accuracy"].get(row_id)
         if was is not None and Verdict[now_verdict] > Verdict[was]:
@@ -588,10 +601,9 @@ def main(argv=None) -> int:
             return 2
         worker = Worker(ROOT, "tree")
         try:
-            setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type),
-                  graphed=False)  # a stored baseline holds eager times only
+            prepared = setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
             current = dict(format=BASELINE_FORMAT, card=card, probes=machine_probes(device_type),
-                           speed=baseline_speed(worker, points, REPEATS))
+                           speed=baseline_speed(worker, points, prepared.series, REPEATS))
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
             current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
         finally:

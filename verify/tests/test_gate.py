@@ -55,6 +55,22 @@ def test_every_worker_times_on_the_same_two_allowed_cpus():
     assert set(cpus) <= allowed and len(cpus) == min(2, len(allowed)) and cpus == sorted(allowed)[: len(cpus)]
 
 
+def test_a_stored_baseline_judges_graphed_timings_and_only_gpu_bound_eager_ones(capsys):
+    probes = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0)
+    timing = lambda ms: dict(ms=ms, se=0.001, runs=[ms])  # noqa: E731
+    base = dict(card="card", probes=probes, accuracy={}, speed={
+        "host-bound/M=1": dict(busy=0.2, eager=timing(1.0), graphed=timing(0.5)),
+        "gpu-bound/M=1": dict(busy=0.9, eager=timing(1.0), graphed=timing(0.9))})
+    now = dict(base, speed={  # everything 20% slower
+        name: dict(busy=e["busy"], eager=timing(e["eager"]["ms"] * 1.2), graphed=timing(e["graphed"]["ms"] * 1.2))
+        for name, e in base["speed"].items()})
+    regressed = gate.compare_baseline(base, now, 0.03)
+    assert [r.split(":")[0] for r in regressed] == [
+        "speed host-bound/M=1 (graphed)", "speed gpu-bound/M=1 (eager)", "speed gpu-bound/M=1 (graphed)"]
+    assert "host-bound: not judged here" in capsys.readouterr().out
+    assert gate.compare_baseline(base, base, 0.03) == []
+
+
 def test_a_stored_baseline_is_normalised_by_the_machine():
     base = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0)
     slower_gpu = dict(copy_gbps=2000.0, matmul_tflops=400.0, launch_us=5.0)  # half the GPU, the same host
@@ -153,7 +169,7 @@ def test_a_stored_baseline_is_written_and_a_much_slower_run_against_it_fails(tmp
     assert written["format"] == gate.BASELINE_FORMAT and written["card"] == "cpu"
     assert set(written["speed"]) == {f"{name}/M={tokens}" for name, tokens in gate.points_for("cpu")}
     for entry in written["speed"].values():  # as if stored on a machine 100x faster: far past any CPU's noise
-        entry["ms"] /= 100
+        entry["eager"]["ms"] /= 100
     baseline.write_text(json.dumps(written))
     assert gate.main(["--baseline", str(baseline), "--no-accuracy"]) == 1
 
