@@ -3,7 +3,8 @@
     route (global -> local ids, per-expert counts, on the device)
       -> [sync="before": counts read back, the one device->host sync before the GEMMs]
       -> layout choice (masked 3D block or contiguous flat rows)
-      -> scatter -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
+      -> scatter (without counts on the host, route and scatter are one kernel)
+      -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
       -> [sync="after": the routing's error flags read back once every kernel is queued (they were copied
           after the scatter: the read waits for the scatter, not for the GEMMs)]
 
@@ -73,7 +74,8 @@ class Stages:
     """The pipeline's replaceable pieces. Defaults are production; `dataclasses.replace` one to test it."""
 
     count: Callable[..., LocalRouting] = scatter.count_local_experts  # sync="before", no host_counts
-    route: Callable[..., LocalRouting] = scatter.route_local_experts  # every other call: nothing read back
+    route: Callable[..., LocalRouting] = scatter.route_local_experts  # host_counts given: nothing read back
+    route_scatter_masked: Callable[..., tuple[Dispatch, torch.Tensor]] = scatter.route_scatter_masked  # decode path
     choose_layout: Callable[..., Layout] = choose_layout
     scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
     scatter_masked: Callable[..., Dispatch] = scatter.scatter_masked
@@ -132,28 +134,11 @@ def moe_expert_forward(
                                   gemm=gemm, gate_up_order=gate_up_order, stages=stages)
 
     where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
-    if sync == "before" and host_counts is None:
-        routing = stages.count(topk_ids, **where)
-    else:
-        routing = stages.route(topk_ids, **where)
-        if host_counts is not None:
-            counts = _counts_source(host_counts, x.device).to(x.device, non_blocking=True)
-            routing = dataclasses.replace(routing, counts=counts, counts_host=tuple(host_counts))
-            if sync == "before":
-                scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
-    if routing.counts_host is None and layout == "contiguous":
-        raise ValueError(f"layout='contiguous' is sized by counts on the host: with sync={sync!r} pass host_counts, "
-                         "or use layout='masked' / 'auto'")
-    if sync == "before" and sum(routing.counts_host) == 0:  # every id remote or -1: nothing to compute, no GEMM
-        return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
-
     alignment = backend.m_alignment
-    if routing.counts_host is not None:
-        if layout == "auto":
-            layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
-        scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
-        dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
-    else:
+    if sync != "before" and host_counts is None:  # the decode path: the counts stay on the device
+        if layout == "contiguous":
+            raise ValueError(f"layout='contiguous' is sized by counts on the host: with sync={sync!r} pass "
+                             "host_counts, or use layout='masked' / 'auto'")
         block_rows = unsynced_block_rows(num_tokens, alignment)
         if masked_bytes(num_local_experts, block_rows, hidden, inter) > MASKED_BLOCK_BUDGET_BYTES:
             if sync == "never":
@@ -161,9 +146,25 @@ def moe_expert_forward(
                                  f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
                                  "fewer tokens, or pass host_counts")
             return synced()  # prefill-sized: sync before
-        dispatch = stages.scatter_masked(x, routing, alignment=alignment, empty=stages.empty, block_rows=block_rows)
+        dispatch, stats = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
+                                                      empty=stages.empty)
+    else:
+        if host_counts is None:
+            routing = stages.count(topk_ids, **where)
+        else:
+            routing = stages.route(topk_ids, **where)
+            counts = _counts_source(host_counts, x.device).to(x.device, non_blocking=True)
+            routing = dataclasses.replace(routing, counts=counts, counts_host=tuple(host_counts))
+            if sync == "before":
+                scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
+        if sync == "before" and sum(routing.counts_host) == 0:  # every id remote or -1: nothing to compute, no GEMM
+            return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
+        if layout == "auto":
+            layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
+        scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
+        dispatch, stats = scatter_to(x, routing, alignment=alignment, empty=stages.empty), routing.stats
     dispatch = stages.after_scatter(dispatch)
-    flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
+    flags = _read_later(stats) if sync == "after" else None  # final once the scatter is done
     h = backend(dispatch.rows, w13, dispatch, stages.empty)
     a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
     y = backend(a, w2, dispatch, stages.empty)

@@ -7,7 +7,9 @@ before its GEMMs, which carries the out-of-range id count too, so bad ids cost n
 check on stats read back later (`moe_expert_forward(sync="after")` reads them once every kernel is queued).
 
 `scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
-`kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there). Rows inside a
+`kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there).
+`route_scatter_masked` is the route and the masked scatter in one kernel: the decode path's, where nothing is read
+back in between. Rows inside a
 segment are assigned by atomics: their order is NOT deterministic on a GPU. `output_index` is the authoritative
 token -> row map that the gather follows. A slot that finds no room (its expert's segment is full, or its block is:
 only when the sizes came from somewhere else than these ids) is dropped, counted in the routing's stats, never
@@ -148,6 +150,32 @@ def scatter_masked(
     rows = empty((routing.num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     output_index, masked_m = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
     return Dispatch(Layout.MASKED, rows, output_index, masked_m, routing.counts_host, alignment)
+
+
+def route_scatter_masked(
+    x: torch.Tensor, topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int,
+    block_rows: int, alignment: int = 128, empty: Allocator = torch.empty,
+) -> tuple[Dispatch, torch.Tensor]:
+    """`route_local_experts` then `scatter_masked(..., block_rows=block_rows)` in one kernel, for the decode path
+    (counts on the device: the blocks are placed without them). Returns the Dispatch (counts_host None) and the
+    routing's stats ([histogram..., bad ids, dropped slots], as LocalRouting.stats), read by nothing here."""
+    _check("x", x, (torch.bfloat16,), 2)
+    _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {x.shape[0]}")
+    _check_alignment(alignment)
+    if block_rows < alignment or block_rows % alignment:
+        raise ValueError(f"block_rows must be a positive multiple of alignment={alignment}, got {block_rows}")
+    rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
+    output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
+    counters = torch.zeros(2 * num_local_experts + 2, dtype=torch.int32, device=x.device)  # one memset for both
+    fill, stats = counters[:num_local_experts], counters[num_local_experts:]
+    cfg = _scatter_config(x.shape[1], num_local_experts)
+    K.route_scatter_masked_kernel[(triton.cdiv(topk_ids.numel(), cfg["BLOCK_S"]),)](
+        x, topk_ids, fill, stats, rows, output_index, topk_ids.numel(), topk_ids.shape[1], x.shape[1],
+        ep_rank * num_local_experts, num_local_experts, num_experts, block_rows, E_PAD=_pow2(num_local_experts), **cfg,
+    )
+    return Dispatch(Layout.MASKED, rows, output_index, fill, None, alignment), stats
 
 
 def _check_alignment(alignment: int) -> None:

@@ -23,6 +23,29 @@ def _segment_starts(counts_ptr, num_local_experts, ALIGN: tl.constexpr, E_PAD: t
 
 
 @triton.jit
+def _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts):
+    """GLOBAL ids at offs -> LOCAL ids (-1 where not on this rank, int32), and where an id lies outside
+    [-1, num_experts)."""
+    ids = tl.load(topk_ids_ptr + offs, mask=in_range, other=-1).to(tl.int64)
+    bad = in_range & ((ids < -1) | (ids >= num_experts))
+    local = ids - first_expert
+    here = in_range & (ids >= 0) & (local >= 0) & (local < num_local_experts)
+    return tl.where(here, local, -1).to(tl.int32), bad
+
+
+@triton.jit
+def _count(local, bad, stats_ptr, num_local_experts, E_PAD: tl.constexpr):
+    """Adds this program's histogram of local ids and its bad-id count to stats: one atomic per expert the program
+    saw (not one per slot, and none for the others: the fused scatter's programs hold a few slots each)."""
+    experts = tl.arange(0, E_PAD)
+    block_counts = tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.atomic_add(stats_ptr + experts, block_counts, mask=(experts < num_local_experts) & (block_counts > 0))
+    num_bad = tl.sum(bad.to(tl.int32), axis=0)
+    if num_bad > 0:
+        tl.atomic_add(stats_ptr + num_local_experts, num_bad)
+
+
+@triton.jit
 def local_ids_kernel(
     topk_ids_ptr, local_ids_ptr, stats_ptr,  # stats = [counts per local expert..., number of out-of-range ids]
     num_slots, first_expert, num_local_experts, num_experts,
@@ -31,45 +54,19 @@ def local_ids_kernel(
     """GLOBAL ids -> LOCAL ids (-1 where not on this rank), per-local-expert counts, and a bad-id count."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < num_slots
-    ids = tl.load(topk_ids_ptr + offs, mask=in_range, other=-1).to(tl.int64)
-    bad = in_range & ((ids < -1) | (ids >= num_experts))
-    local = ids - first_expert
-    here = in_range & (ids >= 0) & (local >= 0) & (local < num_local_experts)
-    local = tl.where(here, local, -1).to(tl.int32)
+    local, bad = _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts)
     tl.store(local_ids_ptr + offs, local, mask=in_range)
-    # Histogram of this block as a one-hot sum: E_PAD atomics per program instead of one per slot.
-    experts = tl.arange(0, E_PAD)
-    block_counts = tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.atomic_add(stats_ptr + experts, block_counts, mask=experts < num_local_experts)
-    tl.atomic_add(stats_ptr + num_local_experts, tl.sum(bad.to(tl.int32), axis=0))
+    _count(local, bad, stats_ptr, num_local_experts, E_PAD)
 
 
 @triton.jit
-def scatter_kernel(
-    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
-    num_slots, topk, hidden, num_local_experts, block_rows,
-    MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """Each local (token, slot) takes a row of its expert's segment (atomic fill counter) and copies x[token] there.
-
-    Contiguous: expert e's segment starts at the aligned prefix sum of the counts and holds counts[e] rows. Masked:
-    block e starts at row e * block_rows and holds block_rows rows. A slot whose ticket is past its expert's room is
-    dropped: counted in the routing's stats, its fill ticket given back (so a masked fill ends at
-    min(count, block_rows), the rows filled), nothing written. output_index[token, slot] = the row (flat over the
-    layout's rows), -1 for skipped and dropped ids."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    in_range = offs < num_slots
-    local = tl.load(local_ids_ptr + offs, mask=in_range, other=-1)
+def _place(x_ptr, local, offs, in_range, start, room, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+           topk, hidden, num_local_experts, BLOCK_H: tl.constexpr):
+    """Each local slot (local >= 0) at offs takes the next row of its expert's room (atomic fill counter) from
+    `start`, and x[token] is copied there. A slot whose ticket is past the room is dropped: counted in stats, its fill
+    ticket given back (so a fill ends at min(count, room), the rows filled), nothing written. output_index[slot] = the
+    row (flat over the layout's rows), -1 for skipped and dropped ids."""
     valid = in_range & (local >= 0)
-    if MASKED:
-        start = local.to(tl.int64) * block_rows
-        room = block_rows
-    else:
-        starts, counts = _segment_starts(counts_ptr, num_local_experts, ALIGN, E_PAD)
-        experts = tl.arange(0, E_PAD)
-        mine = local[:, None] == experts[None, :]
-        start = tl.sum(tl.where(mine, starts[None, :], 0), axis=1).to(tl.int64)
-        room = tl.sum(tl.where(mine, counts[None, :], 0), axis=1)
     expert = tl.where(valid, local, 0)
     slot = tl.atomic_add(fill_ptr + expert, 1, mask=valid)
     dropped = valid & (slot >= room)
@@ -88,6 +85,48 @@ def scatter_kernel(
         mask = valid[:, None] & (cols[None, :] < hidden)
         values = tl.load(x_ptr + token[:, None] * hidden + cols[None, :], mask=mask)
         tl.store(rows_ptr + row[:, None] * hidden + cols[None, :], values, mask=mask)
+
+
+@triton.jit
+def scatter_kernel(
+    x_ptr, local_ids_ptr, counts_ptr, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+    num_slots, topk, hidden, num_local_experts, block_rows,
+    MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Each local (token, slot) takes a row of its expert's segment and copies x[token] there (`_place`).
+
+    Contiguous: expert e's segment starts at the aligned prefix sum of the counts and holds counts[e] rows. Masked:
+    block e starts at row e * block_rows and holds block_rows rows."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = offs < num_slots
+    local = tl.load(local_ids_ptr + offs, mask=in_range, other=-1)
+    if MASKED:
+        start = local.to(tl.int64) * block_rows
+        room = block_rows
+    else:
+        starts, counts = _segment_starts(counts_ptr, num_local_experts, ALIGN, E_PAD)
+        experts = tl.arange(0, E_PAD)
+        mine = local[:, None] == experts[None, :]
+        start = tl.sum(tl.where(mine, starts[None, :], 0), axis=1).to(tl.int64)
+        room = tl.sum(tl.where(mine, counts[None, :], 0), axis=1)
+    _place(x_ptr, local, offs, in_range, start, room, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+           topk, hidden, num_local_experts, BLOCK_H)
+
+
+@triton.jit
+def route_scatter_masked_kernel(
+    x_ptr, topk_ids_ptr, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+    num_slots, topk, hidden, first_expert, num_local_experts, num_experts, block_rows,
+    E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """local_ids_kernel and the masked scatter_kernel in one launch (the decode path: counts stay on the device, so
+    the blocks are placed without them): GLOBAL ids mapped, counted into stats, and their slots placed."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_range = offs < num_slots
+    local, bad = _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts)
+    _count(local, bad, stats_ptr, num_local_experts, E_PAD)
+    _place(x_ptr, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, fill_ptr, stats_ptr, rows_ptr,
+           output_index_ptr, topk, hidden, num_local_experts, BLOCK_H)
 
 
 @triton.jit

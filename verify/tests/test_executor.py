@@ -137,13 +137,13 @@ def test_a_row_repeating_an_id_past_the_m_row_block_is_dropped_and_flagged_never
     ids = torch.zeros_like(problem.routing.topk_ids)
     args = (problem.x, ids, problem.routing.topk_weights, problem.w13, problem.w2)
     synced = moe_expert_forward(*args)
-    routings, dispatches = [], []
-    seen = Stages(route=lambda *a, **kw: routings.append(scatter.route_local_experts(*a, **kw)) or routings[-1],
-                  after_scatter=lambda d: dispatches.append(d) or d, empty=checks.poisoned_empty)
+    scattered = []
+    seen = Stages(route_scatter_masked=lambda *a, **kw: scattered.append(scatter.route_scatter_masked(*a, **kw))
+                  or scattered[-1], empty=checks.poisoned_empty)
     assert checks.bitwise_equal(moe_expert_forward(*args, sync="after", stages=seen), synced)
     moe_expert_forward(*args, sync="never", stages=seen)
-    assert [r.dropped.item() for r in routings] == [72, 72]
-    never = dispatches[-1]
+    assert [int(stats[-1]) for _, stats in scattered] == [72, 72]  # LocalRouting.stats: [..., bad, dropped]
+    never = scattered[-1][0]
     assert never.block_rows == 128 and never.counts.tolist() == [128, 0, 0, 0]
     kept = never.output_index[never.output_index >= 0]
     assert kept.numel() == 128 and kept.unique().numel() == 128 and int(kept.max()) < 128  # block 0's rows, once each
@@ -160,7 +160,8 @@ class _NoGemm(Loop):
 
 def test_empty_batch_returns_empty_and_launches_nothing():
     problem = random_problem(Sizes(8, 64, 64, 4, 2), "uniform", 0, DEVICE)
-    nothing = Stages(count=_refuse, scatter_masked=_refuse, scatter_contiguous=_refuse, gemm=_NoGemm())
+    nothing = Stages(count=_refuse, route=_refuse, route_scatter_masked=_refuse, scatter_masked=_refuse,
+                     scatter_contiguous=_refuse, gemm=_NoGemm())
     out = moe_expert_forward(problem.x[:0], problem.routing.topk_ids[:0], problem.routing.topk_weights[:0],
                              problem.w13, problem.w2, stages=nothing)
     assert out.shape == (0, 64) and out.dtype == torch.bfloat16

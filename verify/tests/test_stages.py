@@ -88,6 +88,45 @@ def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, ran
         assert dispatch.rows.shape[0] == layouts.padded_rows(torch.tensor(counts), 128)
 
 
+@pytest.mark.parametrize("routing,params", ROUTINGS, ids=[r for r, _ in ROUTINGS])
+@pytest.mark.parametrize("ep_size,rank", [(1, 0), (4, 2)])
+def test_route_scatter_masked_is_route_then_scatter_in_one_kernel(routing, params, ep_size, rank, seed):
+    """The decode path's fused kernel against its two stages: the same stats, fills and rows (the layout contract
+    once the counts are known), with the blocks sized from M as the decode path sizes them."""
+    sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else SMALL
+    view, *_ = routed(routing, ep_size, rank, seed, sizes, **params)
+    where = dict(ep_rank=rank, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
+    block_rows = layouts.align_up(view.x.shape[0], 128)
+    dispatch, stats = S.route_scatter_masked(view.x, view.topk_ids, **where, block_rows=block_rows, alignment=128,
+                                             empty=checks.poisoned_empty)
+    routing_ = S.route_local_experts(view.topk_ids, **where)
+    separate = S.scatter_masked(view.x, routing_, alignment=128, block_rows=block_rows)
+    assert stats.tolist() == routing_.stats.tolist()
+    assert dispatch.counts.tolist() == separate.counts.tolist() == routing_.counts.tolist()
+    known = dataclasses.replace(dispatch, counts_host=tuple(routing_.counts.tolist()))
+    assert checks.layout_problems(known, view.x, view.local_ids(), 128) == []
+
+
+@pytest.mark.parametrize("bad", [-2, 8, 2**40])
+def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad):
+    """Out-of-range ids are counted, never placed; a row repeating an id past its block drops the extra slots
+    (counted, output_index -1, nothing written past the block)."""
+    x = torch.randn(130, 64, device=DEVICE).to(torch.bfloat16)
+    ids = torch.zeros(130, 2, dtype=torch.int64, device=DEVICE)  # 260 slots on expert 0: 132 past a 128-row block
+    ids[5, 1] = bad
+    dispatch, stats = S.route_scatter_masked(x, ids, ep_rank=0, num_local_experts=8, num_experts=8, block_rows=128,
+                                             alignment=128, empty=checks.poisoned_empty)
+    *histogram, num_bad, dropped = stats.tolist()
+    assert (histogram[0], num_bad, dropped) == (259, 1, 259 - 128)
+    assert dispatch.counts.tolist() == [128] + [0] * 7
+    index = dispatch.output_index.cpu()
+    assert int((index >= 0).sum()) == 128 and int(index[5, 1]) == -1
+    placed = index[index >= 0].long()
+    assert sorted(placed.tolist()) == list(range(128))
+    tokens = (index >= 0).nonzero()[:, 0]
+    assert checks.bitwise_equal(dispatch.flat_rows().cpu()[placed], x.cpu()[tokens])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("gate_up_order", ["gate_up", "up_gate"])
 def test_silu_and_mul_computes_valid_rows_only(layout, gate_up_order, seed):
