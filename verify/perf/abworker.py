@@ -22,6 +22,8 @@ share anything but the GPU. It reads one JSON request per line on stdin and writ
   catalogue rank view, judged by the gate's bands (verify.bands, verify.metrics and reference: no `kernels` in them)
   against the gate's references: each row's verdict.
 - {"op": "quit"}.
+A request that raises is answered {"failed": {"type": exception class, "message": its first line}}, and the worker
+exits with its traceback on stderr (a CUDA error leaves the process unusable).
 """
 
 from __future__ import annotations
@@ -215,62 +217,67 @@ def main() -> int:
     timer = None
     every_cpu = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     timing_cpus = None
-    for line in sys.stdin:
-        request = json.loads(line)
-        op = request["op"]
-        if op == "quit":
-            break
-        if op == "setup":
-            _run_on(every_cpu)
-            timer = _timer(device, request["rep_ms"])
-            timing_cpus = request.get("cpus")
-            calls, graphs, not_graphed = [], [], []
-            weights = {}
-            for name, tokens in request["points"]:
-                case = BENCH_CASES[name]
-                key = (case.shape, case.num_local_experts)  # the same draw: held once (DeepSeek's are 2.8 GB)
-                weights.setdefault(key, case.draw_weights())
-                inp = case.received(tokens, weights[key])
-                kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
-                calls.append(functools.partial(kernels.moe_expert_forward, *inp.args, **kw))
-                calls[-1]()  # compiled before anything is timed
-                if device != "cuda":
-                    graph, why_not = None, "no CUDA graphs on a CPU"
-                elif not request.get("graphed", True):
-                    graph, why_not = None, "not asked for"
-                else:
-                    graph, why_not = _graphed(kernels, inp, kw)
-                graphs.append(graph)
-                not_graphed.append(why_not)
-            answer = dict(points=len(calls), device=device, not_graphed=not_graphed,
-                          card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
-        elif op == "slow":
-            _run_on(timing_cpus)
-            fraction = request["slowdown"]
-            delay_of = functools.partial(_delay, device)
-            rounds = 3 if device == "cuda" else 1  # a host sleep adds its length: one check is enough
-            added = {"eager": [], "graphed": []}
-            for i, call in enumerate(calls):
-                calls[i], got = _fitted(delay_of, timer, call, _count_delayed(call, kernels), fraction, rounds)
-                added["eager"].append(got)
-                got = None
-                if graphs[i] is not None:
-                    graphs[i], got = _fitted(delay_of, timer, graphs[i], functools.partial(_after, fn=graphs[i]),
-                                             fraction, rounds)
-                added["graphed"].append(got)
-            answer = dict(added=added)
-        elif op == "time":
-            _run_on(timing_cpus)
-            answer = dict(ms=timer((graphs if request.get("graphed") else calls)[request["point"]]))
-        elif op == "busy":
-            answer = dict(busy=_busy(calls[request["point"]], device))
-        elif op == "grades":
-            _run_on(every_cpu)
-            answer = dict(grades=_grades(kernels.moe_expert_forward, CASES_BY_NAME[request["case"]],
-                                         request["seed"], request["rows"], device))
-        else:
-            answer = dict(error=f"unknown op {op!r}")
-        print(json.dumps(answer), flush=True)
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            op = request["op"]
+            if op == "quit":
+                break
+            if op == "setup":
+                _run_on(every_cpu)
+                timer = _timer(device, request["rep_ms"])
+                timing_cpus = request.get("cpus")
+                calls, graphs, not_graphed = [], [], []
+                weights = {}
+                for name, tokens in request["points"]:
+                    case = BENCH_CASES[name]
+                    key = (case.shape, case.num_local_experts)  # the same draw: held once (DeepSeek's are 2.8 GB)
+                    weights.setdefault(key, case.draw_weights())
+                    inp = case.received(tokens, weights[key])
+                    kw = dict(ep_size=case.ep_size, num_experts=case.shape.num_experts)
+                    calls.append(functools.partial(kernels.moe_expert_forward, *inp.args, **kw))
+                    calls[-1]()  # compiled before anything is timed
+                    if device != "cuda":
+                        graph, why_not = None, "no CUDA graphs on a CPU"
+                    elif not request.get("graphed", True):
+                        graph, why_not = None, "not asked for"
+                    else:
+                        graph, why_not = _graphed(kernels, inp, kw)
+                    graphs.append(graph)
+                    not_graphed.append(why_not)
+                answer = dict(points=len(calls), device=device, not_graphed=not_graphed,
+                              card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+            elif op == "slow":
+                _run_on(timing_cpus)
+                fraction = request["slowdown"]
+                delay_of = functools.partial(_delay, device)
+                rounds = 3 if device == "cuda" else 1  # a host sleep adds its length: one check is enough
+                added = {"eager": [], "graphed": []}
+                for i, call in enumerate(calls):
+                    calls[i], got = _fitted(delay_of, timer, call, _count_delayed(call, kernels), fraction, rounds)
+                    added["eager"].append(got)
+                    got = None
+                    if graphs[i] is not None:
+                        graphs[i], got = _fitted(delay_of, timer, graphs[i], functools.partial(_after, fn=graphs[i]),
+                                                 fraction, rounds)
+                    added["graphed"].append(got)
+                answer = dict(added=added)
+            elif op == "time":
+                _run_on(timing_cpus)
+                answer = dict(ms=timer((graphs if request.get("graphed") else calls)[request["point"]]))
+            elif op == "busy":
+                answer = dict(busy=_busy(calls[request["point"]], device))
+            elif op == "grades":
+                _run_on(every_cpu)
+                answer = dict(grades=_grades(kernels.moe_expert_forward, CASES_BY_NAME[request["case"]],
+                                             request["seed"], request["rows"], device))
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            print(json.dumps(answer), flush=True)
+    except Exception as exc:  # answered as data (the gate decides what it means), then the traceback
+        print(json.dumps(dict(failed=dict(type=type(exc).__name__, message=str(exc).split("\n")[0][:300]))),
+              flush=True)
+        raise
     return 0
 
 

@@ -41,7 +41,8 @@ the count's kernel and its read-back, where the host waits for the GPU; graphed:
 a CPU): the gate must then fail.
 `--self-test N` measures the gate itself: N A/A runs (the tree against itself: every flagged point is a false alarm)
 and N runs with 3%, 5% and 10% injected.
-Exit codes: 0 no regression, 1 regression, 2 usage error (unknown REF, no baseline, another card).
+Exit codes: 0 no regression, 1 regression (the working tree's pipeline failing included), 2 usage error (unknown
+REF, no baseline, another card) or no verdict (REF's pipeline failing, the GPU out of memory).
 """
 
 from __future__ import annotations
@@ -119,11 +120,33 @@ def shared_cpus(device_type: str) -> list[int]:
     return ([c for c in allowed if c in near] or allowed)[:2]
 
 
+@dataclasses.dataclass
+class WorkerFailed(Exception):
+    """A worker's request raised (`error`: the exception's class, null if the process died without answering)."""
+
+    label: str
+    tree: pathlib.Path
+    error: str | None
+    message: str
+    log: list[str]  # the last lines the worker printed on stderr
+
+    def __str__(self) -> str:
+        what = f"{self.error}: {self.message}" if self.error else "died without answering"
+        return "\n".join([f"the {self.label} worker ({self.tree}) failed: {what}", *self.log])
+
+    def exit_code(self) -> int:
+        """What the failure means for the gate: out of GPU memory says nothing of either tree (2); the working
+        tree's pipeline failing is a regression (1); REF's failing leaves nothing to compare with (2)."""
+        if self.error == "OutOfMemoryError":
+            return 2
+        return 1 if self.tree == ROOT else 2
+
+
 class Worker:
     """One tree's pipeline in its own process (verify/perf/abworker.py), answering JSON requests."""
 
     def __init__(self, tree: pathlib.Path, label: str):
-        self.label = label
+        self.label, self.tree = label, tree
         # the tree's `kernels` first; the gate's own `verify` and `reference` (plain torch there) from a shim.
         # One hash seed for both: with random ones, two processes of the SAME tree timed a steady 3-5% apart on the
         # CPU in one of three process pairs (the host's Python, dict and set layouts), which every pair of the run
@@ -149,10 +172,12 @@ class Worker:
 
     def receive(self) -> dict:
         line = self.process.stdout.readline()
-        if not line:
-            tail = self.log.read_text().splitlines()[-12:]
-            raise RuntimeError("\n".join([f"the {self.label} worker died (exit {self.process.wait()}):", *tail]))
-        return json.loads(line)
+        answer = json.loads(line) if line else dict(failed=dict(type=None, message=f"exit {self.process.wait()}"))
+        if "failed" in answer:
+            self.process.wait(timeout=60)  # its traceback written
+            raise WorkerFailed(self.label, self.tree, answer["failed"]["type"], answer["failed"]["message"],
+                               self.log.read_text().splitlines()[-12:])
+        return answer
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -504,6 +529,22 @@ def format_self_test(table: dict) -> str:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except WorkerFailed as failure:
+        print(f"verify.gate: {failure}", file=sys.stderr)
+        code = failure.exit_code()
+        if code == 1:
+            print(f"REGRESSED:\nthe working tree's pipeline failed: {failure.error}: {failure.message}")
+        elif failure.error == "OutOfMemoryError":
+            print("verify.gate: no verdict: the GPU ran out of memory (fewer workers: --processes 1)", file=sys.stderr)
+        else:
+            print(f"verify.gate: no verdict: {failure.tree}'s pipeline failed, nothing to compare with",
+                  file=sys.stderr)
+        return code
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m verify.gate", description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--against", metavar="REF", help="A/B against this git ref's pipeline (or a checkout's folder), "

@@ -189,10 +189,23 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert refused("--baseline", str(other), "--no-accuracy", says="older gate")
 
 
-def test_a_dead_worker_is_reported_with_what_it_printed():
+def test_a_failing_worker_is_reported_as_data_with_what_it_printed():
     worker = gate.Worker(gate.ROOT, "X")
     try:
-        with pytest.raises(RuntimeError, match=r"(?s)the X worker died \(exit 1\):.*KeyError: 'no-such-case'"):
+        with pytest.raises(gate.WorkerFailed) as failed:
             worker.ask(op="setup", points=[["no-such-case", 1]], rep_ms=1, cpus=[])
     finally:
         worker.close()
+    failure = failed.value
+    assert (failure.label, failure.error, failure.message) == ("X", "KeyError", "'no-such-case'")
+    assert any("KeyError" in line for line in failure.log)  # its traceback, quoted
+
+
+def test_what_a_failing_worker_means_for_the_gate():
+    def failed(tree, error):
+        return gate.WorkerFailed("w", tree, error, "", [])
+
+    assert failed(gate.ROOT, "AcceleratorError").exit_code() == 1  # the working tree is broken: a regression
+    assert failed(gate.ROOT, None).exit_code() == 1  # it died without answering
+    assert failed(gate.ROOT.parent, "AcceleratorError").exit_code() == 2  # REF is: nothing to compare with
+    assert failed(gate.ROOT, "OutOfMemoryError").exit_code() == 2  # the machine is: no verdict on either
