@@ -12,6 +12,9 @@ Python, no allocation, no host sync. What capture costs (kernels/executor.py, do
   (a router's top-k); otherwise the offending slots are skipped (never written out of bounds), unreported. Check the
   ids upstream, or run the eager `sync="after"`, which raises;
 - w13 and w2 are captured by address: update them in place, never rebind them;
+- `pool=torch.cuda.graph_pool_handle()`, one handle for several stages (one per M, as serving engines capture), lets
+  their intermediates share memory: the largest stage's, not the sum. Stages that share a pool must never replay at
+  once (on two streams); each keeps its own inputs and output;
 - the stage owns the input buffers its graph reads: keep the stage, not only `stage.graph`, for as long as you replay
   (a graph replayed after its stage was freed reads memory the allocator has reused or, after the next capture's
   `empty_cache`, given back: an illegal memory access).
@@ -29,23 +32,24 @@ from kernels.executor import moe_expert_forward
 T = TypeVar("T")
 
 
-def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(fn: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
     """fn called once on a side stream (every kernel it launches compiled and warm), then captured: the graph, and
-    what the captured call returned (buffers of the graph's memory pool, rewritten by every replay)."""
+    what the captured call returned (buffers of the graph's memory pool, rewritten by every replay). `pool`: a memory
+    pool shared with other captures (torch.cuda.graph_pool_handle()), else the graph's own."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         result = fn()
     return graph, result
 
 
 class GraphedExpertStage:
     def __init__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                 w2: torch.Tensor, **options):
+                 w2: torch.Tensor, *, pool=None, **options):
         if not x.is_cuda:
             raise ValueError(f"x is on {x.device}: CUDA graphs need a CUDA device")
         if options.setdefault("sync", "never") != "never":
@@ -53,7 +57,7 @@ class GraphedExpertStage:
         self.inputs = (x.clone(), topk_ids.clone(), topk_weights.clone())
         self.weights = (w13, w2)
         self.options = options
-        self.graph, self.out = capture(lambda: moe_expert_forward(*self.inputs, *self.weights, **options))
+        self.graph, self.out = capture(lambda: moe_expert_forward(*self.inputs, *self.weights, **options), pool)
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         for name, new, captured in zip(("x", "topk_ids", "topk_weights"), (x, topk_ids, topk_weights), self.inputs,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import statistics
@@ -113,18 +114,20 @@ def _count_delayed(call, kernels):
     return slow
 
 
-def _graphed(kernels, inp, kw):
+def _graphed(kernels, inp, kw, pool=None):
     """(the replay of the stage captured for these inputs, None) or (None, why not). The decode capture
     (kernels.GraphedExpertStage: the masked block sized from M); where that block is over the budget (large M), the
     capture given the point's counts as host_counts (the layout those counts choose, as DeepEP's dispatch allows).
-    A tree that cannot capture a point has it timed eager only, and the gate says why."""
+    A tree that cannot capture a point has it timed eager only, and the gate says why. `pool`: the memory pool the
+    worker's stages share (they replay one at a time), where the tree's stage takes one."""
     stage_type = getattr(kernels, "GraphedExpertStage", None)
     if stage_type is None:
         return None, "this tree has no kernels.GraphedExpertStage"
     from reference.layouts import expert_counts
 
+    shared = dict(pool=pool) if pool is not None and "pool" in inspect.signature(stage_type).parameters else {}
     why = None
-    for options in ({}, dict(host_counts=expert_counts(inp.local_ids, inp.w13.shape[0]).tolist())):
+    for options in (shared, dict(shared, host_counts=expert_counts(inp.local_ids, inp.w13.shape[0]).tolist())):
         try:
             stage = stage_type(*inp.args, **kw, **options)
             return (lambda stage=stage: stage.graph.replay()), None  # the stage kept: it owns the buffers read
@@ -228,6 +231,7 @@ def main() -> int:
                 timer = _timer(device, request["rep_ms"])
                 timing_cpus = request.get("cpus")
                 calls, graphs, not_graphed = [], [], []
+                pool = torch.cuda.graph_pool_handle() if device == "cuda" else None  # one for all its graphs
                 weights = {}
                 for name, tokens in request["points"]:
                     case = BENCH_CASES[name]
@@ -242,7 +246,7 @@ def main() -> int:
                     elif not request.get("graphed", True):
                         graph, why_not = None, "not asked for"
                     else:
-                        graph, why_not = _graphed(kernels, inp, kw)
+                        graph, why_not = _graphed(kernels, inp, kw, pool)
                     graphs.append(graph)
                     not_graphed.append(why_not)
                 answer = dict(points=len(calls), device=device, not_graphed=not_graphed,

@@ -127,6 +127,16 @@ def test_a_point_is_graphed_by_the_decode_capture_else_with_its_counts_else_eage
         None, "ValueError: no room")
     assert abworker._graphed(SimpleNamespace(), inp, {})[1] == "this tree has no kernels.GraphedExpertStage"
 
+    pools = []  # a tree whose stage takes a memory pool shares the worker's among its points; one that does not, not
+
+    def with_pool(*args, pool=None, host_counts=None, **kw):
+        pools.append(pool)
+        return Stage(host_counts)
+
+    abworker._graphed(SimpleNamespace(GraphedExpertStage=with_pool), inp, {}, pool="the worker's")
+    abworker._graphed(SimpleNamespace(GraphedExpertStage=stage_type(False, False)), inp, {}, pool="the worker's")
+    assert pools == ["the worker's"]
+
 
 @pytest.mark.parametrize("hidden", [0.0, 0.04, 0.5])
 def test_an_injected_sleep_is_fitted_to_what_it_adds(hidden):

@@ -62,6 +62,25 @@ def test_a_stage_captured_with_host_counts_replays_them(seed):
         assert checks.bitwise_equal(graphed, eager), f"batch {i}: replay != eager"
 
 
+def test_stages_sharing_a_memory_pool_replay_in_any_order_each_exact(seed):
+    """Two stages of different M on one pool (as a serving engine captures its batch sizes): replayed alternately,
+    each matches the eager call on its batch bit for bit, and one's replay leaves the other's output as it was."""
+    case = CASES[0]
+    sizes = _decode_sizes(case)
+    small = dataclasses.replace(sizes, num_tokens=max(1, sizes.num_tokens // 2))
+    problems = [random_problem(s, case.routing, seed + i, "cuda", **dict(case.routing_params))
+                for i, s in enumerate((sizes, small))]
+    w13, w2 = problems[0].w13, problems[0].w2
+    args = lambda p: (p.x, p.routing.topk_ids, p.routing.topk_weights)  # noqa: E731
+    pool = torch.cuda.graph_pool_handle()
+    stages = [GraphedExpertStage(*args(p), w13, w2, pool=pool) for p in problems]
+    eager = [moe_expert_forward(*args(p), w13, w2, sync="never") for p in problems]
+    for order in ((0, 1), (1, 0), (0, 1)):
+        outs = [stages[i](*args(problems[i])) for i in order]
+        for i, out in zip(order, outs, strict=True):
+            assert checks.bitwise_equal(out, eager[i]), f"stage {i} after replaying {order}"
+
+
 @pytest.mark.parametrize("with_counts", [False, True], ids=["decode", "host_counts"])
 def test_a_replay_of_bad_ids_writes_nothing_out_of_bounds_and_the_next_batch_is_exact(with_counts, seed):
     """The graph's promise for ids it cannot check (kernels/graphs.py): out-of-range ids, ids repeated in a row past
