@@ -13,7 +13,7 @@ import torch
 from kernels import scatter as S
 from kernels._device import default_device
 from kernels.activation import silu_and_mul
-from kernels.dispatch import LAYOUTS, Layout
+from kernels.dispatch import LAYOUTS, Layout, unsynced_block_rows
 from kernels.gather import gather
 from kernels.gemm import BACKENDS, availability
 from reference import layouts
@@ -92,11 +92,11 @@ def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, ran
 @pytest.mark.parametrize("ep_size,rank", [(1, 0), (4, 2)])
 def test_route_scatter_masked_is_route_then_scatter_in_one_kernel(routing, params, ep_size, rank, seed):
     """The decode path's fused kernel against its two stages: the same stats, fills and rows (the layout contract
-    once the counts are known), with the blocks sized from M as the decode path sizes them."""
+    once the counts are known)."""
     sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else SMALL
     view, *_ = routed(routing, ep_size, rank, seed, sizes, **params)
     where = dict(ep_rank=rank, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
-    block_rows = layouts.align_up(view.x.shape[0], 128)
+    block_rows = unsynced_block_rows(view.x.shape[0], 128)  # sized from M, as the decode path sizes it
     dispatch, stats = S.route_scatter_masked(view.x, view.topk_ids, **where, block_rows=block_rows, alignment=128,
                                              empty=checks.poisoned_empty)
     routing_ = S.route_local_experts(view.topk_ids, **where)
