@@ -145,8 +145,8 @@ def scatter_masked(
         if routing.counts_host is None:
             raise ValueError("block_rows: needed when the routing's counts are not on the host")
         block_rows = masked_block_rows(routing.counts_host, alignment)
-    elif block_rows < alignment or block_rows % alignment:
-        raise ValueError(f"block_rows must be a positive multiple of alignment={alignment}, got {block_rows}")
+    else:
+        _check_block_rows(block_rows, alignment)
     rows = empty((routing.num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     output_index, masked_m = _scatter(x, routing, rows, masked=True, block_rows=block_rows, alignment=alignment)
     return Dispatch(Layout.MASKED, rows, output_index, masked_m, routing.counts_host, alignment)
@@ -164,8 +164,7 @@ def route_scatter_masked(
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {x.shape[0]}")
     _check_alignment(alignment)
-    if block_rows < alignment or block_rows % alignment:
-        raise ValueError(f"block_rows must be a positive multiple of alignment={alignment}, got {block_rows}")
+    _check_block_rows(block_rows, alignment)
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
     counters = torch.zeros(2 * num_local_experts + 2, dtype=torch.int32, device=x.device)  # one memset for both
@@ -181,3 +180,8 @@ def route_scatter_masked(
 def _check_alignment(alignment: int) -> None:
     if alignment < 1:
         raise ValueError(f"alignment must be >= 1, got {alignment}")
+
+
+def _check_block_rows(block_rows: int, alignment: int) -> None:
+    if block_rows < alignment or block_rows % alignment:
+        raise ValueError(f"block_rows must be a positive multiple of alignment={alignment}, got {block_rows}")

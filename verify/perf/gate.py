@@ -214,6 +214,17 @@ class Timing(enum.Enum):
     GRAPHED = "graphed"  # the replay of the stage captured in a CUDA graph: its GPU work alone
 
 
+def is_host_bound(timing: Timing, busy: float) -> bool:
+    """An eager timing whose GPU is busy less than HOST_BOUND of the wall time; a graphed one never is (GPU work
+    alone)."""
+    return timing is Timing.EAGER and busy < HOST_BOUND
+
+
+def entry(points, point: int) -> str:
+    name, tokens = points[point]
+    return f"{name}/M={tokens}"
+
+
 @dataclasses.dataclass
 class SpeedVerdict:
     entry: str
@@ -230,7 +241,7 @@ class SpeedVerdict:
 
     @property
     def host_bound(self) -> bool:
-        return self.timing is Timing.EAGER and self.busy < HOST_BOUND
+        return is_host_bound(self.timing, self.busy)
 
 
 def _hodges_lehmann(logs: list[float]) -> float:
@@ -248,8 +259,7 @@ def judge_pairs(entry: str, a: list[list[float]], b: list[list[float]], busy: fl
     center = statistics.median(logs)
     spread = statistics.median(abs(v - center) for v in logs)
     p_value = float(stats.wilcoxon(logs, alternative="greater").pvalue) if any(logs) else 1.0
-    host_bound = timing is Timing.EAGER and busy < HOST_BOUND
-    threshold = max(min_effect, math.expm1(spread)) if host_bound else min_effect
+    threshold = max(min_effect, math.expm1(spread)) if is_host_bound(timing, busy) else min_effect
     regressed = p_value < ALPHA and estimate > 1 + threshold and min(pair_ratios) > 1 + threshold
     return SpeedVerdict(entry, timing, statistics.median(x for ak in a for x in ak),
                         statistics.median(y for bk in b for y in bk), estimate, pair_ratios, p_value, spread, busy,
@@ -303,7 +313,7 @@ def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus, graphed: 
     why = [next((a["not_graphed"][i] for a in answers if a["not_graphed"][i]), None) for i in range(len(points))]
     series = ([Series(i, Timing.EAGER) for i in range(len(points))]
               + [Series(i, Timing.GRAPHED) for i in range(len(points)) if why[i] is None])
-    return Setup(series, {f"{name}/M={tokens}": w for (name, tokens), w in zip(points, why, strict=True) if w}, added)
+    return Setup(series, {entry(points, i): w for i, w in enumerate(why) if w}, added)
 
 
 def interleaved_times(groups: list[list[Worker]], series: list[Series], rounds: int) -> list[list[list[list[float]]]]:
@@ -320,16 +330,11 @@ def interleaved_times(groups: list[list[Worker]], series: list[Series], rounds: 
     return times
 
 
-def entry(points, s: Series) -> str:
-    name, tokens = points[s.point]
-    return f"{name}/M={tokens}"
-
-
 def ab_speed(pairs: list[tuple[Worker, Worker]], points, series: list[Series], rounds: int, min_effect: float,
              busy: list[float]) -> list[SpeedVerdict]:
     """`rounds` interleaved rounds per series on every (A, B) process pair, then each series' verdict."""
     times = interleaved_times([list(pair) for pair in pairs], series, rounds)
-    return [judge_pairs(entry(points, s), [t[0] for t in times[i]], [t[1] for t in times[i]], busy[s.point],
+    return [judge_pairs(entry(points, s.point), [t[0] for t in times[i]], [t[1] for t in times[i]], busy[s.point],
                         min_effect, s.timing) for i, s in enumerate(series)]
 
 
@@ -416,13 +421,12 @@ def baseline_speed(worker: Worker, points, series: list[Series], repeats: int) -
         for s in series:
             graphed = s.timing is Timing.GRAPHED
             runs[s.point, s.timing].append(worker.ask(op="time", point=s.point, graphed=graphed)["ms"])
-    out = {entry(points, Series(i, Timing.EAGER)): dict(busy=worker.ask(op="busy", point=i)["busy"])
+    out = {entry(points, i): dict(busy=worker.ask(op="busy", point=i)["busy"])
            for i in range(len(points))}
     for (i, timing), times in runs.items():
         med = statistics.median(times)
         sigma = 1.4826 * statistics.median(abs(x - med) for x in times) / med
-        out[entry(points, Series(i, timing))][timing.value] = dict(ms=med, se=1.253 * sigma / math.sqrt(len(times)),
-                                                                   runs=times)
+        out[entry(points, i)][timing.value] = dict(ms=med, se=1.253 * sigma / math.sqrt(len(times)), runs=times)
     return out
 
 
@@ -443,7 +447,7 @@ def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
             busy = 1.0 if timing is Timing.GRAPHED else e["busy"]
             ratio = normalised(e[timing.value]["ms"], busy, now["probes"], base["probes"]) / b[timing.value]["ms"]
             margin = max(min_effect, 3 * math.hypot(b[timing.value]["se"], e[timing.value]["se"]))
-            host_bound = busy < HOST_BOUND
+            host_bound = is_host_bound(timing, e["busy"])
             slow = ratio > 1 + margin and not host_bound  # a host-bound entry: reported, judged only by --against
             print(f"  {name:28s} {timing.value:8s} {b[timing.value]['ms']:8.3f} -> {e[timing.value]['ms']:8.3f} ms, "
                   f"normalised ratio {ratio:.3f}, margin {margin:.1%}"
@@ -493,14 +497,14 @@ def self_test(runs: int, points, rounds: int, min_effect: float, rep_ms: int, de
             for j, slowdown in enumerate(SLOWDOWNS, start=1):
                 regressed = [False] * len(points)
                 for i, s in enumerate(series):
-                    v = judge_pairs(entry(points, s), [t[0] for t in times[i]], [t[j] for t in times[i]],
+                    v = judge_pairs(entry(points, s.point), [t[0] for t in times[i]], [t[j] for t in times[i]],
                                     busy[s.point], min_effect, s.timing)
                     regressed[s.point] |= v.regressed
                     ratios[slowdown, s.timing][s.point].append(v.ratio)
                 for i, flag in enumerate(regressed):
                     flagged[slowdown][i] += flag
             timed = [t for t in Timing if any(x.timing is t for x in series)]
-            table = {entry(points, Series(i, Timing.EAGER)): dict(
+            table = {entry(points, i): dict(
                 busy=busy[i], runs=run + 1, flagged={f"{s:.0%}": flagged[s][i] for s in SLOWDOWNS},
                 ratio={t.value: {f"{s:.0%}": statistics.median(ratios[s, t][i]) for s in SLOWDOWNS}
                        for t in timed if ratios[0.0, t][i]},
