@@ -84,7 +84,8 @@ PROCESS_PAIRS = 2  # a process's own speed can fake a regression only if it does
 MIN_PAIRS = math.ceil(-math.log2(ALPHA))  # all n pairs one way: the smallest one-sided p is 2^-n
 REP_MS = {"cuda": 10, "cpu": 1}
 REPEATS = 5  # --baseline: interleaved passes per entry
-BASELINE_FORMAT = 3  # 3: eager and graphed per entry; 2: eager only; both ms per call of back-to-back calls
+BASELINE_FORMAT = 4  # 4: the probes measured in every pass, their medians and standard errors; 3: probed once
+# before the passes; 3 and 4: eager and graphed per entry; 2: eager only; 2-4: ms per call of back-to-back calls
 # (abworker._timer); before: do_bench medians, no field
 
 
@@ -405,29 +406,51 @@ def machine_probes(device_type: str) -> dict:
                 launch_us=(time.perf_counter() - start) * 1e3)
 
 
-def normalised(ms: float, busy: float, probes: dict, reference: dict) -> float:
-    """`ms` as it would be on the `reference` probes' machine: the GPU's share scaled by the geometric mean of copy
-    and matmul speed, the host's share by launch latency."""
+def median_se(runs: list[float]) -> tuple[float, float]:
+    """The median of `runs` and its relative standard error (from the median absolute deviation: heavy tails)."""
+    med = statistics.median(runs)
+    sigma = 1.4826 * statistics.median(abs(x - med) for x in runs) / med
+    return med, 1.253 * sigma / math.sqrt(len(runs))
+
+
+def probe_medians(runs: list[dict]) -> dict:
+    """Each probe's median over the passes, and (under "se") its relative standard error."""
+    fit = {name: median_se([r[name] for r in runs]) for name in runs[0]}
+    return dict({name: med for name, (med, _) in fit.items()}, se={name: se for name, (_, se) in fit.items()})
+
+
+def normalising_factor(busy: float, probes: dict, reference: dict) -> tuple[float, float]:
+    """What an entry's ms is multiplied by to be as it would on the `reference` probes' machine (the GPU's share scaled
+    by the geometric mean of copy and matmul speed, the host's share by launch latency), and that factor's relative
+    standard error from both machines' probe errors: normalising adds the probes' noise to the comparison."""
+    se = lambda name: math.hypot(probes["se"][name], reference["se"][name])  # noqa: E731
     gpu = math.sqrt(probes["copy_gbps"] / reference["copy_gbps"] * probes["matmul_tflops"] / reference["matmul_tflops"])
     host = reference["launch_us"] / probes["launch_us"]
-    return ms * (busy * gpu + (1 - busy) * host)
+    factor = busy * gpu + (1 - busy) * host
+    gpu_se = 0.5 * math.hypot(se("copy_gbps"), se("matmul_tflops"))
+    return factor, math.hypot(busy * gpu * gpu_se, (1 - busy) * host * se("launch_us")) / factor
 
 
-def baseline_speed(worker: Worker, points, series: list[Series], repeats: int) -> dict:
+def baseline_speed(worker: Worker, points, series: list[Series], repeats: int,
+                   probe: Callable[[], dict]) -> tuple[dict, dict]:
     """entry -> the GPU's busy share of its eager call and, per timing the worker has for it, the median ms of
-    `repeats` interleaved passes with its standard error."""
+    `repeats` interleaved passes with its standard error; and the machine's probes (`probe_medians`), measured at the
+    start of every pass, so that the probes and the entries see the GPU in the same state: a probe taken once, in a
+    fresh H200's first run (after a setup that compiled for a minute, the GPU idle), read its matmul 5% faster than
+    the four later runs' probes did, scaled every entry by 2.5% and flagged two unchanged ones."""
     runs = {(s.point, s.timing): [] for s in series}
+    probes = []
     for _ in range(repeats):
+        probes.append(probe())
         for s in series:
             graphed = s.timing is Timing.GRAPHED
             runs[s.point, s.timing].append(worker.ask(op="time", point=s.point, graphed=graphed)["ms"])
     out = {entry(points, i): dict(busy=worker.ask(op="busy", point=i)["busy"])
            for i in range(len(points))}
     for (i, timing), times in runs.items():
-        med = statistics.median(times)
-        sigma = 1.4826 * statistics.median(abs(x - med) for x in times) / med
-        out[entry(points, i)][timing.value] = dict(ms=med, se=1.253 * sigma / math.sqrt(len(times)), runs=times)
-    return out
+        med, se = median_se(times)
+        out[entry(points, i)][timing.value] = dict(ms=med, se=se, runs=times)
+    return out, dict(probe_medians(probes), runs=probes)
 
 
 def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
@@ -445,8 +468,9 @@ def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
                 print(f"  {name:28s} {timing.value:8s} new entry")
                 continue
             busy = 1.0 if timing is Timing.GRAPHED else e["busy"]
-            ratio = normalised(e[timing.value]["ms"], busy, now["probes"], base["probes"]) / b[timing.value]["ms"]
-            margin = max(min_effect, 3 * math.hypot(b[timing.value]["se"], e[timing.value]["se"]))
+            factor, factor_se = normalising_factor(busy, now["probes"], base["probes"])
+            ratio = e[timing.value]["ms"] * factor / b[timing.value]["ms"]
+            margin = max(min_effect, 3 * math.hypot(b[timing.value]["se"], e[timing.value]["se"], factor_se))
             host_bound = is_host_bound(timing, e["busy"])
             slow = ratio > 1 + margin and not host_bound  # a host-bound entry: reported, judged only by --against
             print(f"  {name:28s} {timing.value:8s} {b[timing.value]['ms']:8.3f} -> {e[timing.value]['ms']:8.3f} ms, "
@@ -647,8 +671,9 @@ def _main(argv=None) -> int:
         worker = Worker(ROOT, "tree")
         try:
             prepared = setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
-            current = dict(format=BASELINE_FORMAT, card=card, probes=machine_probes(device_type),
-                           speed=baseline_speed(worker, points, prepared.series, REPEATS))
+            speed, probes = baseline_speed(worker, points, prepared.series, REPEATS,
+                                           functools.partial(machine_probes, device_type))
+            current = dict(format=BASELINE_FORMAT, card=card, probes=probes, speed=speed)
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
             current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
         finally:

@@ -56,7 +56,8 @@ def test_every_worker_times_on_the_same_two_allowed_cpus():
 
 
 def test_a_stored_baseline_judges_graphed_timings_and_only_gpu_bound_eager_ones(capsys):
-    probes = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0)
+    probes = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0,
+                  se=dict(copy_gbps=0.001, matmul_tflops=0.001, launch_us=0.01))
     timing = lambda ms: dict(ms=ms, se=0.001, runs=[ms])  # noqa: E731
     base = dict(card="card", probes=probes, accuracy={}, speed={
         "host-bound/M=1": dict(busy=0.2, eager=timing(1.0), graphed=timing(0.5)),
@@ -71,13 +72,42 @@ def test_a_stored_baseline_judges_graphed_timings_and_only_gpu_bound_eager_ones(
     assert gate.compare_baseline(base, base, 0.03) == []
 
 
-def test_a_stored_baseline_is_normalised_by_the_machine():
-    base = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0)
-    slower_gpu = dict(copy_gbps=2000.0, matmul_tflops=400.0, launch_us=5.0)  # half the GPU, the same host
-    assert gate.normalised(2.0, 1.0, slower_gpu, base) == pytest.approx(1.0)
-    assert gate.normalised(2.0, 0.0, slower_gpu, base) == pytest.approx(2.0)
+def test_a_stored_baseline_is_normalised_by_the_machine_and_the_probes_noise_widens_the_margin():
+    exact = dict(copy_gbps=0.0, matmul_tflops=0.0, launch_us=0.0)
+    base = dict(copy_gbps=4000.0, matmul_tflops=800.0, launch_us=5.0, se=exact)
+    slower_gpu = dict(base, copy_gbps=2000.0, matmul_tflops=400.0)  # half the GPU, the same host
+    assert gate.normalising_factor(1.0, slower_gpu, base) == pytest.approx((0.5, 0.0))
+    assert gate.normalising_factor(0.0, slower_gpu, base) == pytest.approx((1.0, 0.0))
     slower_host = dict(base, launch_us=10.0)
-    assert gate.normalised(2.0, 0.0, slower_host, base) == pytest.approx(1.0)
+    assert gate.normalising_factor(0.0, slower_host, base) == pytest.approx((0.5, 0.0))
+    noisy = dict(base, se=dict(copy_gbps=0.03, matmul_tflops=0.04, launch_us=0.5))  # a GPU entry: copy and matmul
+    assert gate.normalising_factor(1.0, noisy, base)[1] == pytest.approx(0.5 * 0.05)
+
+    timing = dict(ms=1.0, se=0.0, runs=[1.0])
+    stored = dict(card="card", probes=base, accuracy={}, speed={"e/M=1": dict(busy=1.0, graphed=timing)})
+    now = dict(stored, speed={"e/M=1": dict(busy=1.0, graphed=dict(timing, ms=1.04))})
+    assert gate.compare_baseline(stored, now, 0.03)  # 4% slower, probes exact: flagged
+    assert not gate.compare_baseline(stored, dict(now, probes=noisy), 0.03)  # within 3 x 2.5% of the probes' noise
+
+
+def test_a_stored_baseline_probes_the_machine_in_every_pass_beside_the_entries():
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Worker:
+        def ask(self, op, point, graphed=False):
+            calls.append(op)
+            return dict(ms=1.0 + point, busy=0.5)
+
+    probes = iter([dict(copy_gbps=c, matmul_tflops=800.0, launch_us=5.0) for c in (9.0, 4.0, 4.1, 3.9, 4.0)])
+    series = [SimpleNamespace(point=0, timing=gate.Timing.EAGER), SimpleNamespace(point=0, timing=gate.Timing.GRAPHED)]
+    speed, measured = gate.baseline_speed(Worker(), [("deepseek-ep8", 64)], series, 5, lambda: calls.append("probe")
+                                          or next(probes))
+    assert calls == ["probe", "time", "time"] * 5 + ["busy"]
+    assert measured["copy_gbps"] == 4.0 and measured["matmul_tflops"] == 800.0  # the odd first pass: outvoted
+    assert measured["se"]["matmul_tflops"] == 0.0 < measured["se"]["copy_gbps"] and len(measured["runs"]) == 5
+    assert speed["deepseek-ep8/M=64"]["graphed"]["ms"] == 1.0
 
 
 @pytest.mark.long
