@@ -7,7 +7,8 @@ share anything but the GPU. It reads one JSON request per line on stdin and writ
 
 - {"op": "setup", "points": [[bench case, M], ...], "rep_ms": R, "cpus": [...], "graphed": bool (true)}: build each
   point's inputs (verify.cases.BenchCase.received), and on a GPU, unless "graphed" is false, its graphed stage
-  (`_graphed`: the stage's GPU work without the host); answers, per point, why it has none (null where it has one).
+  (`_graphed`: the stage's GPU work without the host); answers, per point, why it has none (null where it has one)
+  and the GEMM backend it runs with (`_auto_gemm`).
 - {"op": "slow", "slowdown": F}: from now on every timed call takes about (1 + F) x its time, with a GPU sleep (a
   host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the count's kernel
   and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay; answers
@@ -210,6 +211,17 @@ def _grades(forward, case, seed: int, rows, device: str) -> dict[str, str]:
     return grades
 
 
+def _auto_gemm(device: str, case) -> list[str] | None:
+    """[name, why] of the GEMM backend gemm="auto" runs `case` with, in this tree and this environment (a machine
+    without deep_gemm runs other GEMMs: its times say nothing about a baseline's); None from a tree that cannot say."""
+    try:
+        from kernels.gemm import select
+    except ImportError:
+        return None
+    backend, why = select("auto", device, case.shape.hidden, case.shape.inter)
+    return [backend.name, why]
+
+
 def main() -> int:
     import kernels  # the tree under test's pipeline: first on sys.path
     from kernels._device import default_device
@@ -230,7 +242,7 @@ def main() -> int:
                 _run_on(every_cpu)
                 timer = _timer(device, request["rep_ms"])
                 timing_cpus = request.get("cpus")
-                calls, graphs, not_graphed = [], [], []
+                calls, graphs, not_graphed, gemm = [], [], [], []
                 pool = torch.cuda.graph_pool_handle() if device == "cuda" else None  # one for all its graphs
                 weights = {}
                 for name, tokens in request["points"]:
@@ -249,7 +261,8 @@ def main() -> int:
                         graph, why_not = _graphed(kernels, inp, kw, pool)
                     graphs.append(graph)
                     not_graphed.append(why_not)
-                answer = dict(points=len(calls), device=device, not_graphed=not_graphed,
+                    gemm.append(_auto_gemm(device, case))
+                answer = dict(points=len(calls), device=device, not_graphed=not_graphed, gemm=gemm,
                               card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
             elif op == "slow":
                 _run_on(timing_cpus)

@@ -143,8 +143,8 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     if torch.device(case.device).type == "cuda" and tokens <= DECODE_MAX_TOKENS:
         runs["decode"] = lambda: moe_expert_forward(*args, **kw, sync="after")
         try:
-            graphed = GraphedExpertStage(*args, **kw)
-            runs["graphed"] = lambda: (graphed.graph.replay(), graphed.out)[1]
+            captured = GraphedExpertStage(*args, **kw)
+            runs["graphed"] = lambda: (captured.graph.replay(), captured.out)[1]
         except Exception as exc:
             point["errors"]["graphed"] = f"{type(exc).__name__}: {exc}"
     runs["torch_native"] = lambda: torch_native_forward(*args, **kw)
@@ -198,7 +198,18 @@ def ceilings(device: str, bench) -> dict:
 
 
 def available_backends(case: BenchCase, names=None) -> list[str]:
-    names = names or [b for b in BACKENDS if b != "loop" or torch.device(case.device).type == "cpu"]
+    """The backends timed on `case`: `names` (--backends), else every available one (the loop on a CPU only), and in
+    either case the one gemm="auto" picks, which the hybrid call runs and the report reads. UsageError naming
+    --backends when one of `names` cannot run the case (silently timing another backend instead once passed for a
+    DeepGEMM run)."""
+    auto = select("auto", case.device, case.shape.hidden, case.shape.inter)[0].name
+    if names:
+        for name in names:
+            ok, why = availability(name, case.device, case.shape.hidden, case.shape.inter)
+            if not ok:
+                raise UsageError(f"--backends {name}: {why} (case {case.name})")
+        return list(names) + [auto] * (auto not in names)
+    names = [b for b in BACKENDS if b != "loop" or torch.device(case.device).type == "cpu"]
     return [b for b in names if availability(b, case.device, case.shape.hidden, case.shape.inter)[0]]
 
 
@@ -252,7 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--case", action="append", choices=BENCH_CASES, help="a bench case (repeatable); default: every "
                    "one for this machine's device")
     p.add_argument("--tokens", type=int, nargs="+", help="M values (tokens received per rank); default: the case's")
-    p.add_argument("--backends", nargs="+", help="GEMM backends; default: every available one")
+    p.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), help="GEMM backends (each must be "
+                   "available; the one gemm='auto' picks is timed too); default: every available one")
     p.add_argument("--impl", action="append", default=[], metavar="MODULE:CALLABLE", help="also time this outside "
                    "implementation (JAX included) at every point, beside ours (repeatable)")
     p.add_argument("--rep-ms", type=int, default=30, help="time spent per timing (ms, two do_bench runs)")
@@ -276,12 +288,13 @@ def main(argv=None) -> int:
             return 2
         try:
             impls = {spec: load(spec) for spec in args.impl}
+            backends = {c.name: available_backends(c, args.backends) for c in cases}
         except UsageError as exc:
             print(f"verify.bench: error: {exc}", file=sys.stderr)
             return 2
         if args.warm_only:
             for c in cases:
-                warm(c, args.tokens or c.tokens, available_backends(c, args.backends))
+                warm(c, args.tokens or c.tokens, backends[c.name])
             return 0
         if args.jobs > 1:
             warm_in_parallel(names, args.jobs)
@@ -300,7 +313,7 @@ def main(argv=None) -> int:
 
         for c in cases:
             print(c.describe(), flush=True)
-            run_case(c, args.tokens or c.tokens, available_backends(c, args.backends), args.rep_ms, save, impls)
+            run_case(c, args.tokens or c.tokens, backends[c.name], args.rep_ms, save, impls)
     results["report"] = report.report(results)
     print(report.format_report(results))
     if args.json and not args.from_json:

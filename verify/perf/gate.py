@@ -27,10 +27,11 @@ Accuracy: both trees' outputs on every rank row of the catalogue, judged by this
 references; a row that drops a grade (PASS -> WARN -> FAIL) is a regression.
 
 `--baseline PATH` compares with a stored baseline instead (the card-to-card report): its speed entries are normalised
-by what this run measures of the machine (copy bandwidth and dense matmul for the GPU's share of an entry, a kernel
-launch's latency for the host's share), so a baseline written on one machine can be checked on another of the same
-card. Every entry is stored eager and graphed; a graphed timing (GPU work alone) and a GPU-bound eager one regress
-when the normalised time exceeds the baseline by more than --min-effect and 3 standard errors of the two medians.
+by what this run measures of the machine at the start of every pass (copy bandwidth and dense matmul for the GPU's
+share of an entry, a kernel launch's latency for the host's share), so a baseline written on one machine can be
+checked on another of the same card. Every entry is stored eager and graphed, with the GEMM backend it ran (another
+backend here: no verdict); a graphed timing (GPU work alone) and a GPU-bound eager one regress when the normalised
+time exceeds the baseline by more than --min-effect and 3 standard errors of the two medians and the normalisation.
 Host-bound eager timings are reported, not judged, against a stored baseline: on an H200 the same unchanged entry
 measured 0.28 ms in one run and 0.59 ms seconds later on the same machine (host stalls that come and go between runs,
 which neither the passes' spread nor a launch-latency probe sees); only the paired A/B comparison of --against can
@@ -301,6 +302,7 @@ class Setup:
     series: list[Series]
     not_graphed: dict[str, str]  # entry -> why it is timed eager only (the first worker's reason)
     added: list[dict]  # per worker, the slowdown its fitted sleeps add ({} unslowed): timing -> per point
+    gemm: list  # per point, the first worker's GEMM backend and why it was picked (abworker._auto_gemm)
 
 
 def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus, graphed: bool = True) -> Setup:
@@ -314,7 +316,8 @@ def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus, graphed: 
     why = [next((a["not_graphed"][i] for a in answers if a["not_graphed"][i]), None) for i in range(len(points))]
     series = ([Series(i, Timing.EAGER) for i in range(len(points))]
               + [Series(i, Timing.GRAPHED) for i in range(len(points)) if why[i] is None])
-    return Setup(series, {entry(points, i): w for i, w in enumerate(why) if w}, added)
+    return Setup(series, {entry(points, i): w for i, w in enumerate(why) if w}, added,
+                 answers[0].get("gemm", [None] * len(points)))
 
 
 def interleaved_times(groups: list[list[Worker]], series: list[Series], rounds: int) -> list[list[list[list[float]]]]:
@@ -451,6 +454,15 @@ def baseline_speed(worker: Worker, points, series: list[Series], repeats: int,
         med, se = median_se(times)
         out[entry(points, i)][timing.value] = dict(ms=med, se=se, runs=times)
     return out, dict(probe_medians(probes), runs=probes)
+
+
+def gemm_differences(base: dict, now: dict) -> list[str]:
+    """Entries whose GEMM backend differs from the baseline's (DeepGEMM there, not installed here, say): their times
+    compare different code, and the gate gives no verdict. An H200 run whose workers lost deep_gemm wrote a baseline
+    1.1-5x slower than the one before it, and nothing in it said so."""
+    return [f"{name}: the baseline ran {b['gemm'][0]}, this run {e['gemm'][0]} ({e['gemm'][1]})"
+            for name, e in now["speed"].items()
+            if (b := base["speed"].get(name)) is not None and b["gemm"][0] != e["gemm"][0]]
 
 
 def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
@@ -673,6 +685,8 @@ def _main(argv=None) -> int:
             prepared = setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
             speed, probes = baseline_speed(worker, points, prepared.series, REPEATS,
                                            functools.partial(machine_probes, device_type))
+            for i, gemm in enumerate(prepared.gemm):
+                speed[entry(points, i)]["gemm"] = gemm
             current = dict(format=BASELINE_FORMAT, card=card, probes=probes, speed=speed)
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
             current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
@@ -683,6 +697,11 @@ def _main(argv=None) -> int:
             print(f"verify.gate: baseline written to {args.baseline} ({len(current['accuracy'])} rows, "
                   f"{len(current['speed'])} speed entries, {card})")
             return 0
+        differences = gemm_differences(base, current)
+        if differences:
+            print("verify.gate: no verdict: other GEMMs than the baseline's:\n  " + "\n  ".join(differences),
+                  file=sys.stderr)
+            return 2
         regressions = compare_baseline(base, current, args.min_effect)
         report = dict(current, regressions=regressions)
     print("\n".join(["REGRESSED:", *regressions]) if regressions else "no regression")

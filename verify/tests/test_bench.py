@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels import executor
+from kernels.gemm import select
 from verify.diff import main as diff_main
 from verify.perf import bench, report
 
@@ -85,6 +86,18 @@ def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
     assert {t["name"] for t in results["report"]["targets"]} == {t.name for t in report.TARGETS}
     assert png.stat().st_size > 10_000
     assert bench.main(["--from-json", str(out)]) == 0  # re-reports without measuring
+
+
+def test_the_bench_times_the_backends_asked_for_and_the_one_auto_picks_and_refuses_an_unavailable_one(capsys):
+    case = bench.BENCH_CASES["tiny"]
+    auto = select("auto", case.device, case.shape.hidden, case.shape.inter)[0].name
+    others = [b for b in ("loop", "grouped_mm") if b != auto]
+    assert bench.available_backends(case, others[:1]) == [others[0], auto]  # the report reads auto's whole stage
+    assert bench.available_backends(case, [auto]) == [auto]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main(["--case", "tiny", "--tokens", "16", "--backends", "deep_gemm"]) == 2
+    assert "--backends deep_gemm: DeepGEMM runs on CUDA GPUs only" in capsys.readouterr().err
 
 
 def test_bench_cli_refuses_a_gpu_case_on_the_cpu(capsys):

@@ -202,16 +202,21 @@ def test_the_self_test_tabulates_flags_ratios_and_what_the_sleeps_added(tmp_path
 
 
 @pytest.mark.long
-def test_a_stored_baseline_is_written_and_a_much_slower_run_against_it_fails(tmp_path):
+def test_a_stored_baseline_is_written_and_a_much_slower_run_against_it_fails(tmp_path, capsys):
     baseline = tmp_path / "cpu.json"
     assert gate.main(["--baseline", str(baseline), "--update", "--no-accuracy"]) == 0
     written = json.loads(baseline.read_text())
     assert written["format"] == gate.BASELINE_FORMAT and written["card"] == "cpu"
     assert set(written["speed"]) == {f"{name}/M={tokens}" for name, tokens in gate.points_for("cpu")}
+    assert all(entry["gemm"][0] == "loop" for entry in written["speed"].values())  # the CPU's auto GEMM
     for entry in written["speed"].values():  # as if stored on a machine 100x faster: far past any CPU's noise
         entry["eager"]["ms"] /= 100
     baseline.write_text(json.dumps(written))
     assert gate.main(["--baseline", str(baseline), "--no-accuracy"]) == 1
+    next(iter(written["speed"].values()))["gemm"] = ["deep_gemm", "auto -> deep_gemm"]  # written with DeepGEMM
+    baseline.write_text(json.dumps(written))
+    assert gate.main(["--baseline", str(baseline), "--no-accuracy"]) == 2  # other GEMMs: no verdict
+    assert "the baseline ran deep_gemm, this run loop" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
