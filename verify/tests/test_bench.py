@@ -100,6 +100,12 @@ def test_the_bench_times_the_backends_asked_for_and_the_one_auto_picks_and_refus
     assert "--backends deep_gemm: DeepGEMM runs on CUDA GPUs only" in capsys.readouterr().err
 
 
+def test_the_same_size_copy_copies_every_word():
+    words = torch.randint(-2**62, 2**62, (1001,), dtype=torch.int64)
+    copy = bench.sm_copy(words)
+    assert torch.equal(copy(), words) and copy().data_ptr() != words.data_ptr()
+
+
 def test_bench_cli_refuses_a_gpu_case_on_the_cpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
