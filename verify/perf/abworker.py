@@ -214,12 +214,13 @@ def _grades(forward, case, seed: int, rows, device: str) -> dict[str, str]:
 def _auto_gemm(device: str, case) -> list[str] | None:
     """[name, why] of the GEMM backend gemm="auto" runs `case` with, in this tree and this environment (a machine
     without deep_gemm runs other GEMMs: its times say nothing about a baseline's); None from a tree that cannot say."""
-    try:
+    try:  # an older tree (a REF) may have no select, or another one: nothing it cannot say may fail its setup
         from kernels.gemm import select
-    except ImportError:
+
+        backend, why = select("auto", device, case.shape.hidden, case.shape.inter)
+        return [backend.name, why]
+    except Exception:
         return None
-    backend, why = select("auto", device, case.shape.hidden, case.shape.inter)
-    return [backend.name, why]
 
 
 def main() -> int:
