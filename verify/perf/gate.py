@@ -462,13 +462,14 @@ def baseline_speed(worker: Worker, points, series: list[Series], repeats: int,
     return out, dict(probe_medians(probes), runs=probes)
 
 
-def gemm_differences(base: dict, now: dict) -> list[str]:
-    """Entries whose GEMM backend differs from the baseline's (DeepGEMM there, not installed here, say): their times
-    compare different code, and the gate gives no verdict. An H200 run whose workers lost deep_gemm wrote a baseline
-    1.1-5x slower than the one before it, and nothing in it said so."""
-    return [f"{name}: the baseline ran {b['gemm'][0]}, this run {e['gemm'][0]} ({e['gemm'][1]})"
-            for name, e in now["speed"].items()
-            if (b := base["speed"].get(name)) is not None and b["gemm"][0] != e["gemm"][0]]
+def gemm_differences(base: dict, gemm: dict[str, list[str]]) -> list[str]:
+    """Entries whose GEMM backend here (`gemm`: entry -> [name, why auto picked it]) differs from the baseline's
+    (DeepGEMM there, not installed here, say): their times would compare different code, and the gate gives no
+    verdict. An H200 run whose workers lost deep_gemm wrote a baseline 1.1-5x slower than the one before it, and
+    nothing in it said so."""
+    return [f"{name}: the baseline ran {b['gemm'][0]}, this run {name_why[0]} ({name_why[1]})"
+            for name, name_why in gemm.items()
+            if (b := base["speed"].get(name)) is not None and b["gemm"][0] != name_why[0]]
 
 
 def compare_baseline(base: dict, now: dict, min_effect: float) -> list[str]:
@@ -693,10 +694,16 @@ def _main(argv=None) -> int:
         worker = Worker(ROOT, "tree")
         try:
             prepared = setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
+            gemm = {entry(points, i): name_why for i, name_why in enumerate(prepared.gemm)}
+            differences = [] if base is None else gemm_differences(base, gemm)
+            if differences:  # before anything is timed
+                print("verify.gate: no verdict: other GEMMs than the baseline's:\n  " + "\n  ".join(differences),
+                      file=sys.stderr)
+                return 2
             speed, probes = baseline_speed(worker, points, prepared.series, REPEATS,
                                            functools.partial(machine_probes, device_type))
-            for i, gemm in enumerate(prepared.gemm):
-                speed[entry(points, i)]["gemm"] = gemm
+            for name, name_why in gemm.items():
+                speed[name]["gemm"] = name_why
             current = dict(format=BASELINE_FORMAT, card=card, probes=probes, speed=speed)
             accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
             current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
@@ -707,11 +714,6 @@ def _main(argv=None) -> int:
             print(f"verify.gate: baseline written to {args.baseline} ({len(current['accuracy'])} rows, "
                   f"{len(current['speed'])} speed entries, {card})")
             return 0
-        differences = gemm_differences(base, current)
-        if differences:
-            print("verify.gate: no verdict: other GEMMs than the baseline's:\n  " + "\n  ".join(differences),
-                  file=sys.stderr)
-            return 2
         regressions = compare_baseline(base, current, args.min_effect)
         report = dict(current, regressions=regressions)
     print("\n".join(["REGRESSED:", *regressions]) if regressions else "no regression")
