@@ -81,6 +81,11 @@ def graphed(fn: Callable) -> Callable:
     return capture(fn)[0].replay
 
 
+def gpu_work(fn: Callable, device) -> Callable:
+    """What times fn's work on the device: its graph's replay on a GPU (`graphed`), fn itself on a CPU."""
+    return graphed(fn) if torch.device(device).type == "cuda" else fn
+
+
 def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) -> dict[str, float]:
     """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2, each as called (eager);
     on a GPU each also graphed ("graphed/<stage>": the count without its read-back, i.e. route_local_experts)."""
@@ -168,10 +173,9 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
                                        l2_u=m.rel_l2 / bands.U_BF16, verdict=worst(findings).name)
         point["ms"][name] = bench(fn)
     point["ms"].update(_stage_times(case, inp, backends, bench))
-    if torch.device(case.device).type == "cuda":  # a copy of the bytes each memory-bound stage moves, graphed
-        for stage, moved in report.MOVED_BYTES.items():
-            words = torch.empty(max(-(-moved(point) // 16), 1), dtype=torch.int64, device=case.device)
-            point["ms"][f"graphed/copy/{stage}"] = bench(graphed(sm_copy(words)))
+    for stage, moved in report.MOVED_BYTES.items():  # a copy of the bytes each memory-bound stage moves
+        words = torch.empty(max(-(-moved(point) // 16), 1), dtype=torch.int64, device=case.device)
+        point["ms"][f"copy/{stage}"] = bench(gpu_work(sm_copy(words), case.device))
     point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
     a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
     b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)

@@ -58,9 +58,10 @@ def moved_gbps(p: dict, stage: str) -> float:
 
 
 def over_same_size_copy(p: dict, stage: str) -> float | None:
-    """The stage's speed over a device-to-device copy of the bytes it moves, timed in the same run (graphed): how near
-    the stage comes to what its size allows, launch and ramp included (None where the run has no such copy)."""
-    copy = p["ms"].get(f"graphed/copy/{stage}")
+    """The stage's speed over a device-to-device copy of the bytes it moves, timed in the same run as the stage's GPU
+    time is (graphed on a GPU): how near the stage comes to what its size allows, launch and ramp included (None where
+    the run has no such copy)."""
+    copy = p["ms"].get(f"copy/{stage}")
     return copy / _gpu_ms(p, stage) if copy else None
 
 

@@ -58,7 +58,7 @@ def test_targets_are_the_declared_ratios():
     scatter = {t["name"]: t for t in report.evaluate(big)}["scatter_bw"]["rows"][0]["value"]
     assert scatter == pytest.approx(2 * 8192 * 1024 * 2 / 0.1 / 1e6 / 4000.0)
     assert report.over_same_size_copy(whole, "gather") is None  # no copy of the same bytes in this run
-    copied = _point(**graphed, **{"graphed/copy/gather": 0.021})
+    copied = _point(**graphed, **{"copy/gather": 0.021})
     assert report.over_same_size_copy(copied, "gather") == pytest.approx(0.7)  # the graphed gather: 0.03 ms
     assert report._bandwidth_cell(copied, "gather", CEILINGS).endswith("(0.70)")  # the report's cell: "x (same-size)"
 
@@ -79,7 +79,8 @@ def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
     results = json.loads(out.read_text())
     (point,) = results["points"]
     expected = {"count", "scatter/masked", "gemm1/loop/contiguous", "silu/masked", "gemm2/grouped_mm/masked",
-                "gather/contiguous", "whole/loop/masked", "hybrid", "torch_native", "reference", "dense"}
+                "gather/contiguous", "whole/loop/masked", "hybrid", "torch_native", "reference", "dense",
+                "copy/scatter", "copy/gather"}
     assert expected <= set(point["ms"]) and not point["errors"]
     assert all(v > 0 for v in point["ms"].values())
     assert all(a["verdict"] != "FAIL" for a in point["accuracy"].values()), point["accuracy"]
