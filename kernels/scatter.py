@@ -9,11 +9,10 @@ check on stats read back later (`moe_expert_forward(sync="after")` reads them on
 `scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
 `kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there).
 `route_scatter_masked` is the route and the masked scatter in one kernel: the decode path's, where nothing is read
-back in between. Rows inside a
-segment are assigned by atomics: their order is NOT deterministic on a GPU. `output_index` is the authoritative
-token -> row map that the gather follows. A slot that finds no room (its expert's segment is full, or its block is:
-only when the sizes came from somewhere else than these ids) is dropped, counted in the routing's stats, never
-written; the masked layout's counts (masked_m) are then the rows actually filled.
+back in between. Rows inside a segment are assigned by atomics: their order is NOT deterministic on a GPU.
+`output_index` is the authoritative token -> row map that the gather follows. A slot that finds no room (its expert's
+segment is full, or its block is: only when the sizes came from somewhere else than these ids) is dropped, counted in
+the routing's stats, never written; the masked layout's counts (masked_m) are then the rows actually filled.
 """
 
 from __future__ import annotations

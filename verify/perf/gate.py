@@ -324,8 +324,7 @@ def setup(workers: list[Worker], points, rep_ms: int, slowdowns, cpus, graphed: 
     why = [next((a["not_graphed"][i] for a in answers if a["not_graphed"][i]), None) for i in range(len(points))]
     series = ([Series(i, Timing.EAGER) for i in range(len(points))]
               + [Series(i, Timing.GRAPHED) for i in range(len(points)) if why[i] is None])
-    return Setup(series, {entry(points, i): w for i, w in enumerate(why) if w}, added,
-                 answers[0].get("gemm", [None] * len(points)))
+    return Setup(series, {entry(points, i): w for i, w in enumerate(why) if w}, added, answers[0]["gemm"])
 
 
 def interleaved_times(groups: list[list[Worker]], series: list[Series], rounds: int) -> list[list[list[list[float]]]]:
