@@ -28,8 +28,19 @@ def configure_triton() -> None:
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the interpreter (CPU tensors, no bf16 arithmetic)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the interpreter (CPU tensors, no bf16 arithmetic). Read from the environment at
+    each call (microseconds: the launchers ask at every launch) until triton is imported, which fixes it: @triton.jit
+    reads TRITON_INTERPRET when a kernel is defined."""
+    global _interpreting
+    if _interpreting is not None:
+        return _interpreting
+    value = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if "triton" in sys.modules:
+        _interpreting = value
+    return value
+
+
+_interpreting: bool | None = None
 
 
 def default_device() -> str:

@@ -9,13 +9,14 @@ fp32 math from the bf16 inputs, bf16 output. gate_up_order="gate_up": columns [0
 from __future__ import annotations
 
 import torch
-import triton
 
 from kernels._details import stage_kernels as K
+from kernels._details.launch import Launcher, cdiv, next_power_of_2
 from kernels._device import interpreting
 from kernels.dispatch import Allocator, Dispatch, Layout
 
 GATE_UP_ORDERS = ("gate_up", "up_gate")
+_SILU_AND_MUL = Launcher(K.silu_and_mul_kernel)
 
 
 def silu_and_mul(
@@ -34,11 +35,11 @@ def silu_and_mul(
     num_rows = h.numel() // h.shape[-1]  # the layout's rows (h's leading dims are the Dispatch's, checked above)
     masked = dispatch.layout is Layout.MASKED
     if interpreting():
-        cfg = dict(BLOCK_R=1024, BLOCK_I=min(triton.next_power_of_2(inter), 1024))
+        cfg = dict(BLOCK_R=1024, BLOCK_I=min(next_power_of_2(inter), 1024))
     else:
-        cfg = dict(BLOCK_R=4, BLOCK_I=min(triton.next_power_of_2(inter), 1024), num_warps=4)
-    grid = (triton.cdiv(num_rows, cfg["BLOCK_R"]), triton.cdiv(inter, cfg["BLOCK_I"]))
-    K.silu_and_mul_kernel[grid](
+        cfg = dict(BLOCK_R=4, BLOCK_I=min(next_power_of_2(inter), 1024), num_warps=4)
+    grid = (cdiv(num_rows, cfg["BLOCK_R"]), cdiv(inter, cfg["BLOCK_I"]))
+    _SILU_AND_MUL[grid](
         h, a, dispatch.layout_index, num_rows, inter,
         dispatch.block_rows if masked else 1,
         MASKED=masked, GATE_FIRST=gate_up_order == "gate_up", **cfg,

@@ -191,14 +191,27 @@ def _pinned_counts(host_counts: tuple[int, ...]) -> torch.Tensor:
 def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:
     """t's values as the kernels queued so far leave them, read when called: on a GPU a non-blocking copy to pinned
     memory and an event, so that the read waits for those kernels only, not for the GEMMs queued after them (the call
-    returns while the GPU still works); on a CPU a plain read."""
+    returns while the GPU still works); on a CPU a plain read. The pinned buffer and its event are reused by later
+    calls once read (allocating them cost tens of microseconds per call in the host-bound decode path)."""
     if not t.is_cuda:
         return t.tolist
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    copied = torch.cuda.Event()
+    key = (t.device, t.dtype, t.numel())
+    free = _READBACKS.setdefault(key, [])
+    host, copied = free.pop() if free else (torch.empty(t.numel(), dtype=t.dtype, pin_memory=True),
+                                            torch.cuda.Event())
+    host.copy_(t.reshape(-1), non_blocking=True)
     copied.record()
-    return lambda: (copied.synchronize(), host.tolist())[1]
+
+    def read() -> list[int]:
+        copied.synchronize()
+        values = host.tolist()
+        free.append((host, copied))  # only once read: a read never made (an error in between) keeps it out
+        return values
+
+    return read
+
+
+_READBACKS: dict[tuple, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout, masked_max_tokens, gemm,

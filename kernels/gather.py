@@ -7,11 +7,13 @@ bf16 output, any hidden size, every output row written (a row with no local slot
 from __future__ import annotations
 
 import torch
-import triton
 
 from kernels._details import stage_kernels as K
+from kernels._details.launch import Launcher, cdiv, next_power_of_2
 from kernels._device import interpreting
 from kernels.dispatch import Allocator, Dispatch
+
+_GATHER = Launcher(K.gather_kernel)
 
 
 def gather(
@@ -29,9 +31,9 @@ def gather(
     hidden = y.shape[-1]
     out = empty((num_tokens, hidden), dtype=torch.bfloat16, device=y.device)
     if interpreting():
-        cfg = dict(BLOCK_T=64, BLOCK_H=min(triton.next_power_of_2(hidden), 1024))
+        cfg = dict(BLOCK_T=64, BLOCK_H=min(next_power_of_2(hidden), 1024))
     else:
-        cfg = dict(BLOCK_T=2, BLOCK_H=min(triton.next_power_of_2(hidden), 1024), num_warps=4)
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]), triton.cdiv(hidden, cfg["BLOCK_H"]))
-    K.gather_kernel[grid](y, dispatch.output_index, topk_weights, out, num_tokens, hidden, TOPK=topk, **cfg)
+        cfg = dict(BLOCK_T=2, BLOCK_H=min(next_power_of_2(hidden), 1024), num_warps=4)
+    grid = (cdiv(num_tokens, cfg["BLOCK_T"]), cdiv(hidden, cfg["BLOCK_H"]))
+    _GATHER[grid](y, dispatch.output_index, topk_weights, out, num_tokens, hidden, TOPK=topk, **cfg)
     return out

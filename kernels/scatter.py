@@ -20,15 +20,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
 
 from kernels._details import stage_kernels as K
+from kernels._details.launch import Launcher, cdiv, next_power_of_2
 from kernels._device import interpreting
-from kernels.dispatch import Allocator, Dispatch, Layout, LocalRouting, contiguous_rows, masked_block_rows
+from kernels.dispatch import (
+    Allocator,
+    Dispatch,
+    Layout,
+    LocalRouting,
+    align_up,
+    contiguous_rows,
+    masked_block_rows,
+)
+
+_LOCAL_IDS = Launcher(K.local_ids_kernel)
+_SCATTER = Launcher(K.scatter_kernel)
+_M_INDICES = Launcher(K.m_indices_kernel)
+_ROUTE_SCATTER_MASKED = Launcher(K.route_scatter_masked_kernel)
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: int) -> None:
@@ -50,7 +63,7 @@ def route_local_experts(
     stats = torch.zeros(num_local_experts + 2, dtype=torch.int32, device=topk_ids.device)
     # one-hot histogram of [block, E_PAD]: big blocks for the interpreter, register-sized ones on a GPU
     block = 1024 if interpreting() else max(32, 8192 // _pow2(num_local_experts))
-    K.local_ids_kernel[(triton.cdiv(topk_ids.numel(), block),)](
+    _LOCAL_IDS[(cdiv(topk_ids.numel(), block),)](
         topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * num_local_experts, num_local_experts, num_experts,
         BLOCK=block, E_PAD=_pow2(num_local_experts),
     )
@@ -103,7 +116,7 @@ def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) ->
     output_index = torch.empty(routing.local_ids.shape, dtype=torch.int32, device=x.device)
     fill = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
     cfg = _scatter_config(x.shape[1], num_local_experts)
-    K.scatter_kernel[(triton.cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
+    _SCATTER[(cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
         x, routing.local_ids, routing.counts, fill, routing.stats, rows, output_index,
         routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
         MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_local_experts), **cfg,
@@ -125,7 +138,7 @@ def scatter_contiguous(
     m_indices = empty((num_rows,), dtype=torch.int32, device=x.device)
     num_local_experts = routing.num_local_experts
     block = 1024 if interpreting() else max(16, 4096 // _pow2(num_local_experts))
-    K.m_indices_kernel[(triton.cdiv(num_rows, block),)](
+    _M_INDICES[(cdiv(num_rows, block),)](
         routing.counts, m_indices, num_rows, num_local_experts, ALIGN=alignment, E_PAD=_pow2(num_local_experts),
         BLOCK_R=block,
     )
@@ -165,12 +178,16 @@ def route_scatter_masked(
     _check_alignment(alignment)
     _check_block_rows(block_rows, alignment)
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
-    counters = torch.zeros(2 * num_local_experts + 2, dtype=torch.int32, device=x.device)  # one memset for both
-    fill, stats = counters[:num_local_experts], counters[num_local_experts:]
+    # output_index, then the fill counters and the stats (zeroed: atomics count into them), in one allocation (each
+    # one costs microseconds of host time in the host-bound decode path); the counters start 16-byte aligned
+    num_slots = topk_ids.numel()
+    start = align_up(num_slots, 4)
+    int32s = torch.zeros(start + 2 * num_local_experts + 2, dtype=torch.int32, device=x.device)
+    output_index = int32s[:num_slots].view(topk_ids.shape)
+    fill, stats = int32s[start:start + num_local_experts], int32s[start + num_local_experts:]
     cfg = _scatter_config(x.shape[1], num_local_experts)
-    K.route_scatter_masked_kernel[(triton.cdiv(topk_ids.numel(), cfg["BLOCK_S"]),)](
-        x, topk_ids, fill, stats, rows, output_index, topk_ids.numel(), topk_ids.shape[1], x.shape[1],
+    _ROUTE_SCATTER_MASKED[(cdiv(num_slots, cfg["BLOCK_S"]),)](
+        x, topk_ids, fill, stats, rows, output_index, num_slots, topk_ids.shape[1], x.shape[1],
         ep_rank * num_local_experts, num_local_experts, num_experts, block_rows, E_PAD=_pow2(num_local_experts), **cfg,
     )
     return Dispatch(Layout.MASKED, rows, output_index, fill, None, alignment), stats

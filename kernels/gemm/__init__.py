@@ -30,21 +30,35 @@ def availability(name: str, device, hidden: int | None = None, inter: int | None
 
 
 def select(gemm: str, device, hidden: int, inter: int) -> tuple[GroupedGemm, str]:
-    """The backend for `gemm` ("auto" or a name); raises ValueError naming `gemm`, H or I when it cannot run."""
+    """The backend for `gemm` ("auto" or a name); raises ValueError naming `gemm`, H or I when it cannot run.
+
+    Every call of the stage asks; a choice that cannot change is answered from memory: a named backend that is
+    available, and "auto" when it chose the first backend of its order (a backend only ever becomes available, as
+    deep_gemm does once it imports: a later choice could differ only where an earlier backend was skipped)."""
     device = torch.device(device)
+    key = (gemm, device, hidden, inter)
+    if key in _CHOSEN:
+        return _CHOSEN[key]
     if gemm != "auto":
         ok, reason = availability(gemm, device, hidden, inter)
         if not ok:
             raise ValueError(f"gemm={gemm!r} cannot run here: {reason}")
-        return BACKENDS[gemm], reason
+        _CHOSEN[key] = BACKENDS[gemm], reason
+        return _CHOSEN[key]
     skipped = []
     for name in AUTO_ORDER.get(device.type, ("loop",)):
         ok, reason = availability(name, device, hidden, inter)
         if ok:
-            return BACKENDS[name], f"auto -> {name}: {reason}" + (f" (skipped: {'; '.join(skipped)})" if skipped
-                                                                   else "")
+            chosen = BACKENDS[name], f"auto -> {name}: {reason}" + (f" (skipped: {'; '.join(skipped)})" if skipped
+                                                                     else "")
+            if not skipped:
+                _CHOSEN[key] = chosen
+            return chosen
         skipped.append(f"{name}: {reason}")
     return BACKENDS["loop"], f"auto -> loop (skipped: {'; '.join(skipped)})"
+
+
+_CHOSEN: dict[tuple, tuple[GroupedGemm, str]] = {}
 
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "GroupedGemm", "availability", "select"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from kernels._details.grouped_gemm_kernels import grouped_gemm_nt_kernel
+from kernels._details.launch import Launcher, cdiv
 from kernels._device import interpreting
 from kernels.gemm.base import GroupedGemm
+
+_GROUPED_GEMM = Launcher(grouped_gemm_nt_kernel)
 
 
 class TritonGroupedGemm(GroupedGemm):
@@ -32,8 +34,8 @@ class TritonGroupedGemm(GroupedGemm):
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
         assert self.m_alignment % cfg["BLOCK_M"] == 0  # tiles never straddle two experts
-        grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        grouped_gemm_nt_kernel[grid](
+        grid = (cdiv(num_rows, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+        _GROUPED_GEMM[grid](
             a, b, d, dispatch.layout_index,
             num_rows, n, k, dispatch.block_rows if masked else 1,
             MASKED=masked, CAST_FP32=interpreting(), **cfg,

@@ -1,0 +1,111 @@
+"""`Launcher(kernel)[grid](*args, **meta)`: a Triton kernel launched as `kernel[grid](...)` is, for less host time.
+
+Triton's `JITFunction.run` redoes per call what depends only on the arguments' types: it binds them to the signature,
+asks its C++ `specialize_impl` for every one of them, builds a string key, finds the compiled kernel, and checks the
+kernel's globals (~17 us of host time per launch on the H200 machine's host, docs/gpu-h200.md, "Eighth session"): in
+the host-bound decode path (Qwen3-like, three Triton launches per call) that is a sixth of the call. A Launcher does
+Triton's own launch the first time it meets a specialisation (so Triton compiles, caches and checks it as usual),
+keeps the CompiledKernel that launch returns, and launches it directly afterwards, as `JITFunction.run` itself ends:
+`compiled.run(grid, stream, function, metadata, ..., *every argument in signature order)`.
+
+Its key holds everything Triton specialises a launch on, or finer: per tensor its dtype and whether its address is a
+multiple of 16; per int whether it is 1, whether it is a multiple of 16, and its width (i32 / i64 / u64); per bool its
+value; the keyword arguments (constexprs and options such as num_warps) by value; and the current device. Two calls
+with one key therefore run one compiled kernel, as they would through `JITFunction.run`.
+
+Triton's own path is taken, every time, in the interpreter (CPU), when a launch hook is set (a profiler such as
+proton asks for launch metadata), for an argument of any other type, when this Triton lacks the pieces used here, and
+when MOE_VERIFY_TRITON_LAUNCH=jit (an A/B switch, and a way out should a Triton release change them).
+The launch arithmetic (`cdiv`, `next_power_of_2`) is here too, in plain Python.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+
+from kernels._device import interpreting
+
+_I32, _I64 = 1 << 31, 1 << 63
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a grid. triton.cdiv is a constexpr_function, whose call from the host costs microseconds."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for a block size (triton.next_power_of_2: as cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _spec(arg) -> tuple | None:
+    """What Triton specialises an argument on (or finer); None for a type the fast path does not know."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() & 15 == 0
+    if isinstance(arg, bool):
+        return bool, arg
+    if isinstance(arg, int):
+        return int, arg == 1, arg & 15 == 0, -_I32 <= arg < _I32, -_I64 <= arg < _I64
+    if isinstance(arg, float):
+        return (float,)
+    return None
+
+
+def _triton_pieces():
+    """(knobs.runtime, current device, current stream) of this Triton, or None where one is missing."""
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+
+        active = driver.active
+        return knobs.runtime, active.get_current_device, active.get_current_stream
+    except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no GPU driver
+        return None
+
+
+def _unhooked(hook) -> bool:
+    """No launch hook set: None (older Triton) or an empty HookChain (newer)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+class Launcher:
+    """A @triton.jit kernel, launched `launcher[grid](*args, **meta)` like the kernel itself (module docstring)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._params = tuple((p.name, p.default) for p in inspect.signature(kernel.fn).parameters.values())
+        self._compiled: dict[tuple, object] = {}
+        self._pieces = None
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    def _fast(self) -> bool:
+        if interpreting() or os.environ.get("MOE_VERIFY_TRITON_LAUNCH") == "jit":
+            return False
+        if self._pieces is None:
+            self._pieces = _triton_pieces() or ()
+        return bool(self._pieces) and _unhooked(self._pieces[0].launch_enter_hook) \
+            and _unhooked(self._pieces[0].launch_exit_hook)
+
+    def launch(self, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
+        specs = tuple(map(_spec, args)) if self._fast() else (None,)
+        if None in specs:
+            self.kernel[grid](*args, **meta)
+            return
+        _, current_device, current_stream = self._pieces
+        device = current_device()
+        key = (device, specs, tuple(meta.items()))
+        compiled = self._compiled.get(key)
+        if compiled is None:  # Triton's own launch: compiles or finds the kernel, checks it, launches it
+            self._compiled[key] = self.kernel[grid](*args, **meta)
+            return
+        # every parameter in signature order, as JITFunction.run passes them (constexprs included, the launcher
+        # skips them); the key fixed which are positional and which keywords
+        values = (*args, *(meta[name] if name in meta else default for name, default in self._params[len(args):]))
+        grid = (*grid, 1, 1)
+        compiled.run(grid[0], grid[1], grid[2], current_stream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *values)
