@@ -195,11 +195,9 @@ def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:
     calls once read (allocating them cost tens of microseconds per call in the host-bound decode path)."""
     if not t.is_cuda:
         return t.tolist
-    key = (t.device, t.dtype, t.numel())
-    free = _READBACKS.setdefault(key, [])
-    host, copied = free.pop() if free else (torch.empty(t.numel(), dtype=t.dtype, pin_memory=True),
-                                            torch.cuda.Event())
-    host.copy_(t.reshape(-1), non_blocking=True)
+    free = _READBACKS.setdefault((t.device, t.dtype, t.shape), [])
+    host, copied = free.pop() if free else (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event())
+    host.copy_(t, non_blocking=True)
     copied.record()
 
     def read() -> list[int]:

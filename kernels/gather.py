@@ -33,7 +33,7 @@ def gather(
     if interpreting():
         cfg = dict(BLOCK_T=64, BLOCK_H=min(next_power_of_2(hidden), 1024))
     else:
-        cfg = dict(BLOCK_T=2, BLOCK_H=min(next_power_of_2(hidden), 1024), num_warps=4)
+        cfg = dict(BLOCK_T=1, BLOCK_H=min(next_power_of_2(hidden), 1024), num_warps=4)  # see gather_kernel
     grid = (cdiv(num_tokens, cfg["BLOCK_T"]), cdiv(hidden, cfg["BLOCK_H"]))
     _GATHER[grid](y, dispatch.output_index, topk_weights, out, num_tokens, hidden, TOPK=topk, **cfg)
     return out

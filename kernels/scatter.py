@@ -24,15 +24,7 @@ import torch
 from kernels._details import stage_kernels as K
 from kernels._details.launch import Launcher, cdiv, next_power_of_2
 from kernels._device import interpreting
-from kernels.dispatch import (
-    Allocator,
-    Dispatch,
-    Layout,
-    LocalRouting,
-    align_up,
-    contiguous_rows,
-    masked_block_rows,
-)
+from kernels.dispatch import Allocator, Dispatch, Layout, LocalRouting, contiguous_rows, masked_block_rows
 
 _LOCAL_IDS = Launcher(K.local_ids_kernel)
 _SCATTER = Launcher(K.scatter_kernel)
@@ -178,13 +170,10 @@ def route_scatter_masked(
     _check_alignment(alignment)
     _check_block_rows(block_rows, alignment)
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    # output_index, then the fill counters and the stats (zeroed: atomics count into them), in one allocation (each
-    # one costs microseconds of host time in the host-bound decode path); the counters start 16-byte aligned
     num_slots = topk_ids.numel()
-    start = align_up(num_slots, 4)
-    int32s = torch.zeros(start + 2 * num_local_experts + 2, dtype=torch.int32, device=x.device)
-    output_index = int32s[:num_slots].view(topk_ids.shape)
-    fill, stats = int32s[start:start + num_local_experts], int32s[start + num_local_experts:]
+    output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
+    counters = torch.zeros(2 * num_local_experts + 2, dtype=torch.int32, device=x.device)  # one memset for both
+    fill, stats = counters[:num_local_experts], counters[num_local_experts:]
     cfg = _scatter_config(x.shape[1], num_local_experts)
     _ROUTE_SCATTER_MASKED[(cdiv(num_slots, cfg["BLOCK_S"]),)](
         x, topk_ids, fill, stats, rows, output_index, num_slots, topk_ids.shape[1], x.shape[1],
