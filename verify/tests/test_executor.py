@@ -127,6 +127,13 @@ def test_bad_ids_raise_after_the_work_is_queued_and_are_skipped_when_never_read(
     skipped[3, 1] = -1
     want = moe_expert_forward(**dict(args, topk_ids=skipped, layout="masked"))
     assert checks.bitwise_equal(moe_expert_forward(**dict(args, topk_ids=spoiled, sync="never")), want)
+    # on a GPU the flags' pinned buffer is reused from call to call: a good call after a bad one reads its own flags
+    for ids, fails in ((skipped, False), (spoiled, True), (skipped, False)):
+        if fails:
+            with pytest.raises(ValueError, match="topk_ids"):
+                moe_expert_forward(**dict(args, topk_ids=ids, sync="after"))
+        else:
+            assert checks.bitwise_equal(moe_expert_forward(**dict(args, topk_ids=ids, sync="after")), want)
 
 
 def test_a_row_repeating_an_id_past_the_m_row_block_is_dropped_and_flagged_never_written():

@@ -133,3 +133,26 @@ def test_auto_picks_loop_on_a_cpu_and_says_why():
 def test_explicit_unavailable_backend_names_the_argument():
     with pytest.raises(ValueError, match="gemm='deep_gemm'"):
         select("deep_gemm", "cpu", 128, 64)
+
+
+def test_select_remembers_only_choices_that_cannot_change(monkeypatch):
+    """auto's first backend, or a named one, is asked once; a choice made past an unavailable backend is asked again,
+    and changes as soon as that backend becomes available (deep_gemm importing late, say)."""
+    import kernels.gemm as registry
+
+    monkeypatch.setattr(registry, "_CHOSEN", {})
+    monkeypatch.setitem(AUTO_ORDER, "cpu", ("deep_gemm", "loop"))
+    asked, available = [], {"deep_gemm": False, "loop": True}
+
+    def fake_availability(name, device, hidden=None, inter=None):
+        asked.append(name)
+        return available[name], f"{name} {'runs' if available[name] else 'is absent'}"
+
+    monkeypatch.setattr(registry, "availability", fake_availability)
+    assert [select("auto", "cpu", 128, 64)[0].name for _ in range(2)] == ["loop", "loop"]
+    assert asked == ["deep_gemm", "loop"] * 2  # not remembered: deep_gemm was skipped
+    available["deep_gemm"] = True
+    asked.clear()
+    assert [select("auto", "cpu", 128, 64)[0].name for _ in range(2)] == ["deep_gemm", "deep_gemm"]
+    assert [select("loop", "cpu", 128, 64)[0].name for _ in range(2)] == ["loop", "loop"]
+    assert asked == ["deep_gemm", "loop"]  # each remembered after its first answer
