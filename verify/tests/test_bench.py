@@ -61,6 +61,12 @@ def test_targets_are_the_declared_ratios():
     copied = _point(**graphed, **{"copy/gather": 0.021})
     assert report.over_same_size_copy(copied, "gather") == pytest.approx(0.7)  # the graphed gather: 0.03 ms
     assert report._bandwidth_cell(copied, "gather", CEILINGS).endswith("(0.70)")  # the report's cell: "x (same-size)"
+    large = {"ceilings": CEILINGS, "points": [_point(tokens=4096, **graphed, **{"copy/gather": 0.0209}),
+                                              _point(tokens=4096, **graphed)]}  # the second: no copy in its run
+    same_size = {t["name"]: t for t in report.evaluate(large)}
+    assert same_size["gather_vs_same_size_copy"]["total"] == 1 and same_size["gather_vs_same_size_copy"]["met"] == 0
+    assert same_size["gather_vs_same_size_copy"]["rows"][0]["value"] == pytest.approx(0.0209 / 0.03)
+    assert same_size["scatter_vs_same_size_copy"]["total"] == 0
 
 
 def test_layout_fit_finds_the_crossover_and_respects_the_budget():
