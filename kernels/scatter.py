@@ -32,10 +32,6 @@ _M_INDICES = Launcher(K.m_indices_kernel)
 _ROUTE_SCATTER_MASKED = Launcher(K.route_scatter_masked_kernel)
 
 
-def _pow2(n: int) -> int:
-    return next_power_of_2(max(int(n), 1))
-
-
 def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -54,10 +50,10 @@ def route_local_experts(
     local_ids = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
     stats = torch.zeros(num_local_experts + 2, dtype=torch.int32, device=topk_ids.device)
     # one-hot histogram of [block, E_PAD]: big blocks for the interpreter, register-sized ones on a GPU
-    block = 1024 if interpreting() else max(32, 8192 // _pow2(num_local_experts))
+    block = 1024 if interpreting() else max(32, 8192 // next_power_of_2(num_local_experts))
     _LOCAL_IDS[(cdiv(topk_ids.numel(), block),)](
         topk_ids, local_ids, stats, topk_ids.numel(), ep_rank * num_local_experts, num_local_experts, num_experts,
-        BLOCK=block, E_PAD=_pow2(num_local_experts),
+        BLOCK=block, E_PAD=next_power_of_2(num_local_experts),
     )
     return LocalRouting(local_ids, stats[:num_local_experts], None, stats)
 
@@ -92,11 +88,11 @@ def read_counts(routing: LocalRouting, num_experts: int) -> LocalRouting:
 
 def _scatter_config(hidden: int, num_local_experts: int) -> dict:
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
-        return dict(BLOCK_S=256, BLOCK_H=min(_pow2(hidden), 1024))
+        return dict(BLOCK_S=256, BLOCK_H=min(next_power_of_2(hidden), 1024))
     # H200, graphed, M = 4096: 4 slots x 1024 columns reached 0.86 (DeepSeek-like) and 0.51 (Qwen3-like) of copy
     # bandwidth where 16 x 512 reached 0.81 and 0.51
-    return dict(BLOCK_S=max(1, min(4, 4096 // _pow2(num_local_experts))), BLOCK_H=min(_pow2(hidden), 1024),
-                num_warps=4)
+    return dict(BLOCK_S=max(1, min(4, 4096 // next_power_of_2(num_local_experts))),
+                BLOCK_H=min(next_power_of_2(hidden), 1024), num_warps=4)
 
 
 def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +107,7 @@ def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) ->
     _SCATTER[(cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
         x, routing.local_ids, routing.counts, fill, routing.stats, rows, output_index,
         routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
-        MASKED=masked, ALIGN=alignment, E_PAD=_pow2(num_local_experts), **cfg,
+        MASKED=masked, ALIGN=alignment, E_PAD=next_power_of_2(num_local_experts), **cfg,
     )
     return output_index, fill
 
@@ -129,10 +125,10 @@ def scatter_contiguous(
     output_index, _ = _scatter(x, routing, rows, masked=False, block_rows=0, alignment=alignment)
     m_indices = empty((num_rows,), dtype=torch.int32, device=x.device)
     num_local_experts = routing.num_local_experts
-    block = 1024 if interpreting() else max(16, 4096 // _pow2(num_local_experts))
+    block = 1024 if interpreting() else max(16, 4096 // next_power_of_2(num_local_experts))
     _M_INDICES[(cdiv(num_rows, block),)](
-        routing.counts, m_indices, num_rows, num_local_experts, ALIGN=alignment, E_PAD=_pow2(num_local_experts),
-        BLOCK_R=block,
+        routing.counts, m_indices, num_rows, num_local_experts, ALIGN=alignment,
+        E_PAD=next_power_of_2(num_local_experts), BLOCK_R=block,
     )
     return Dispatch(Layout.CONTIGUOUS, rows, output_index, routing.counts, routing.counts_host, alignment, m_indices)
 
@@ -177,7 +173,8 @@ def route_scatter_masked(
     cfg = _scatter_config(x.shape[1], num_local_experts)
     _ROUTE_SCATTER_MASKED[(cdiv(num_slots, cfg["BLOCK_S"]),)](
         x, topk_ids, fill, stats, rows, output_index, num_slots, topk_ids.shape[1], x.shape[1],
-        ep_rank * num_local_experts, num_local_experts, num_experts, block_rows, E_PAD=_pow2(num_local_experts), **cfg,
+        ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
+        E_PAD=next_power_of_2(num_local_experts), **cfg,
     )
     return Dispatch(Layout.MASKED, rows, output_index, fill, None, alignment), stats
 
