@@ -17,6 +17,7 @@ the routing's stats, never written; the masked layout's counts (masked_m) are th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -86,6 +87,7 @@ def read_counts(routing: LocalRouting, num_experts: int) -> LocalRouting:
     return LocalRouting(routing.local_ids, routing.counts, tuple(stats[: routing.num_local_experts]), routing.stats)
 
 
+@functools.cache  # asked at every call of the host-bound decode path; never mutated by its callers
 def _scatter_config(hidden: int, num_local_experts: int) -> dict:
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
         return dict(BLOCK_S=256, BLOCK_H=min(next_power_of_2(hidden), 1024))

@@ -9,14 +9,15 @@ first time it meets a specialisation (so Triton compiles, caches and checks it a
 that launch returns, and launches it directly afterwards, as `JITFunction.run` itself ends:
 `compiled.run(grid, stream, function, metadata, ..., *every argument in signature order)`.
 
-Its key holds everything Triton specialises a launch on, or finer: per tensor its dtype and whether its address is a
-multiple of 16; per int whether it is 1, whether it is a multiple of 16, and its width (i32 / i64 / u64); per bool its
-value; the keyword arguments (constexprs and options such as num_warps) by value; and the current device. Two calls
-with one key therefore run one compiled kernel, as they would through `JITFunction.run`.
+Its key holds everything Triton specialises a launch on, or finer (`_key`): per tensor its dtype and whether its
+address is a multiple of 16; per int whether it is 1, whether it is a multiple of 16, and its width (i32 / i64 / u64);
+per bool its value; the keyword arguments (constexprs and options such as num_warps) by value; and the current device.
+Two calls with one key therefore run one compiled kernel, as they would through `JITFunction.run`.
 
 Triton's own path is taken, every time, in the interpreter (CPU), when a launch hook is set (a profiler such as
 proton asks for launch metadata), for an argument of any other type, when this Triton lacks the pieces used here, and
-when MOE_VERIFY_TRITON_LAUNCH=jit (an A/B switch, and a way out should a Triton release change them).
+when MOE_VERIFY_TRITON_LAUNCH=jit is set as kernels is imported (`JIT_ONLY`: an A/B switch, and a way out should a
+Triton release change those pieces).
 The launch arithmetic (`cdiv`, `next_power_of_2`) is here too, in plain Python.
 """
 
@@ -31,6 +32,10 @@ from kernels._device import interpreting
 
 _I32, _I64 = 1 << 31, 1 << 63
 
+# Triton's own launch at every call: an A/B switch, and a way out should a Triton release change the pieces used here.
+# Read once, when kernels is imported (reading the environment at each launch cost a microsecond of host time).
+JIT_ONLY = os.environ.get("MOE_VERIFY_TRITON_LAUNCH") == "jit"
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for a grid. triton.cdiv is a constexpr_function, whose call from the host costs microseconds."""
@@ -42,17 +47,26 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def _spec(arg) -> tuple | None:
-    """What Triton specialises an argument on (or finer); None for a type the fast path does not know."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() & 15 == 0
-    if isinstance(arg, bool):
-        return bool, arg
-    if isinstance(arg, int):
-        return int, arg == 1, arg & 15 == 0, -_I32 <= arg < _I32, -_I64 <= arg < _I64
-    if isinstance(arg, float):
-        return (float,)
-    return None
+def _key(args: tuple) -> tuple | None:
+    """What Triton specialises the arguments on, or finer; None when one has a type the fast path does not know.
+    Per tensor its dtype and whether its address is a multiple of 16; per int 1, or (multiple of 16) + its width
+    (0: i32, 2: i64, 4: u64); per bool and float a mark of its own (a bool is never taken for the int 1)."""
+    key = []
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            key.append("1" if arg == 1 else (arg & 15 == 0) + (0 if -_I32 <= arg < _I32 else 2 if -_I64 <= arg < _I64
+                                                                 else 4))
+        elif isinstance(arg, torch.Tensor):
+            key.append(arg.dtype)
+            key.append(arg.data_ptr() & 15 == 0)
+        elif kind is bool:
+            key.append("T" if arg else "F")
+        elif kind is float:
+            key.append("f")
+        else:
+            return None
+    return tuple(key)
 
 
 def _triton_pieces():
@@ -78,35 +92,31 @@ class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
         self._params = tuple((p.name, p.default) for p in inspect.signature(kernel.fn).parameters.values())
-        self._compiled: dict[tuple, object] = {}
-        self._pieces = None
+        # key -> (CompiledKernel, the parameters after the positional ones, in signature order: keywords and defaults)
+        self._compiled: dict[tuple, tuple[object, tuple]] = {}
+        self._pieces = None  # Triton's pieces, () where the fast path can never be taken (the interpreter)
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self.launch(grid, args, meta)
 
-    def _fast(self) -> bool:
-        if interpreting() or os.environ.get("MOE_VERIFY_TRITON_LAUNCH") == "jit":
-            return False
-        if self._pieces is None:
-            self._pieces = _triton_pieces() or ()
-        return bool(self._pieces) and _unhooked(self._pieces[0].launch_enter_hook) \
-            and _unhooked(self._pieces[0].launch_exit_hook)
-
     def launch(self, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
-        specs = tuple(map(_spec, args)) if self._fast() else (None,)
-        if None in specs:
+        pieces = self._pieces
+        if pieces is None:
+            pieces = self._pieces = () if interpreting() else _triton_pieces() or ()
+        key = _key(args) if pieces and not JIT_ONLY and _unhooked(pieces[0].launch_enter_hook) \
+            and _unhooked(pieces[0].launch_exit_hook) else None
+        if key is None:
             self.kernel[grid](*args, **meta)
             return
-        _, current_device, current_stream = self._pieces
-        device = current_device()
-        key = (device, specs, tuple(meta.items()))
-        compiled = self._compiled.get(key)
-        if compiled is None:  # Triton's own launch: compiles or finds the kernel, checks it, launches it
-            self._compiled[key] = self.kernel[grid](*args, **meta)
+        device = pieces[1]()
+        key = (device, key, *meta.items())
+        kept = self._compiled.get(key)
+        if kept is None:  # Triton's own launch: compiles or finds the kernel, checks it, launches it
+            tail = tuple(meta[name] if name in meta else default for name, default in self._params[len(args):])
+            self._compiled[key] = self.kernel[grid](*args, **meta), tail
             return
         # every parameter in signature order, as JITFunction.run passes them (constexprs included, the launcher
-        # skips them); the key fixed which are positional and which keywords
-        values = (*args, *(meta[name] if name in meta else default for name, default in self._params[len(args):]))
-        grid = (*grid, 1, 1)
-        compiled.run(grid[0], grid[1], grid[2], current_stream(device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *values)
+        # skips them); the key fixed which are positional and which keywords, and the keywords' values
+        compiled, tail = kept
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, pieces[2](device),
+                     compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)

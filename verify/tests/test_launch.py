@@ -50,7 +50,7 @@ def fake_gpu(monkeypatch):
     runtime = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=types.SimpleNamespace(calls=[]))
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(launch, "_triton_pieces", lambda: (runtime, lambda: 0, lambda device: STREAM))
-    monkeypatch.delenv("MOE_VERIFY_TRITON_LAUNCH", raising=False)
+    monkeypatch.setattr(launch, "JIT_ONLY", False)
     return runtime
 
 
@@ -64,7 +64,7 @@ def test_second_launch_runs_the_compiled_kernel_with_every_parameter_in_order(fa
     x = aligned()
     launcher[(3, 2)](x, 100, 0.5, BLOCK=64, num_warps=4)
     assert len(kernel.launches) == 1  # Triton's own launch compiled (here: recorded) it
-    compiled = next(iter(launcher._compiled.values()))
+    compiled, _ = next(iter(launcher._compiled.values()))
     launcher[(5, 2)](x, 101, 0.25, BLOCK=64, num_warps=4)  # same specialisation: 100 and 101 are neither 1 nor 16k
     assert len(kernel.launches) == 1
     assert compiled.runs == [(5, 2, 1, STREAM, "function", "metadata", None, None, None, x, 101, 0.25, 64, True)]
@@ -75,6 +75,7 @@ def test_second_launch_runs_the_compiled_kernel_with_every_parameter_in_order(fa
     ((aligned(), 100), (aligned(), 1)),  # an int that is 1
     ((aligned(), 100), (aligned(), 96)),  # an int that is a multiple of 16
     ((aligned(), 100), (aligned(), 1 << 40)),  # an int past i32
+    ((aligned(), 1), (aligned(), True)),  # a bool where the int 1 was (equal in Python, not to Triton)
     ((aligned(), 100), (torch.zeros(4, dtype=torch.int32), 100)),  # another dtype
 ])
 def test_another_specialisation_takes_tritons_launch(fake_gpu, first, second):
@@ -101,14 +102,14 @@ def test_tritons_own_launch_every_time(fake_gpu, monkeypatch, why):
     if why == "hook":
         fake_gpu.launch_exit_hook.calls.append(print)  # a profiler asks for launch metadata
     elif why == "switch":
-        monkeypatch.setenv("MOE_VERIFY_TRITON_LAUNCH", "jit")
+        monkeypatch.setattr(launch, "JIT_ONLY", True)
     elif why == "interpreter":
         monkeypatch.setattr(launch, "interpreting", lambda: True)
     else:
         args = (aligned(), "100", 0.5)
     for _ in range(3):
         launcher[(1,)](*args, BLOCK=64)
-    assert len(kernel.launches) == 3 and not any(c.runs for c in launcher._compiled.values())
+    assert len(kernel.launches) == 3 and not any(c.runs for c, _ in launcher._compiled.values())
 
 
 @pytest.mark.gpu
@@ -130,9 +131,9 @@ def test_fast_path_taken_and_bitwise_equal_to_tritons_launch(monkeypatch, seed):
         index = d.output_index[d.output_index >= 0].long()
         return dict(stats=stats, masked_m=d.counts, rows=d.flat_rows()[index], a=a.reshape(-1, 128)[index], out=out)
 
-    monkeypatch.setenv("MOE_VERIFY_TRITON_LAUNCH", "jit")
+    monkeypatch.setattr(launch, "JIT_ONLY", True)
     expected = stage_outputs()
-    monkeypatch.delenv("MOE_VERIFY_TRITON_LAUNCH")
+    monkeypatch.setattr(launch, "JIT_ONLY", False)
     got = [stage_outputs() for _ in range(3)]  # the first may compile; the next two launch what it kept
     for launcher in (scatter._ROUTE_SCATTER_MASKED, activation._SILU_AND_MUL, gather._GATHER):
         assert launcher._compiled, f"{launcher.kernel.fn.__name__}: the fast path was never taken"
