@@ -60,11 +60,12 @@ def local_ids_kernel(
 
 
 @triton.jit
-def _claim(local, offs, in_range, start, room, fill_ptr, stats_ptr, output_index_ptr, num_local_experts):
+def _place(x_ptr, local, offs, in_range, start, room, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+           topk, hidden, num_local_experts, BLOCK_H: tl.constexpr):
     """Each local slot (local >= 0) at offs takes the next row of its expert's room (atomic fill counter) from
-    `start`. A slot whose ticket is past the room is dropped: counted in stats, its fill ticket given back (so a fill
-    ends at min(count, room), the rows filled). output_index[slot] = the row (flat over the layout's rows), -1 for
-    skipped and dropped ids. Returns which slots were placed, and their rows (0 for the others)."""
+    `start`, and x[token] is copied there. A slot whose ticket is past the room is dropped: counted in stats, its fill
+    ticket given back (so a fill ends at min(count, room), the rows filled), nothing written. output_index[slot] = the
+    row (flat over the layout's rows), -1 for skipped and dropped ids."""
     valid = in_range & (local >= 0)
     expert = tl.where(valid, local, 0)
     slot = tl.atomic_add(fill_ptr + expert, 1, mask=valid)
@@ -76,12 +77,8 @@ def _claim(local, offs, in_range, start, room, fill_ptr, stats_ptr, output_index
     valid = valid & (slot < room)
     row = tl.where(valid, start + slot.to(tl.int64), -1)
     tl.store(output_index_ptr + offs, row.to(tl.int32), mask=in_range)
-    return valid, tl.where(valid, row, 0)
 
-
-@triton.jit
-def _copy_rows(x_ptr, valid, row, offs, rows_ptr, topk, hidden, BLOCK_H: tl.constexpr):
-    """x[token of each placed slot] -> its row."""
+    row = tl.where(valid, row, 0)
     token = offs // topk
     for h0 in range(0, hidden, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
@@ -96,7 +93,7 @@ def scatter_kernel(
     num_slots, topk, hidden, num_local_experts, block_rows,
     MASKED: tl.constexpr, ALIGN: tl.constexpr, E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Each local (token, slot) takes a row of its expert's segment (`_claim`) and copies x[token] there.
+    """Each local (token, slot) takes a row of its expert's segment and copies x[token] there (`_place`).
 
     Contiguous: expert e's segment starts at the aligned prefix sum of the counts and holds counts[e] rows. Masked:
     block e starts at row e * block_rows and holds block_rows rows."""
@@ -112,8 +109,8 @@ def scatter_kernel(
         mine = local[:, None] == experts[None, :]
         start = tl.sum(tl.where(mine, starts[None, :], 0), axis=1).to(tl.int64)
         room = tl.sum(tl.where(mine, counts[None, :], 0), axis=1)
-    valid, row = _claim(local, offs, in_range, start, room, fill_ptr, stats_ptr, output_index_ptr, num_local_experts)
-    _copy_rows(x_ptr, valid, row, offs, rows_ptr, topk, hidden, BLOCK_H)
+    _place(x_ptr, local, offs, in_range, start, room, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+           topk, hidden, num_local_experts, BLOCK_H)
 
 
 @triton.jit
@@ -134,13 +131,10 @@ def route_scatter_masked_kernel(
     tally_ptr = counters_ptr + num_local_experts
     local, bad = _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts)
     _count(local, bad, tally_ptr, num_local_experts, E_PAD)
-    valid, row = _claim(local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, counters_ptr, tally_ptr,
-                        output_index_ptr, num_local_experts)
-    # published before the copy: the ticket's release then waits for this program's atomics, not for its row stores
-    # (after them, it cost 4 us of the Qwen3-like graphed stage on an H200)
+    _place(x_ptr, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, counters_ptr, tally_ptr,
+           rows_ptr, output_index_ptr, topk, hidden, num_local_experts, BLOCK_H)
     _publish(counters_ptr, tally_ptr, counters_ptr + 2 * num_local_experts + 2, masked_m_ptr, stats_ptr,
              num_local_experts, E_PAD)
-    _copy_rows(x_ptr, valid, row, offs, rows_ptr, topk, hidden, BLOCK_H)
 
 
 @triton.jit
