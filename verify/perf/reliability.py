@@ -4,9 +4,8 @@ compute-sanitizer, the whole stage rerun for bitwise determinism, and a sweep ov
 `python -m verify.perf.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
 histogram, both scatters, m_indices, silu_and_mul in both layouts, our Triton grouped GEMM in both layouts, the gather)
 on a small skewed problem whose rank view is padded with NaN rows, checked against the reference; then the decode
-path (sync="never" and "after": the route and the masked scatter as one kernel, M-row blocks, counts read on the
-device, the stats written into device or pinned host memory) and a batch whose repeated ids overflow an M-row block,
-so that the fused kernel's dropping branch runs too. Run it under
+path (sync="never": the route and the masked scatter as one kernel, M-row blocks, counts read on the device) and a
+batch whose repeated ids overflow an M-row block, so that the fused kernel's dropping branch runs too. Run it under
 `compute-sanitizer --tool memcheck|racecheck` with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every buffer is its
 own allocation and an out-of-bounds access cannot land inside a cached block.
 """
@@ -48,7 +47,6 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
     refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
     runs = {f"{layout} layout": dict(layout=layout) for layout in map(str, LAYOUTS)}
     runs["sync=never"] = dict(sync="never")
-    runs["sync=after"] = dict(sync="after")  # the fused kernel's last program writes the stats into pinned memory
     for name, options in runs.items():
         out = moe_expert_forward(*args, **kw, gemm="triton", **options)
         findings = bands.judge(compare(out.float(), *refs, local_ids),
