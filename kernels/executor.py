@@ -5,9 +5,8 @@
       -> layout choice (masked 3D block or contiguous flat rows)
       -> scatter (without counts on the host, route and scatter are one kernel)
       -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
-      -> [sync="after": the routing's error flags read once every kernel is queued, from pinned host memory that
-          the fused route + scatter kernel writes itself (or a copy after the scatter): the read waits for the
-          scatter, not for the GEMMs]
+      -> [sync="after": the routing's error flags read back once every kernel is queued (they were copied
+          after the scatter: the read waits for the scatter, not for the GEMMs)]
 
 With the counts on the host (read back, or the caller's `host_counts`), every buffer is sized from the routing
 actually seen, by the arithmetic of kernels/dispatch.py (the masked block from the largest per-expert count, the
@@ -23,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from kernels import activation, gather, scatter
@@ -149,9 +146,8 @@ def moe_expert_forward(
                                  f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
                                  "fewer tokens, or pass host_counts")
             return synced()  # prefill-sized: sync before
-        flags = _arm_flags(x.device, num_local_experts + 2) if sync == "after" else None  # the kernel writes them
-        dispatch, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
-                                                  empty=stages.empty, stats=None if flags is None else flags[0])
+        dispatch, stats = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
+                                                      empty=stages.empty)
     else:
         if host_counts is None:
             routing = stages.count(topk_ids, **where)
@@ -166,16 +162,14 @@ def moe_expert_forward(
         if layout == "auto":
             layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
         scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
-        dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
-        flags = _arm_flags(x.device, num_local_experts + 2) if sync == "after" else None
-        if flags is not None:
-            flags[0].copy_(routing.stats, non_blocking=True)  # final once the scatter is done
+        dispatch, stats = scatter_to(x, routing, alignment=alignment, empty=stages.empty), routing.stats
     dispatch = stages.after_scatter(dispatch)
+    flags = _read_later(stats) if sync == "after" else None  # final once the scatter is done
     h = backend(dispatch.rows, w13, dispatch, stages.empty)
     a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
     y = backend(a, w2, dispatch, stages.empty)
     out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
-    if flags is not None and scatter.check_routing(_read_flags(flags, x.device), num_experts, host_counts):
+    if flags is not None and scatter.check_routing(flags(), num_experts, host_counts):
         return synced()  # a row repeated an id often enough to overflow an M-row block: size by the real counts
     return out
 
@@ -194,41 +188,42 @@ def _pinned_counts(host_counts: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(host_counts, dtype=torch.int32).pin_memory()
 
 
-def _arm_flags(device: torch.device, size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """A host int32 [size] buffer with every word -1 (and its numpy view), for the routing's stats to be written into
-    by work queued on `device` (the fused route + scatter kernel itself, or a non-blocking copy): pinned on a GPU, so
-    that the host reads it while the GPU works on (the read waits for the scatter only, not for the GEMMs queued after
-    it). Reused once read (`_read_flags`): allocating pinned memory costs tens of microseconds."""
-    free = _FLAGS.setdefault((device, size), [])
-    if free:
-        flags = free.pop()
-    else:
-        host = torch.empty(size, dtype=torch.int32, pin_memory=device.type == "cuda")
-        flags = host, host.numpy()
-    flags[1].fill(-1)
-    return flags
+def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:
+    """t's values as the kernels queued so far leave them, read when called: on a GPU a non-blocking copy to pinned
+    memory and an event, so that the read waits for those kernels only, not for the GEMMs queued after them (the call
+    returns while the GPU still works); on a CPU a plain read. The pinned buffer and its event are reused by later
+    calls once read (allocating them cost tens of microseconds per call in the host-bound decode path)."""
+    if not t.is_cuda:
+        return t.tolist
+    free = _READBACKS.setdefault((t.device, t.dtype, t.shape), [])
+    host, copied = free.pop() if free else (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event())
+    host.copy_(t, non_blocking=True)
+    copied.record(_current_stream(t.device.index))
+
+    def read() -> list[int]:
+        copied.synchronize()
+        values = host.tolist()
+        free.append((host, copied))  # only once read: a read never made (an error in between) keeps it out
+        return values
+
+    return read
 
 
-def _read_flags(flags: tuple[torch.Tensor, np.ndarray], device: torch.device, patience_s: float = 0.05) -> list[int]:
-    """The stats the queued work writes into the buffer from `_arm_flags`, read once every word is written (none is
-    negative; each 32-bit word lands whole): the host polls the pinned memory, as DeepEP's host waits for its
-    received-token counts, with no event to record or wait on. A word still unwritten after `patience_s` of polling
-    (a GPU queue that deep) is waited for by synchronizing the device; then it must be there."""
-    host, view = flags
-    if view.min() < 0:
-        deadline = time.monotonic() + patience_s
-        while view.min() < 0:
-            if time.monotonic() > deadline:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if view.min() < 0:
-                    raise RuntimeError("the routing's stats were never written by the work queued for them")
-    values = view.tolist()
-    _FLAGS[device, host.numel()].append(flags)  # only once read: a read never made (an error in between) keeps it out
-    return values
+_READBACKS: dict[tuple, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}
 
 
-_FLAGS: dict[tuple[torch.device, int], list[tuple[torch.Tensor, np.ndarray]]] = {}
+def _current_stream(device_index: int) -> torch.cuda.Stream:
+    """torch.cuda.current_stream(device_index), kept per raw stream handle: building the Stream object costs ~4 us of
+    host time per call (Event.record() without a stream asks for it), the raw handle a fraction of that. An event is
+    recorded on the stream's handle, so the Stream first seen with a handle serves every later stream with it."""
+    raw = torch._C._cuda_getCurrentRawStream(device_index)
+    stream = _STREAMS.get((device_index, raw))
+    if stream is None:
+        stream = _STREAMS[device_index, raw] = torch.cuda.current_stream(device_index)
+    return stream
+
+
+_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
 def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, layout, masked_max_tokens, gemm,

@@ -18,7 +18,6 @@ the routing's stats, never written; the masked layout's counts (masked_m) are th
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -157,56 +156,29 @@ def scatter_masked(
 
 def route_scatter_masked(
     x: torch.Tensor, topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int,
-    block_rows: int, alignment: int = 128, empty: Allocator = torch.empty, stats: torch.Tensor | None = None,
+    block_rows: int, alignment: int = 128, empty: Allocator = torch.empty,
 ) -> tuple[Dispatch, torch.Tensor]:
     """`route_local_experts` then `scatter_masked(..., block_rows=block_rows)` in one kernel, for the decode path
     (counts on the device: the blocks are placed without them). Returns the Dispatch (counts_host None) and the
-    routing's stats ([histogram..., bad ids, dropped slots], as LocalRouting.stats), read by nothing here: written into
-    `stats` when given (int32 [E_local + 2]; pinned host memory is written by the kernel itself, no copy), else into a
-    new device tensor. Its counters are kept zeroed by the kernel itself (`_counters`)."""
+    routing's stats ([histogram..., bad ids, dropped slots], as LocalRouting.stats), read by nothing here."""
     _check("x", x, (torch.bfloat16,), 2)
     _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {x.shape[0]}")
     _check_alignment(alignment)
     _check_block_rows(block_rows, alignment)
-    if stats is None:
-        stats = empty((num_local_experts + 2,), dtype=torch.int32, device=x.device)
-    elif stats.dtype != torch.int32 or stats.shape != (num_local_experts + 2,) or not stats.is_contiguous():
-        raise ValueError(f"stats must be a contiguous int32 tensor of shape ({num_local_experts + 2},), got "
-                         f"{stats.dtype} {tuple(stats.shape)}")
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     num_slots = topk_ids.numel()
     output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
-    masked_m = empty((num_local_experts,), dtype=torch.int32, device=x.device)
+    counters = torch.zeros(2 * num_local_experts + 2, dtype=torch.int32, device=x.device)  # one memset for both
+    fill, stats = counters[:num_local_experts], counters[num_local_experts:]
     cfg = _scatter_config(x.shape[1], num_local_experts)
     _ROUTE_SCATTER_MASKED[(cdiv(num_slots, cfg["BLOCK_S"]),)](
-        x, topk_ids, _counters(x.device, num_local_experts), masked_m, stats, rows, output_index, num_slots,
-        topk_ids.shape[1], x.shape[1], ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
+        x, topk_ids, fill, stats, rows, output_index, num_slots, topk_ids.shape[1], x.shape[1],
+        ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
         E_PAD=next_power_of_2(num_local_experts), **cfg,
     )
-    return Dispatch(Layout.MASKED, rows, output_index, masked_m, None, alignment), stats
-
-
-def _counters(device: torch.device, num_local_experts: int) -> torch.Tensor:
-    """The fused route + scatter's counters (int32 [2 E_local + 3], zero), which its last program leaves zero again:
-    kept from call to call per device, stream (raw handle: the kernels of one stream run one after the other) and
-    E_local, which spares the decode path a memset (~8 us of host time per call on an H200 machine's host). Under
-    CUDA-graph capture a new zeroed buffer is captured instead (a graph may be replayed on any stream), and on a CPU
-    one is kept per thread."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=device)
-        key = device.index, torch._C._cuda_getCurrentRawStream(device.index), num_local_experts
-    else:
-        key = device.type, threading.get_ident(), num_local_experts
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        counters = _COUNTERS[key] = torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=device)
-    return counters
-
-
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+    return Dispatch(Layout.MASKED, rows, output_index, fill, None, alignment), stats
 
 
 def _check_alignment(alignment: int) -> None:

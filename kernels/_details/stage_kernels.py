@@ -115,43 +115,18 @@ def scatter_kernel(
 
 @triton.jit
 def route_scatter_masked_kernel(
-    x_ptr, topk_ids_ptr, counters_ptr, masked_m_ptr, stats_ptr, rows_ptr, output_index_ptr,
+    x_ptr, topk_ids_ptr, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
     num_slots, topk, hidden, first_expert, num_local_experts, num_experts, block_rows,
     E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """local_ids_kernel and the masked scatter_kernel in one launch (the decode path: counts stay on the device, so
-    the blocks are placed without them): GLOBAL ids mapped, counted, and their slots placed.
-
-    counters: int32 [2 E_local + 3], zero at entry: the fill counters [E_local], the stats being counted [E_local + 2]
-    and the number of programs done. The last program to finish (`_publish`) writes the fills to masked_m and the
-    stats to stats_ptr (device memory, or pinned host memory the host reads without a copy) and leaves the counters
-    zero again, so that a buffer kept from call to call needs no memset."""
+    the blocks are placed without them): GLOBAL ids mapped, counted into stats, and their slots placed."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = offs < num_slots
-    tally_ptr = counters_ptr + num_local_experts
     local, bad = _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts)
-    _count(local, bad, tally_ptr, num_local_experts, E_PAD)
-    _place(x_ptr, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, counters_ptr, tally_ptr,
-           rows_ptr, output_index_ptr, topk, hidden, num_local_experts, BLOCK_H)
-    _publish(counters_ptr, tally_ptr, counters_ptr + 2 * num_local_experts + 2, masked_m_ptr, stats_ptr,
-             num_local_experts, E_PAD)
-
-
-@triton.jit
-def _publish(fill_ptr, tally_ptr, done_ptr, masked_m_ptr, stats_ptr, num_local_experts, E_PAD: tl.constexpr):
-    """The last program of the grid to get here copies the fills and the stats out and zeroes them (and the done
-    count). Each program's counter atomics (acq_rel) precede, through the barrier, its acq_rel ticket; the last ticket
-    therefore follows every program's counting, and the exchanges read the totals from L2."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(done_ptr, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
-        experts = tl.arange(0, E_PAD)
-        local = experts < num_local_experts
-        tl.store(masked_m_ptr + experts, tl.atomic_xchg(fill_ptr + experts, 0, mask=local), mask=local)
-        tl.store(stats_ptr + experts, tl.atomic_xchg(tally_ptr + experts, 0, mask=local), mask=local)
-        tl.store(stats_ptr + num_local_experts, tl.atomic_xchg(tally_ptr + num_local_experts, 0))
-        tl.store(stats_ptr + num_local_experts + 1, tl.atomic_xchg(tally_ptr + num_local_experts + 1, 0))
-        tl.atomic_xchg(done_ptr, 0)
+    _count(local, bad, stats_ptr, num_local_experts, E_PAD)
+    _place(x_ptr, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, fill_ptr, stats_ptr, rows_ptr,
+           output_index_ptr, topk, hidden, num_local_experts, BLOCK_H)
 
 
 @triton.jit

@@ -127,39 +127,6 @@ def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad)
     assert checks.bitwise_equal(dispatch.flat_rows().cpu()[placed], x.cpu()[tokens])
 
 
-def test_route_scatter_masked_leaves_its_kept_counters_zero_from_call_to_call(seed):
-    """The fused kernel's counters are kept from call to call and zeroed by its last program: call after call (a
-    clean routing, one with bad ids and slots past the block, a clean one again; on a GPU 8192 programs, so that
-    programs finish in any order), each call's stats and masked_m are its own routing's, written into the stats
-    buffer given (host memory on a GPU: pinned, written by the kernel), and the counters end zero."""
-    tokens = 4096 if DEVICE == "cuda" else 200
-    where = dict(ep_rank=1, num_local_experts=8, num_experts=16)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 64, generator=gen).to(DEVICE, torch.bfloat16)
-    clean = torch.stack([torch.randperm(16, generator=gen)[:8] for _ in range(tokens)]).int().to(DEVICE)
-    spoiled = clean.clone()
-    spoiled[: tokens // 2, :2] = 9  # expert 1 twice in half the rows: past its M-row block; and two bad ids
-    spoiled[3, 2], spoiled[7, 5] = 16, -5
-    stats = torch.full((10,), -7, dtype=torch.int32, pin_memory=DEVICE == "cuda")
-    for ids in (clean, spoiled, clean, spoiled, clean):
-        dispatch, got = S.route_scatter_masked(x, ids, **where, block_rows=unsynced_block_rows(tokens, 128),
-                                               empty=checks.poisoned_empty, stats=stats)
-        *histogram, bad, _ = S.route_local_experts(ids, **where).stats.tolist()  # synchronizes
-        filled = [min(c, dispatch.block_rows) for c in histogram]
-        assert got is stats and stats.tolist() == [*histogram, bad, sum(histogram) - sum(filled)]
-        assert (bad, sum(histogram) > sum(filled)) == ((2, True) if ids is spoiled else (0, False))
-        assert dispatch.counts.tolist() == filled
-        assert S._counters(x.device, 8).tolist() == [0] * 19
-
-
-def test_route_scatter_masked_refuses_a_stats_buffer_of_another_shape():
-    x = torch.randn(4, 64, device=DEVICE).to(torch.bfloat16)
-    ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
-    for stats in (torch.empty(9, dtype=torch.int32), torch.empty(10, dtype=torch.int64)):
-        with pytest.raises(ValueError, match="stats"):
-            S.route_scatter_masked(x, ids, ep_rank=0, num_local_experts=8, num_experts=8, block_rows=128, stats=stats)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("gate_up_order", ["gate_up", "up_gate"])
 def test_silu_and_mul_computes_valid_rows_only(layout, gate_up_order, seed):
