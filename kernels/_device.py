@@ -29,8 +29,8 @@ def configure_triton() -> None:
 
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors, no bf16 arithmetic). Read from the environment at
-    each call (microseconds: the launchers ask at every launch) until triton is imported, which fixes it: @triton.jit
-    reads TRITON_INTERPRET when a kernel is defined."""
+    each call (microseconds: the stages ask at every call, to pick their block sizes) until triton is imported, which
+    fixes it: @triton.jit reads TRITON_INTERPRET when a kernel is defined."""
     global _interpreting
     if _interpreting is not None:
         return _interpreting
