@@ -127,6 +127,12 @@ class Dispatch:
         return max(1, min(self.block_rows, -(-self.output_index.numel() // self.num_local_experts)))
 
     @property
+    def rows_hint(self) -> int:
+        """Rows the fullest expert is expected to hold, for a kernel's tile choice: the largest count when the host has
+        the counts, else `expected_m` (counts on the device)."""
+        return max(self.counts_host, default=0) if self.counts_host is not None else self.expected_m
+
+    @property
     def layout_index(self) -> torch.Tensor:
         """What marks valid rows: m_indices (contiguous) or masked_m = counts (masked)."""
         return self.counts if self.layout is Layout.MASKED else self.m_indices

@@ -5,6 +5,8 @@
       -> layout choice (masked 3D block or contiguous flat rows)
       -> scatter (without counts on the host, route and scatter are one kernel)
       -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
+         (gemm="auto": the backend chosen for the shapes, or for a decode-sized masked block the Triton skinny
+          kernel, which fuses silu_and_mul into the gate+up GEMM: kernels/gemm/triton.py)
       -> [sync="after": the routing's error flags read back once every kernel is queued (they were copied
           after the scatter: the read waits for the scatter, not for the GEMMs)]
 
@@ -36,7 +38,7 @@ from kernels.dispatch import (
     masked_bytes,
     unsynced_block_rows,
 )
-from kernels.gemm import BACKENDS, GroupedGemm, select
+from kernels.gemm import BACKENDS, GroupedGemm, for_dispatch, select
 
 LAYOUT_CHOICES = ("auto", *(str(layout) for layout in Layout))
 SYNCS = ("before", "after", "never")
@@ -165,8 +167,14 @@ def moe_expert_forward(
         dispatch, stats = scatter_to(x, routing, alignment=alignment, empty=stages.empty), routing.stats
     dispatch = stages.after_scatter(dispatch)
     flags = _read_later(stats) if sync == "after" else None  # final once the scatter is done
-    h = backend(dispatch.rows, w13, dispatch, stages.empty)
-    a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
+    if stages.gemm is None and gemm == "auto":
+        backend = for_dispatch(backend, dispatch, hidden, inter)
+    # fused where the backend can (a stand-in silu_and_mul, a test's, always runs as its own stage)
+    a = backend.gate_up_silu(dispatch.rows, w13, dispatch, gate_up_order, stages.empty) \
+        if stages.silu_and_mul is activation.silu_and_mul else None
+    if a is None:
+        h = backend(dispatch.rows, w13, dispatch, stages.empty)
+        a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
     y = backend(a, w2, dispatch, stages.empty)
     out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
     if flags is not None and scatter.check_routing(flags(), num_experts, host_counts):

@@ -19,3 +19,10 @@ def to_bf16(x):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(tl.bfloat16)
+
+
+@triton.jit
+def silu_mul(gate, up):
+    """silu(gate) * up in fp32 (both fp32): the activation's one formula, unfused (stage_kernels) and fused into the
+    gate+up GEMM's epilogue (grouped_gemm_kernels) alike, so the two give the same bits."""
+    return gate / (1.0 + tl.exp(-gate)) * up

@@ -10,7 +10,7 @@ Rules every kernel here follows:
 import triton
 import triton.language as tl
 
-from kernels._details.common import to_bf16
+from kernels._details.common import silu_mul, to_bf16
 
 
 @triton.jit
@@ -169,8 +169,7 @@ def silu_and_mul_kernel(
         gate, up = first, second
     else:
         gate, up = second, first
-    act = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(a_ptr + rows[:, None] * inter + cols[None, :], to_bf16(act), mask=mask)
+    tl.store(a_ptr + rows[:, None] * inter + cols[None, :], to_bf16(silu_mul(gate, up)), mask=mask)
 
 
 @triton.jit

@@ -3,12 +3,14 @@
 `availability(name, device, hidden, inter)` says whether a backend can run and why (never raises);
 `select(gemm, device, hidden, inter)` resolves "auto" to the best available backend and says why it was chosen.
 Order for "auto" on a GPU: deep_gemm, grouped_mm, triton (fastest first, as measured in docs/); on a CPU: loop.
+`for_dispatch` refines "auto" once the layout is built: a decode-sized masked block runs on Triton's skinny kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import Dispatch
 from kernels.gemm import deep_gemm, grouped_mm, loop, triton
 from kernels.gemm.base import GroupedGemm
 
@@ -61,4 +63,15 @@ def select(gemm: str, device, hidden: int, inter: int) -> tuple[GroupedGemm, str
 _CHOSEN: dict[tuple, tuple[GroupedGemm, str]] = {}
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "GroupedGemm", "availability", "select"]
+def for_dispatch(backend: GroupedGemm, dispatch: Dispatch, hidden: int, inter: int) -> GroupedGemm:
+    """gemm="auto" once the Dispatch is built: `backend` (what `select` chose for the shapes), except that on a GPU a
+    masked block whose fullest expert is expected to hold few rows (decode: `triton.TritonGroupedGemm.runs_skinny`)
+    goes to the Triton skinny kernel, faster there than DeepGEMM's masked GEMMs + silu and bitwise equal to them where
+    measured (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)")."""
+    skinny = triton.BACKEND
+    if dispatch.rows.is_cuda and skinny.runs_skinny(dispatch) and skinny.shape_problem(hidden, inter) is None:
+        return skinny
+    return backend
+
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "GroupedGemm", "availability", "for_dispatch", "select"]

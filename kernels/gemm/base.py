@@ -36,6 +36,12 @@ class GroupedGemm(abc.ABC):
     def m_grouped_gemm_nt_masked(self, a: torch.Tensor, b: torch.Tensor, dispatch: Dispatch,
                                  empty: Allocator) -> torch.Tensor: ...
 
+    def gate_up_silu(self, rows: torch.Tensor, w13: torch.Tensor, dispatch: Dispatch, gate_up_order: str,
+                     empty: Allocator) -> torch.Tensor | None:
+        """silu_and_mul of the gate+up GEMM in one step (kernels/activation.py's result on the valid rows), or None
+        where this backend does not fuse them for this Dispatch (the default): the caller then runs the two stages."""
+        return None
+
     def __call__(self, a: torch.Tensor, b: torch.Tensor, dispatch: Dispatch, empty: Allocator = torch.empty):
         """The form that matches the Dispatch's layout."""
         if dispatch.layout is Layout.MASKED:

@@ -1,15 +1,31 @@
-"""`triton`: a Triton grouped GEMM (fp32 accumulation) for GPUs without DeepGEMM, and under the interpreter."""
+"""`triton`: Triton grouped GEMMs (fp32 accumulation) for GPUs without DeepGEMM, under the interpreter, and for decode.
+
+Two kernels (kernels/_details/grouped_gemm_kernels.py): the tiled one over every row of the layout, and, for a masked
+block whose fullest expert is expected to hold at most SKINNY_MAX_ROWS rows (`Dispatch.rows_hint`: decode), the skinny
+kernel, whose grid follows the weights and the rows expected rather than the block's mostly empty rows. The skinny
+kernel also fuses silu_and_mul into the gate+up GEMM (`gate_up_silu`): one launch, no h buffer, the unfused
+pipeline's bits.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from kernels._details.grouped_gemm_kernels import grouped_gemm_nt_kernel
+from kernels._details.grouped_gemm_kernels import grouped_gemm_nt_kernel, masked_gemm_nt_skinny_kernel
 from kernels._details.launch import Launcher, cdiv
 from kernels._device import interpreting
+from kernels.dispatch import Dispatch, Layout
 from kernels.gemm.base import GroupedGemm
 
 _GROUPED_GEMM = Launcher(grouped_gemm_nt_kernel)
+_SKINNY = Launcher(masked_gemm_nt_skinny_kernel)
+
+# The skinny kernel serves masked blocks whose fullest expert is expected to hold at most this many rows: two splits of
+# SKINNY_BLOCK_M. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200: 0.88-0.90x at Qwen3-like and 0.95-0.96x at
+# DeepSeek-like shapes with up to 32 rows expected; 1.0x at 38 rows (three splits), and 1.3-2x from 61 rows up
+# (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)").
+SKINNY_MAX_ROWS = 32
+SKINNY_BLOCK_M = 16
 
 
 class TritonGroupedGemm(GroupedGemm):
@@ -25,6 +41,11 @@ class TritonGroupedGemm(GroupedGemm):
 
     def shape_problem(self, hidden, inter):
         return None if hidden % 16 == 0 and inter % 16 == 0 else f"H={hidden} and I={inter} must be multiples of 16"
+
+    @staticmethod
+    def runs_skinny(dispatch: Dispatch) -> bool:
+        """True when this Dispatch's GEMMs run on the skinny kernel: a masked block with few rows per expert."""
+        return dispatch.layout is Layout.MASKED and dispatch.rows_hint <= SKINNY_MAX_ROWS
 
     def _run(self, a, b, d, dispatch, masked: bool):
         num_rows, k = a.reshape(-1, a.shape[-1]).shape
@@ -42,13 +63,36 @@ class TritonGroupedGemm(GroupedGemm):
         )
         return d
 
+    def _skinny(self, a, b, d, dispatch, gate_up_order: str | None):
+        """d = a · bᵀ on each expert's filled rows; with a gate_up_order, d = silu_and_mul of it (b is w13)."""
+        n, k = d.shape[-1], a.shape[-1]
+        if interpreting():
+            cfg = dict(BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=64, BLOCK_K=64)
+        else:
+            cfg = dict(BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        block_rows = dispatch.block_rows
+        m_splits = max(1, min(cdiv(dispatch.rows_hint, SKINNY_BLOCK_M), block_rows // SKINNY_BLOCK_M))
+        _SKINNY[(cdiv(n, cfg["BLOCK_N"]) * m_splits, dispatch.num_local_experts)](
+            a, b, d, dispatch.counts, n, k, block_rows, m_splits,
+            SILU=gate_up_order is not None, GATE_FIRST=gate_up_order == "gate_up", CAST_FP32=interpreting(), **cfg,
+        )
+        return d
+
     def m_grouped_gemm_nt_contiguous(self, a, b, dispatch, empty):
         d = empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
         return self._run(a, b, d, dispatch, masked=False)
 
     def m_grouped_gemm_nt_masked(self, a, b, dispatch, empty):
         d = empty((*a.shape[:2], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+        if self.runs_skinny(dispatch):
+            return self._skinny(a, b, d, dispatch, None)
         return self._run(a, b, d, dispatch, masked=True)
+
+    def gate_up_silu(self, rows, w13, dispatch, gate_up_order, empty):
+        if not self.runs_skinny(dispatch):
+            return None
+        a = empty((*rows.shape[:2], w13.shape[1] // 2), dtype=torch.bfloat16, device=rows.device)
+        return self._skinny(rows, w13, a, dispatch, gate_up_order)
 
 
 BACKEND = TritonGroupedGemm()

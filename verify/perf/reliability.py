@@ -2,10 +2,12 @@
 compute-sanitizer, the whole stage rerun for bitwise determinism, and a sweep over changing routings for memory growth.
 
 `python -m verify.perf.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
-histogram, both scatters, m_indices, silu_and_mul in both layouts, our Triton grouped GEMM in both layouts, the gather)
-on a small skewed problem whose rank view is padded with NaN rows, checked against the reference; then the decode
-path (sync="never": the route and the masked scatter as one kernel, M-row blocks, counts read on the device) and a
-batch whose repeated ids overflow an M-row block, so that the fused kernel's dropping branch runs too. Run it under
+histogram, both scatters, m_indices, our Triton grouped GEMMs: the tiled kernel in the contiguous layout, the skinny
+with silu_and_mul fused in the masked one) on a small skewed problem whose rank view is padded with NaN rows, checked
+against the reference; then the decode path (sync="never": the route and the masked scatter as one kernel, M-row
+blocks, counts read on the device) and a batch whose repeated ids overflow an M-row block, so that the fused kernel's
+dropping branch runs too (and the skinny kernel's splits sweep many tiles); then that batch with its counts read
+back, one expert past SKINNY_MAX_ROWS rows: the tiled kernel and silu_and_mul in the masked layout. Run it under
 `compute-sanitizer --tool memcheck|racecheck` with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every buffer is its
 own allocation and an out-of-bounds access cannot land inside a cached block.
 """
@@ -42,7 +44,8 @@ def rank_inputs(sizes: Sizes, routing: str, seed: int, device: str, ep_size: int
 
 
 def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
-    """Every Triton kernel once per layout; raises AssertionError if an output leaves its band."""
+    """Every Triton kernel once per layout (the GEMMs' tiled and skinny kernels both); raises AssertionError if an
+    output leaves its band."""
     args, kw, local_ids = rank_inputs(SANITIZER_SIZES, "skewed", seed, device, pad=8)
     refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
     runs = {f"{layout} layout": dict(layout=layout) for layout in map(str, LAYOUTS)}
@@ -56,8 +59,9 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
     x, ids, weights, w13, w2 = args
     repeated = torch.zeros_like(ids[:, :2]).clamp_min(kw["ep_rank"] * w13.shape[0])  # 2 slots per row, one expert
     many = x.repeat(2, 1)[: 2 * x.shape[0] - 8]  # > 128 rows' worth of slots: the M-row block overflows
-    moe_expert_forward(many, repeated.repeat(2, 1)[: many.shape[0]], weights[:, :2].repeat(2, 1)[: many.shape[0]],
-                       w13, w2, **kw, gemm="triton", sync="never")
+    overflow = (many, repeated.repeat(2, 1)[: many.shape[0]], weights[:, :2].repeat(2, 1)[: many.shape[0]], w13, w2)
+    moe_expert_forward(*overflow, **kw, gemm="triton", sync="never")  # the skinny kernel, splits sweeping many tiles
+    moe_expert_forward(*overflow, **kw, gemm="triton", layout="masked")  # one expert past SKINNY_MAX_ROWS: the tiled
 
 
 def memory_sweep(device: str, iterations: int, sizes: Sizes, seed: int = 0) -> list[int]:

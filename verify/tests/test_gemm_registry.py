@@ -156,3 +156,28 @@ def test_select_remembers_only_choices_that_cannot_change(monkeypatch):
     assert [select("auto", "cpu", 128, 64)[0].name for _ in range(2)] == ["deep_gemm", "deep_gemm"]
     assert [select("loop", "cpu", 128, 64)[0].name for _ in range(2)] == ["loop", "loop"]
     assert asked == ["deep_gemm", "loop"]  # each remembered after its first answer
+
+
+def _sized_dispatch(device, layout=Layout.MASKED, counts_host=None, block_rows=128, num_tokens=8, topk=2):
+    """A Dispatch of 4 experts with H = 128 (contents unused: only what the choice reads)."""
+    rows = torch.zeros(4, block_rows, 128, dtype=torch.bfloat16, device=device)
+    index = torch.zeros(num_tokens, topk, dtype=torch.int32, device=device)
+    return Dispatch(layout, rows, index, torch.zeros(4, dtype=torch.int32, device=device), counts_host, 128)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_auto_gives_decode_sized_masked_blocks_to_the_skinny_kernel_on_a_gpu_only(device):
+    """for_dispatch: on a GPU a masked block whose fullest expert is expected to hold at most SKINNY_MAX_ROWS rows (the
+    counts' maximum when on the host, else M * k / E_local) runs on the Triton skinny kernel; anything else, and
+    anything on a CPU, keeps the backend chosen for the shapes."""
+    from kernels.gemm import for_dispatch
+    from kernels.gemm.triton import SKINNY_MAX_ROWS
+
+    chosen = select("auto", device, 128, 64)[0]
+    skinny = BACKENDS["triton"] if device == "cuda" else chosen
+    assert for_dispatch(chosen, _sized_dispatch(device), 128, 64) is skinny  # decode: 8 * 2 / 4 = 4 rows expected
+    most, past = ((rows, 0, 0, 0) for rows in (SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1))
+    assert for_dispatch(chosen, _sized_dispatch(device, counts_host=most, block_rows=256), 128, 64) is skinny
+    assert for_dispatch(chosen, _sized_dispatch(device, counts_host=past, block_rows=256), 128, 64) is chosen
+    assert for_dispatch(chosen, _sized_dispatch(device, block_rows=1024, num_tokens=1024, topk=8), 128, 64) is chosen
+    assert for_dispatch(chosen, _sized_dispatch(device, Layout.CONTIGUOUS, (1, 0, 0, 0)), 128, 64) is chosen

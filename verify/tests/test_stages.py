@@ -12,10 +12,11 @@ import torch
 
 from kernels import scatter as S
 from kernels._device import default_device
-from kernels.activation import silu_and_mul
+from kernels.activation import GATE_UP_ORDERS, silu_and_mul
 from kernels.dispatch import LAYOUTS, Layout, unsynced_block_rows
 from kernels.gather import gather
 from kernels.gemm import BACKENDS, availability
+from kernels.gemm import triton as triton_gemm
 from reference import layouts
 from reference import stages as ref
 from reference.routing import rank_view
@@ -186,11 +187,65 @@ def test_grouped_gemm_backend_matches_reference_on_valid_rows(backend, layout, r
     view, _, w13, _ = routed(routing, 2, 1, seed, sizes, **params)
     dispatch = scattered(layout, view, 2, 1)
     d = BACKENDS[backend](dispatch.rows, w13, dispatch, checks.poisoned_empty)
-    assert d.shape == (*dispatch.rows.shape[:-1], w13.shape[1])
-    flat_a, flat_d = dispatch.flat_rows(), d.reshape(-1, w13.shape[1])
+    assert_gemm_matches_reference(dispatch, w13, d, f"{backend} {layout}")
+
+
+def assert_gemm_matches_reference(dispatch, w, d, label: str) -> None:
+    """d = the rows of `dispatch` times w[e]ᵀ on each expert's valid rows (counts_host says which)."""
+    assert d.shape == (*dispatch.rows.shape[:-1], w.shape[1])
+    flat_a, flat_d = dispatch.flat_rows(), d.reshape(-1, w.shape[1])
     rows_of = checks.valid_row_mask(dispatch).nonzero().flatten()
     experts = torch.repeat_interleave(torch.arange(dispatch.num_local_experts), torch.tensor(dispatch.counts_host))
     for e in experts.unique().tolist():
         rows = rows_of[experts == e].to(DEVICE)
-        want = ref.gemm_nt(flat_a[rows], w13[e], faithful=True).to(torch.bfloat16)
-        torch.testing.assert_close(flat_d[rows], want, **tolerance("gemm"), msg=f"{backend} {layout} expert {e}")
+        want = ref.gemm_nt(flat_a[rows], w[e], faithful=True).to(torch.bfloat16)
+        torch.testing.assert_close(flat_d[rows], want, **tolerance("gemm"), msg=f"{label} expert {e}")
+
+
+@pytest.mark.parametrize("gate_up_order", GATE_UP_ORDERS)
+@pytest.mark.parametrize("decode", [False, True], ids=["host_counts", "decode"])
+@pytest.mark.parametrize("routing,params", [("skewed", {}), ("hot_expert", {"share": 0.9})], ids=["skewed", "hot"])
+def test_skinny_gate_up_silu_is_the_two_stages(gate_up_order, decode, routing, params, seed):
+    """The Triton skinny kernel (a masked block with few rows per expert) against the reference GEMM, and with
+    silu_and_mul fused into the gate+up GEMM: the unfused GEMM + silu_and_mul's bits on every valid row, and no other
+    row written.
+    The decode form (counts on the device, blocks of M rows) with a hot expert holds more rows than the host's
+    estimate, so a split sweeps more than one tile."""
+    gemm = BACKENDS["triton"]
+    ok, why = availability("triton", DEVICE, 128, 64)
+    if not ok:
+        pytest.skip(why)
+    # 32 tokens, 2 of 8 experts each, rank 0 of 2 (holding the hot expert): 16 rows per expert expected
+    view, _, w13, _ = routed(routing, 2, 0, seed, Sizes(32, 128, 64, 8, 2), **params)
+    if decode:
+        where = dict(ep_rank=0, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
+        dispatch, _ = S.route_scatter_masked(view.x, view.topk_ids, **where, alignment=128, empty=checks.poisoned_empty,
+                                             block_rows=unsynced_block_rows(view.x.shape[0], 128))
+        dispatch = dataclasses.replace(dispatch, counts_host=None)
+        counts = dispatch.counts.tolist()
+    else:
+        dispatch = scattered(Layout.MASKED, view, 2, 0)
+        counts = list(dispatch.counts_host)
+    assert gemm.runs_skinny(dispatch)
+    if decode and routing == "hot_expert":
+        assert max(counts) > dispatch.rows_hint  # the estimate is exceeded: a split sweeps more than one tile
+    a = gemm.gate_up_silu(dispatch.rows, w13, dispatch, gate_up_order, checks.poisoned_empty)
+    h = gemm(dispatch.rows, w13, dispatch, checks.poisoned_empty)
+    want = silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=checks.poisoned_empty)
+    known = dataclasses.replace(dispatch, counts_host=tuple(counts))
+    assert_gemm_matches_reference(known, w13, h, f"skinny {'decode' if decode else 'host counts'} {routing}")
+    valid = checks.valid_row_mask(known).to(DEVICE)
+    flat_a, flat_want = a.view(-1, a.shape[-1]), want.view(-1, want.shape[-1])
+    assert torch.isfinite(flat_a[valid]).all(), "a valid row was not written"
+    assert checks.bitwise_equal(flat_a[valid], flat_want[valid])
+    assert flat_a[~valid].isnan().all(), "a row past masked_m was written"
+
+
+def test_skinny_kernel_leaves_blocks_with_many_rows_to_the_tiled_kernel():
+    """Past SKINNY_MAX_ROWS rows in the fullest expert the tiled kernel runs, unfused (gate_up_silu says so: None);
+    the other GEMM tests cover it in both layouts."""
+    view, _, w13, _ = routed("boundary", 2, 1, 0, Sizes(160, 128, 64, 16, 4), counts=(127, 128, 129))
+    dispatch = scattered(Layout.MASKED, view, 2, 1)
+    gemm = BACKENDS["triton"]
+    assert dispatch.rows_hint > triton_gemm.SKINNY_MAX_ROWS and not gemm.runs_skinny(dispatch)
+    assert gemm.gate_up_silu(dispatch.rows, w13, dispatch, "gate_up", checks.poisoned_empty) is None
