@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -126,7 +127,7 @@ class Dispatch:
             return max(1, -(-sum(self.counts_host) // self.num_local_experts))
         return max(1, min(self.block_rows, -(-self.output_index.numel() // self.num_local_experts)))
 
-    @property
+    @functools.cached_property  # asked up to four times per call of the host-bound decode path; fields are frozen
     def rows_hint(self) -> int:
         """Rows the fullest expert is expected to hold, for a kernel's tile choice: the largest count when the host has
         the counts, else `expected_m` (counts on the device)."""
