@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -70,6 +71,29 @@ def unsynced_block_rows(num_tokens: int, alignment: int) -> int:
     return max(alignment, align_up(num_tokens, alignment))
 
 
+def receive_share(num_experts: int, num_local_experts: int, topk: int) -> float:
+    """The share of tokens with at least one of their top-k ids on a rank that holds num_local_experts of num_experts,
+    when each token's ids are distinct and drawn uniformly: the tokens DeepEP's normal dispatch sends that rank."""
+    ways = math.comb(num_experts, topk)
+    return 1 - math.comb(num_experts - num_local_experts, topk) / ways if ways else 1.0
+
+
+def expected_local_slots(num_tokens: int, topk: int, num_experts: int, num_local_experts: int) -> float:
+    """Local slots a rank expects among the num_tokens tokens it received, counts unseen: each token's top-k ids fall
+    on the rank's experts with probability E_local / E each, and a received token holds at least one of them
+    (`receive_share`). Exact for uniform routing; a hint otherwise (skewed routing moves rows between experts, and a
+    caller may pass tokens with no local id). At ep 1 every slot is local: M * k."""
+    share = receive_share(num_experts, num_local_experts, topk)
+    return min(num_tokens * topk, num_tokens * topk * num_local_experts / num_experts / share) if share else 0.0
+
+
+def expected_fullest_rows(mean_rows: float, num_local_experts: int) -> float:
+    """Rows the fullest of E_local experts is expected to hold when their counts scatter around `mean_rows` as
+    uniform routing scatters them (binomial, near Poisson): about sqrt(2 ln E_local * mean) above the mean, the
+    normal tail's bound for the largest of E_local draws (slightly above the true expectation, never below it)."""
+    return mean_rows + math.sqrt(2 * math.log(num_local_experts) * mean_rows) if num_local_experts > 1 else mean_rows
+
+
 def masked_bytes(num_local_experts: int, block_rows: int, hidden: int, inter: int) -> int:
     """Bytes of the masked layout's bf16 buffers: x [H], h [2I], a [I] and y [H] rows for E_local x block_rows rows."""
     return num_local_experts * block_rows * (2 * hidden + 3 * inter) * 2
@@ -114,6 +138,8 @@ class Dispatch:
     counts_host: tuple[int, ...] | None  # None when the counts stay on the device (masked layout only)
     alignment: int  # contiguous: segment alignment; masked: block_rows is a multiple of it
     m_indices: torch.Tensor | None = None  # contiguous only: int32 [padded_rows]
+    # counts on the device only: the host's estimate of the local slots (`expected_local_slots`); None: every slot
+    expected_slots: float | None = None
 
     @property
     def num_local_experts(self) -> int:
@@ -122,16 +148,23 @@ class Dispatch:
     @property
     def expected_m(self) -> int:
         """Rows an expert is expected to hold (DeepGEMM's masked-GEMM hint): the mean count when the host has the
-        counts, else every slot's share, M * k / E_local, within the block."""
+        counts, else the expected local slots' share (`expected_slots`; without it every slot's, M * k / E_local),
+        within the block."""
         if self.counts_host is not None:
             return max(1, -(-sum(self.counts_host) // self.num_local_experts))
-        return max(1, min(self.block_rows, -(-self.output_index.numel() // self.num_local_experts)))
+        slots = self.output_index.numel() if self.expected_slots is None else self.expected_slots
+        return max(1, min(self.block_rows, math.ceil(slots / self.num_local_experts)))
 
     @functools.cached_property  # asked up to four times per call of the host-bound decode path; fields are frozen
     def rows_hint(self) -> int:
         """Rows the fullest expert is expected to hold, for a kernel's tile choice: the largest count when the host has
-        the counts, else `expected_m` (counts on the device)."""
-        return max(self.counts_host, default=0) if self.counts_host is not None else self.expected_m
+        the counts, else `expected_fullest_rows` of the rows expected per expert, within the block (counts on the
+        device: a hint; a skewed routing can put many more rows on one expert)."""
+        if self.counts_host is not None:
+            return max(self.counts_host, default=0)
+        slots = self.output_index.numel() if self.expected_slots is None else self.expected_slots
+        mean = slots / self.num_local_experts
+        return max(1, min(self.block_rows, math.ceil(expected_fullest_rows(mean, self.num_local_experts))))
 
     @property
     def layout_index(self) -> torch.Tensor:

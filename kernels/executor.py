@@ -7,8 +7,9 @@
       -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
          (gemm="auto": the backend chosen for the shapes, or for a decode-sized masked block the Triton skinny
           kernel, which fuses silu_and_mul into the gate+up GEMM: kernels/gemm/triton.py)
-      -> [sync="after": the routing's error flags read back once every kernel is queued (they were copied
-          after the scatter: the read waits for the scatter, not for the GEMMs)]
+      -> [sync="after": the routing's error flags read back once every kernel is queued (the decode path's scatter
+          writes them to pinned host memory itself, the other paths copy them after the scatter: either way the read
+          waits for the scatter, not for the GEMMs)]
 
 With the counts on the host (read back, or the caller's `host_counts`), every buffer is sized from the routing
 actually seen, by the arithmetic of kernels/dispatch.py (the masked block from the largest per-expert count, the
@@ -148,8 +149,10 @@ def moe_expert_forward(
                                  f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
                                  "fewer tokens, or pass host_counts")
             return synced()  # prefill-sized: sync before
-        dispatch, stats = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
-                                                      empty=stages.empty)
+        host, done = _borrow((num_local_experts + 2,), x.device) if sync == "after" else (None, None)
+        dispatch, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
+                                                  empty=stages.empty, publish=host)
+        flags = None if host is None else _read_when_done(host, done, x.device)  # the kernel publishes its stats
     else:
         if host_counts is None:
             routing = stages.count(topk_ids, **where)
@@ -164,9 +167,9 @@ def moe_expert_forward(
         if layout == "auto":
             layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
         scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
-        dispatch, stats = scatter_to(x, routing, alignment=alignment, empty=stages.empty), routing.stats
+        dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
+        flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
     dispatch = stages.after_scatter(dispatch)
-    flags = _read_later(stats) if sync == "after" else None  # final once the scatter is done
     if stages.gemm is None and gemm == "auto":
         backend = for_dispatch(backend, dispatch, hidden, inter)
     # fused where the backend can (a stand-in silu_and_mul, a test's, always runs as its own stage)
@@ -196,25 +199,41 @@ def _pinned_counts(host_counts: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(host_counts, dtype=torch.int32).pin_memory()
 
 
-def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:
-    """t's values as the kernels queued so far leave them, read when called: on a GPU a non-blocking copy to pinned
-    memory and an event, so that the read waits for those kernels only, not for the GEMMs queued after them (the call
-    returns while the GPU still works); on a CPU a plain read. The pinned buffer and its event are reused by later
-    calls once read (allocating them cost tens of microseconds per call in the host-bound decode path)."""
-    if not t.is_cuda:
-        return t.tolist
-    free = _READBACKS.setdefault((t.device, t.dtype, t.shape), [])
-    host, copied = free.pop() if free else (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event())
-    host.copy_(t, non_blocking=True)
-    copied.record(_current_stream(t.device.index))
+def _borrow(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """An int32 host tensor of `shape` for the device to fill (pinned, with an event, on a GPU; a plain tensor and no
+    event on a CPU), taken from the ones earlier reads gave back (`_read_when_done`): allocating a pinned buffer and
+    an event cost tens of microseconds per call in the host-bound decode path."""
+    if device.type != "cuda":
+        return torch.empty(shape, dtype=torch.int32), None
+    free = _READBACKS.setdefault((device, shape), [])
+    return free.pop() if free else (torch.empty(shape, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+
+
+def _read_when_done(host: torch.Tensor, done: torch.cuda.Event | None, device: torch.device) -> Callable[[], list[int]]:
+    """Reads `host` when called, as the kernels queued so far on `device` leave it: the event is recorded now, so the
+    read waits for those kernels only, not for the GEMMs queued after them (the call returns while the GPU still
+    works). The buffer goes back to the pool only once read: a read never made (an error in between) keeps it out."""
+    if done is None:
+        return host.tolist
+    done.record(_current_stream(device.index))
 
     def read() -> list[int]:
-        copied.synchronize()
+        done.synchronize()
         values = host.tolist()
-        free.append((host, copied))  # only once read: a read never made (an error in between) keeps it out
+        _READBACKS[device, tuple(host.shape)].append((host, done))
         return values
 
     return read
+
+
+def _read_later(t: torch.Tensor) -> Callable[[], list[int]]:
+    """t's values as the kernels queued so far leave them, read when called (`_read_when_done`): on a GPU through a
+    non-blocking copy to a borrowed pinned buffer, on a CPU a plain read."""
+    if not t.is_cuda:
+        return t.tolist
+    host, done = _borrow(tuple(t.shape), t.device)
+    host.copy_(t, non_blocking=True)
+    return _read_when_done(host, done, t.device)
 
 
 _READBACKS: dict[tuple, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}

@@ -25,7 +25,15 @@ import torch
 from kernels._details import stage_kernels as K
 from kernels._details.launch import Launcher, cdiv, next_power_of_2
 from kernels._device import interpreting
-from kernels.dispatch import Allocator, Dispatch, Layout, LocalRouting, contiguous_rows, masked_block_rows
+from kernels.dispatch import (
+    Allocator,
+    Dispatch,
+    Layout,
+    LocalRouting,
+    contiguous_rows,
+    expected_local_slots,
+    masked_block_rows,
+)
 
 _LOCAL_IDS = Launcher(K.local_ids_kernel)
 _SCATTER = Launcher(K.scatter_kernel)
@@ -156,29 +164,38 @@ def scatter_masked(
 
 def route_scatter_masked(
     x: torch.Tensor, topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int,
-    block_rows: int, alignment: int = 128, empty: Allocator = torch.empty,
+    block_rows: int, alignment: int = 128, empty: Allocator = torch.empty, publish: torch.Tensor | None = None,
 ) -> tuple[Dispatch, torch.Tensor]:
     """`route_local_experts` then `scatter_masked(..., block_rows=block_rows)` in one kernel, for the decode path
-    (counts on the device: the blocks are placed without them). Returns the Dispatch (counts_host None) and the
-    routing's stats ([histogram..., bad ids, dropped slots], as LocalRouting.stats), read by nothing here."""
+    (counts on the device: the blocks are placed without them). Returns the Dispatch (counts_host None; the local
+    slots expected as the GEMMs' hint, `expected_local_slots`) and the routing's stats ([histogram..., bad ids,
+    dropped slots], as LocalRouting.stats), read by nothing here. `publish`: an int32 [E_local + 2] host tensor (pinned,
+    on a GPU) into which the kernel copies the final stats once every slot is placed: read it after an event recorded
+    behind this call (no device-to-host copy is queued, so nothing stands between the scatter and the GEMMs)."""
     _check("x", x, (torch.bfloat16,), 2)
     _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {x.shape[0]}")
     _check_alignment(alignment)
     _check_block_rows(block_rows, alignment)
+    if publish is not None and (publish.dtype != torch.int32 or publish.shape != (num_local_experts + 2,)
+                                or publish.is_cuda):  # unpinned on a GPU: Triton refuses the pointer itself
+        raise ValueError(f"publish must be an int32 [{num_local_experts + 2}] host tensor (pinned when x is on a GPU), "
+                         f"got {publish.dtype} {tuple(publish.shape)} on {publish.device}")
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     num_slots = topk_ids.numel()
     output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
-    counters = torch.zeros(2 * num_local_experts + 2, dtype=torch.int32, device=x.device)  # one memset for both
-    fill, stats = counters[:num_local_experts], counters[num_local_experts:]
+    counters = torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=x.device)  # fill, stats, done
     cfg = _scatter_config(x.shape[1], num_local_experts)
     _ROUTE_SCATTER_MASKED[(cdiv(num_slots, cfg["BLOCK_S"]),)](
-        x, topk_ids, fill, stats, rows, output_index, num_slots, topk_ids.shape[1], x.shape[1],
-        ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
-        E_PAD=next_power_of_2(num_local_experts), **cfg,
+        x, topk_ids, counters, rows, output_index, counters if publish is None else publish, num_slots,
+        topk_ids.shape[1], x.shape[1], ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
+        PUBLISH=publish is not None, E_PAD=next_power_of_2(num_local_experts),
+        STATS_PAD=next_power_of_2(num_local_experts + 2), **cfg,
     )
-    return Dispatch(Layout.MASKED, rows, output_index, fill, None, alignment), stats
+    expected = expected_local_slots(x.shape[0], topk_ids.shape[1], num_experts, num_local_experts)
+    return Dispatch(Layout.MASKED, rows, output_index, counters[:num_local_experts], None, alignment,
+                    expected_slots=expected), counters[num_local_experts : 2 * num_local_experts + 2]
 
 
 def _check_alignment(alignment: int) -> None:

@@ -7,10 +7,10 @@ Segments (contiguous) and blocks (masked) are multiples of BLOCK_M rows, so a ti
 `masked_gemm_nt_skinny_kernel`, the masked layout with few rows per expert (decode): m_splits programs per (column
 tile, expert), side by side in launch order, sweep the expert's filled rows in BLOCK_M tiles (split s takes tiles s,
 s + m_splits, ...), so the grid is set by the weights and the rows expected, not by the block's rows (most of which
-are empty at decode), and the splits of a column tile may share its weights through L2 (well enough for two splits,
-not beyond: kernels/gemm/triton.py bounds them); a split with no rows leaves at once. With SILU it is the gate+up
-GEMM with silu_and_mul in its epilogue: the gate and up tiles of the same columns are accumulated side by side, each
-rounded to bf16 (what the unfused GEMM stores), and `silu_mul` of them stored: the unfused pipeline's bits, without h.
+are empty at decode), and the splits of a column tile may share its weights through L2 (kernels/gemm/triton.py sets
+their number and BLOCK_M); a split with no rows leaves at once. With SILU it is the gate+up GEMM with silu_and_mul
+in its epilogue: the gate and up tiles of the same columns are accumulated side by side, each rounded to bf16 (what
+the unfused GEMM stores), and `silu_mul` of them stored: the unfused pipeline's bits, without h.
 Under the interpreter (CAST_FP32) operands are cast to fp32 before tl.dot: bf16 dots are wrong there.
 """
 

@@ -115,18 +115,34 @@ def scatter_kernel(
 
 @triton.jit
 def route_scatter_masked_kernel(
-    x_ptr, topk_ids_ptr, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
+    x_ptr, topk_ids_ptr, counters_ptr, rows_ptr, output_index_ptr, host_ptr,
     num_slots, topk, hidden, first_expert, num_local_experts, num_experts, block_rows,
-    E_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    PUBLISH: tl.constexpr, E_PAD: tl.constexpr, STATS_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """local_ids_kernel and the masked scatter_kernel in one launch (the decode path: counts stay on the device, so
-    the blocks are placed without them): GLOBAL ids mapped, counted into stats, and their slots placed."""
+    the blocks are placed without them): GLOBAL ids mapped, counted into stats, and their slots placed.
+
+    counters (zeroed): fill [E_local], stats [E_local + 2], done [1]. With PUBLISH, the last program to finish copies
+    the final stats to host_ptr (pinned host memory): the host reads them once the kernel is done, with no copy queued
+    between this kernel and the GEMMs. Every program's atomics on stats happen before its ticket on `done` (a barrier,
+    then a release), and the program holding the last ticket reads stats after acquiring it."""
+    fill_ptr = counters_ptr
+    stats_ptr = counters_ptr + num_local_experts
     offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = offs < num_slots
     local, bad = _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts)
     _count(local, bad, stats_ptr, num_local_experts, E_PAD)
     _place(x_ptr, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, fill_ptr, stats_ptr, rows_ptr,
            output_index_ptr, topk, hidden, num_local_experts, BLOCK_H)
+    if PUBLISH:
+        tl.debug_barrier()  # every thread's atomics on stats done before the ticket is taken
+        ticket = tl.atomic_add(counters_ptr + 2 * num_local_experts + 2, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            entries = tl.arange(0, STATS_PAD)
+            mine = entries < num_local_experts + 2
+            final = tl.atomic_add(stats_ptr + entries, tl.zeros([STATS_PAD], dtype=tl.int32), mask=mine, sem="acquire")
+            tl.store(host_ptr + entries, final, mask=mine)
 
 
 @triton.jit

@@ -20,12 +20,19 @@ from kernels.gemm.base import GroupedGemm
 _GROUPED_GEMM = Launcher(grouped_gemm_nt_kernel)
 _SKINNY = Launcher(masked_gemm_nt_skinny_kernel)
 
-# The skinny kernel serves masked blocks whose fullest expert is expected to hold at most this many rows: two splits of
-# SKINNY_BLOCK_M. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200: 0.88-0.90x at Qwen3-like and 0.95-0.96x at
-# DeepSeek-like shapes with up to 32 rows expected; 1.0x at 38 rows (three splits), and 1.3-2x from 61 rows up
-# (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)").
-SKINNY_MAX_ROWS = 32
-SKINNY_BLOCK_M = 16
+# The skinny kernel serves masked blocks whose fullest expert is expected to hold at most SKINNY_MAX_ROWS rows
+# (`Dispatch.rows_hint`), in tiles of SKINNY_TILE_ROWS[0] rows while that expert fits one such tile, else of
+# SKINNY_TILE_ROWS[1]. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200 (docs/gpu-h200.md, "Tenth session"
+# and "Eleventh session"): 16-row tiles 0.90-0.92x at up to 11 rows per expert (Qwen3-, DeepSeek- and gpt-oss-like
+# M = 64), where 32-row tiles gave 0.95-0.97x; 32-row tiles 0.92-0.96x at 18-38 rows (M = 256), where 16-row tiles
+# gave 0.95-1.03x; from 61 rows up 16-row tiles were 1.3-2x slower than DeepGEMM.
+SKINNY_MAX_ROWS = 40
+SKINNY_TILE_ROWS = (16, 32)
+# Splits per (column tile, expert) when the counts stay on the device (decode): the estimate is a hint, and skewed
+# routing puts many more rows on a hot expert, which more splits sweep side by side; a split with no rows leaves at
+# once. Graphed, skewed Qwen3-like M = 256 (68 rows on the hottest expert): 0.89x DeepGEMM with four 32-row splits,
+# 1.05x with two; at uniform routing four and two are within 1%.
+SKINNY_SPLITS_UNSEEN = 4
 
 
 class TritonGroupedGemm(GroupedGemm):
@@ -66,12 +73,15 @@ class TritonGroupedGemm(GroupedGemm):
     def _skinny(self, a, b, d, dispatch, gate_up_order: str | None):
         """d = a · bᵀ on each expert's filled rows; with a gate_up_order, d = silu_and_mul of it (b is w13)."""
         n, k = d.shape[-1], a.shape[-1]
+        small, large = SKINNY_TILE_ROWS
+        block_m = small if dispatch.rows_hint <= small else large
         if interpreting():
-            cfg = dict(BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=64, BLOCK_K=64)
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
         else:
-            cfg = dict(BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
         block_rows = dispatch.block_rows
-        m_splits = max(1, min(cdiv(dispatch.rows_hint, SKINNY_BLOCK_M), block_rows // SKINNY_BLOCK_M))
+        wanted = SKINNY_SPLITS_UNSEEN if dispatch.counts_host is None else cdiv(dispatch.rows_hint, block_m)
+        m_splits = max(1, min(wanted, block_rows // block_m))
         _SKINNY[(cdiv(n, cfg["BLOCK_N"]) * m_splits, dispatch.num_local_experts)](
             a, b, d, dispatch.counts, n, k, block_rows, m_splits,
             SILU=gate_up_order is not None, GATE_FIRST=gate_up_order == "gate_up", CAST_FP32=interpreting(), **cfg,

@@ -168,14 +168,14 @@ def _sized_dispatch(device, layout=Layout.MASKED, counts_host=None, block_rows=1
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_auto_gives_decode_sized_masked_blocks_to_the_skinny_kernel_on_a_gpu_only(device):
     """for_dispatch: on a GPU a masked block whose fullest expert is expected to hold at most SKINNY_MAX_ROWS rows (the
-    counts' maximum when on the host, else M * k / E_local) runs on the Triton skinny kernel; anything else, and
-    anything on a CPU, keeps the backend chosen for the shapes."""
+    counts' maximum when on the host, else `Dispatch.rows_hint`'s estimate) runs on the Triton skinny kernel; anything
+    else, and anything on a CPU, keeps the backend chosen for the shapes."""
     from kernels.gemm import for_dispatch
     from kernels.gemm.triton import SKINNY_MAX_ROWS
 
     chosen = select("auto", device, 128, 64)[0]
     skinny = BACKENDS["triton"] if device == "cuda" else chosen
-    assert for_dispatch(chosen, _sized_dispatch(device), 128, 64) is skinny  # decode: 8 * 2 / 4 = 4 rows expected
+    assert for_dispatch(chosen, _sized_dispatch(device), 128, 64) is skinny  # decode: 4 rows per expert on average
     most, past = ((rows, 0, 0, 0) for rows in (SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1))
     assert for_dispatch(chosen, _sized_dispatch(device, counts_host=most, block_rows=256), 128, 64) is skinny
     assert for_dispatch(chosen, _sized_dispatch(device, counts_host=past, block_rows=256), 128, 64) is chosen

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from kernels import scatter as S
 from kernels._device import default_device
 from kernels.activation import GATE_UP_ORDERS, silu_and_mul
-from kernels.dispatch import LAYOUTS, Layout, unsynced_block_rows
+from kernels.dispatch import LAYOUTS, Layout, expected_fullest_rows, expected_local_slots, unsynced_block_rows
 from kernels.gather import gather
 from kernels.gemm import BACKENDS, availability
 from kernels.gemm import triton as triton_gemm
 from reference import layouts
 from reference import stages as ref
-from reference.routing import rank_view
+from reference.routing import make_routing, rank_view
 from verify import bands, checks
 from verify.cases import Sizes, nan_weights_on_skipped_slots, random_problem
 
@@ -93,19 +94,50 @@ def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, ran
 @pytest.mark.parametrize("ep_size,rank", [(1, 0), (4, 2)])
 def test_route_scatter_masked_is_route_then_scatter_in_one_kernel(routing, params, ep_size, rank, seed):
     """The decode path's fused kernel against its two stages: the same stats, fills and rows (the layout contract
-    once the counts are known)."""
+    once the counts are known), and the stats it publishes to the host (poisoned first) the final ones."""
     sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else SMALL
     view, *_ = routed(routing, ep_size, rank, seed, sizes, **params)
     where = dict(ep_rank=rank, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
     block_rows = unsynced_block_rows(view.x.shape[0], 128)  # sized from M, as the decode path sizes it
+    published = torch.full((view.num_local_experts + 2,), -2, dtype=torch.int32, pin_memory=DEVICE == "cuda")
     dispatch, stats = S.route_scatter_masked(view.x, view.topk_ids, **where, block_rows=block_rows, alignment=128,
-                                             empty=checks.poisoned_empty)
+                                             empty=checks.poisoned_empty, publish=published)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     routing_ = S.route_local_experts(view.topk_ids, **where)
     separate = S.scatter_masked(view.x, routing_, alignment=128, block_rows=block_rows)
-    assert stats.tolist() == routing_.stats.tolist()
+    assert stats.tolist() == routing_.stats.tolist() == published.tolist()
     assert dispatch.counts.tolist() == separate.counts.tolist() == routing_.counts.tolist()
     known = dataclasses.replace(dispatch, counts_host=tuple(routing_.counts.tolist()))
     assert checks.layout_problems(known, view.x, view.local_ids(), 128) == []
+
+
+@pytest.mark.parametrize("num_experts,topk,ep_size", [(128, 8, 8), (256, 8, 8), (128, 4, 8), (16, 4, 4), (8, 2, 1)])
+def test_decode_hint_expects_the_local_slots_of_uniform_routing(num_experts, topk, ep_size, seed):
+    """`expected_local_slots` (the decode path's GEMM hint: its counts stay on the device) against the local slots of
+    the tokens a rank receives from uniform routing: a one-sample t-test of the per-token local slots against the
+    estimate's mean, which the old estimate (every slot local: k per token) and a forgotten receive share fail."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    routing = make_routing("uniform", 4096, num_experts, topk, seed=seed)
+    view = rank_view(torch.empty(4096, 0), routing, ep_size, 0)
+    per_token = (view.local_ids() >= 0).sum(dim=1).double()
+    mean = expected_local_slots(view.num_tokens, topk, num_experts, view.num_local_experts) / view.num_tokens
+    if ep_size == 1:
+        assert mean == topk and (per_token == topk).all()
+    else:
+        assert scipy_stats.ttest_1samp(per_token.numpy(), mean).pvalue > 1e-6, (per_token.mean().item(), mean)
+
+
+@pytest.mark.parametrize("num_local_experts", [2, 4, 16, 32])
+def test_fullest_expert_hint_sits_just_above_the_expected_maximum(num_local_experts, seed):
+    """`expected_fullest_rows` (the decode path's tile hint) against the mean largest count of 4000 multinomial draws
+    (the slots of uniform routing over a rank's experts): above it, by less than 0.75 sigma (sigma = sqrt(mean))."""
+    gen = np.random.default_rng(seed)
+    for mean in (1, 6, 24, 100):
+        largest = gen.multinomial(mean * num_local_experts, [1 / num_local_experts] * num_local_experts, size=4000)
+        expected_max = largest.max(axis=1).mean()
+        above = (expected_fullest_rows(mean, num_local_experts) - expected_max) / mean**0.5
+        assert 0 < above < 0.75, (mean, expected_max, above)
 
 
 @pytest.mark.parametrize("bad", [-2, 8, 2**40])
@@ -115,10 +147,14 @@ def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad)
     x = torch.randn(130, 64, device=DEVICE).to(torch.bfloat16)
     ids = torch.zeros(130, 2, dtype=torch.int64, device=DEVICE)  # 260 slots on expert 0: 132 past a 128-row block
     ids[5, 1] = bad
+    published = torch.full((10,), -2, dtype=torch.int32, pin_memory=DEVICE == "cuda")
     dispatch, stats = S.route_scatter_masked(x, ids, ep_rank=0, num_local_experts=8, num_experts=8, block_rows=128,
-                                             alignment=128, empty=checks.poisoned_empty)
+                                             alignment=128, empty=checks.poisoned_empty, publish=published)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     *histogram, num_bad, dropped = stats.tolist()
     assert (histogram[0], num_bad, dropped) == (259, 1, 259 - 128)
+    assert published.tolist() == stats.tolist()  # what sync="after" reads: the final stats, drops included
     assert dispatch.counts.tolist() == [128] + [0] * 7
     index = dispatch.output_index.cpu()
     assert int((index >= 0).sum()) == 128 and int(index[5, 1]) == -1
@@ -202,38 +238,46 @@ def assert_gemm_matches_reference(dispatch, w, d, label: str) -> None:
         torch.testing.assert_close(flat_d[rows], want, **tolerance("gemm"), msg=f"{label} expert {e}")
 
 
+# form -> tokens, of which expert 0 (rank 0's first, of 4) receives all, the other 7 experts sharing the rest: counts
+# on the host with few rows (16-row tiles) or more (32-row tiles, two splits), on the device (decode) with the
+# scatter's hint (32-row tiles, four splits), or with a hint far below the counts, as skewed routing makes it (16-row
+# tiles in four splits for a 96-row expert: a split sweeps more than one tile)
+SKINNY_FORMS = {"host_counts_few": 12, "host_counts": 40, "decode": 40, "decode_underestimated": 96}
+
+
 @pytest.mark.parametrize("gate_up_order", GATE_UP_ORDERS)
-@pytest.mark.parametrize("decode", [False, True], ids=["host_counts", "decode"])
-@pytest.mark.parametrize("routing,params", [("skewed", {}), ("hot_expert", {"share": 0.9})], ids=["skewed", "hot"])
-def test_skinny_gate_up_silu_is_the_two_stages(gate_up_order, decode, routing, params, seed):
+@pytest.mark.parametrize("form", SKINNY_FORMS)
+def test_skinny_gate_up_silu_is_the_two_stages(gate_up_order, form, seed):
     """The Triton skinny kernel (a masked block with few rows per expert) against the reference GEMM, and with
     silu_and_mul fused into the gate+up GEMM: the unfused GEMM + silu_and_mul's bits on every valid row, and no other
-    row written.
-    The decode form (counts on the device, blocks of M rows) with a hot expert holds more rows than the host's
-    estimate, so a split sweeps more than one tile."""
+    row written; both tile sizes, and splits that sweep more than one tile (`SKINNY_FORMS`)."""
     gemm = BACKENDS["triton"]
     ok, why = availability("triton", DEVICE, 128, 64)
     if not ok:
         pytest.skip(why)
-    # 32 tokens, 2 of 8 experts each, rank 0 of 2 (holding the hot expert): 16 rows per expert expected
-    view, _, w13, _ = routed(routing, 2, 0, seed, Sizes(32, 128, 64, 8, 2), **params)
-    if decode:
+    tokens = SKINNY_FORMS[form]
+    view, _, w13, _ = routed("boundary", 2, 0, seed, Sizes(tokens, 128, 64, 8, 2), counts=(tokens,))
+    small = triton_gemm.SKINNY_TILE_ROWS[0]
+    if form.startswith("decode"):
         where = dict(ep_rank=0, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
         dispatch, _ = S.route_scatter_masked(view.x, view.topk_ids, **where, alignment=128, empty=checks.poisoned_empty,
                                              block_rows=unsynced_block_rows(view.x.shape[0], 128))
-        dispatch = dataclasses.replace(dispatch, counts_host=None)
         counts = dispatch.counts.tolist()
+        if form == "decode_underestimated":
+            dispatch = dataclasses.replace(dispatch, expected_slots=4.0)
+            assert dispatch.rows_hint <= small < max(counts) / triton_gemm.SKINNY_SPLITS_UNSEEN
+        else:
+            assert dispatch.rows_hint > small
     else:
         dispatch = scattered(Layout.MASKED, view, 2, 0)
         counts = list(dispatch.counts_host)
+        assert (dispatch.rows_hint <= small) == (form == "host_counts_few")
     assert gemm.runs_skinny(dispatch)
-    if decode and routing == "hot_expert":
-        assert max(counts) > dispatch.rows_hint  # the estimate is exceeded: a split sweeps more than one tile
     a = gemm.gate_up_silu(dispatch.rows, w13, dispatch, gate_up_order, checks.poisoned_empty)
     h = gemm(dispatch.rows, w13, dispatch, checks.poisoned_empty)
     want = silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=checks.poisoned_empty)
     known = dataclasses.replace(dispatch, counts_host=tuple(counts))
-    assert_gemm_matches_reference(known, w13, h, f"skinny {'decode' if decode else 'host counts'} {routing}")
+    assert_gemm_matches_reference(known, w13, h, f"skinny {form}")
     valid = checks.valid_row_mask(known).to(DEVICE)
     flat_a, flat_want = a.view(-1, a.shape[-1]), want.view(-1, want.shape[-1])
     assert torch.isfinite(flat_a[valid]).all(), "a valid row was not written"
