@@ -22,10 +22,11 @@ _SKINNY = Launcher(masked_gemm_nt_skinny_kernel)
 
 # The skinny kernel serves masked blocks whose fullest expert is expected to hold at most SKINNY_MAX_ROWS rows
 # (`Dispatch.rows_hint`), in tiles of SKINNY_TILE_ROWS[0] rows while that expert fits one such tile, else of
-# SKINNY_TILE_ROWS[1]. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200 (docs/gpu-h200.md, "Tenth session"
-# and "Eleventh session"): 16-row tiles 0.90-0.92x at up to 11 rows per expert (Qwen3-, DeepSeek- and gpt-oss-like
-# M = 64), where 32-row tiles gave 0.95-0.97x; 32-row tiles 0.92-0.96x at 18-38 rows (M = 256), where 16-row tiles
-# gave 0.95-1.03x; from 61 rows up 16-row tiles were 1.3-2x slower than DeepGEMM.
+# SKINNY_TILE_ROWS[1]. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200: 16-row tiles 0.91-0.94x at up to
+# 11 rows in the fullest expert (M = 64), where 32-row tiles gave 0.93-0.97x; 32-row tiles 0.93-0.96x at 18-38 rows
+# (M = 256), where 16-row tiles gave 0.96-1.03x; from 61 rows up 16-row tiles were 1.3-2x slower than DeepGEMM
+# (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)";
+# docs/gpu-h200.md, "Eleventh session: the decode hint, 32-row tiles, the stats published (NVIDIA H200)").
 SKINNY_MAX_ROWS = 40
 SKINNY_TILE_ROWS = (16, 32)
 # Splits per (column tile, expert) when the counts stay on the device (decode): the estimate is a hint, and skewed

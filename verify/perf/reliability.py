@@ -2,12 +2,13 @@
 compute-sanitizer, the whole stage rerun for bitwise determinism, and a sweep over changing routings for memory growth.
 
 `python -m verify.perf.reliability` runs the sanitizer workload: every Triton kernel of the pipeline (local ids and
-histogram, both scatters, m_indices, our Triton grouped GEMMs: the tiled kernel in the contiguous layout, the skinny
-with silu_and_mul fused in the masked one) on a small skewed problem whose rank view is padded with NaN rows, checked
-against the reference; then the decode path (sync="never": the route and the masked scatter as one kernel, M-row
-blocks, counts read on the device) and a batch whose repeated ids overflow an M-row block, so that the fused kernel's
-dropping branch runs too (and the skinny kernel's splits sweep many tiles); then that batch with its counts read
-back, one expert past SKINNY_MAX_ROWS rows: the tiled kernel and silu_and_mul in the masked layout. Run it under
+histogram, both scatters, m_indices, silu_and_mul, our Triton grouped GEMMs: the tiled kernel in both layouts) on a
+small skewed problem whose rank view is padded with NaN rows, checked against the reference; then the decode path
+(sync="never" and "after": the route and the masked scatter as one kernel, M-row blocks, counts read on the device,
+the stats published to pinned host memory; the skinny kernel in 32-row tiles with silu_and_mul fused), a hot expert
+past the hint (16-row tiles, splits sweeping two tiles each), and a batch whose repeated ids overflow an M-row block,
+so that the fused kernel's dropping branch runs too; then that batch with its counts read back, one expert past
+SKINNY_MAX_ROWS rows: the tiled kernel and silu_and_mul in the masked layout. Run it under
 `compute-sanitizer --tool memcheck|racecheck` with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every buffer is its
 own allocation and an out-of-bounds access cannot land inside a cached block.
 """
@@ -58,10 +59,15 @@ def sanitizer_workload(device: str = "cuda", seed: int = 0) -> None:
         if worst(findings) is Verdict.FAIL:
             raise AssertionError(f"sanitizer workload, {name}: {[f.message for f in findings]}")
     x, ids, weights, w13, w2 = args
-    repeated = torch.zeros_like(ids[:, :2]).clamp_min(kw["ep_rank"] * w13.shape[0])  # 2 slots per row, one expert
+    first = kw["ep_rank"] * w13.shape[0]  # the rank's first expert
+    # 30 rows whose 4 ids all name it: 120 rows on one expert where the hint expects ~8 per expert, so the skinny
+    # kernel runs in 16-row tiles and its four splits sweep two tiles each
+    hot = (x[:30], torch.full_like(ids[:30], first), weights[:30], w13, w2)
+    moe_expert_forward(*hot, **kw, gemm="triton", sync="never")
+    repeated = torch.zeros_like(ids[:, :2]).clamp_min(first)  # 2 slots per row, one expert
     many = x.repeat(2, 1)[: 2 * x.shape[0] - 8]  # > 128 rows' worth of slots: the M-row block overflows
     overflow = (many, repeated.repeat(2, 1)[: many.shape[0]], weights[:, :2].repeat(2, 1)[: many.shape[0]], w13, w2)
-    moe_expert_forward(*overflow, **kw, gemm="triton", sync="never")  # the skinny kernel, splits sweeping many tiles
+    moe_expert_forward(*overflow, **kw, gemm="triton", sync="never")  # the fused kernel drops what finds no room
     moe_expert_forward(*overflow, **kw, gemm="triton", layout="masked")  # one expert past SKINNY_MAX_ROWS: the tiled
 
 
