@@ -78,7 +78,8 @@ class Stages:
 
     count: Callable[..., LocalRouting] = scatter.count_local_experts  # sync="before", no host_counts
     route: Callable[..., LocalRouting] = scatter.route_local_experts  # host_counts given: nothing read back
-    route_scatter_masked: Callable[..., tuple[Dispatch, torch.Tensor]] = scatter.route_scatter_masked  # decode path
+    # the decode path's; with sync="after" it must fill the host tensor passed as `publish` (the flags read)
+    route_scatter_masked: Callable[..., tuple[Dispatch, torch.Tensor]] = scatter.route_scatter_masked
     choose_layout: Callable[..., Layout] = choose_layout
     scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
     scatter_masked: Callable[..., Dispatch] = scatter.scatter_masked
