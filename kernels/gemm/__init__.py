@@ -74,4 +74,14 @@ def for_dispatch(backend: GroupedGemm, dispatch: Dispatch, hidden: int, inter: i
     return backend
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "GroupedGemm", "availability", "for_dispatch", "select"]
+def auto_backends(device, hidden: int, inter: int) -> list[str]:
+    """Every backend gemm="auto" may run for these shapes on `device`: `select`'s choice and, where `for_dispatch`
+    can refine it (a GPU), the Triton skinny kernel's backend."""
+    names = [select("auto", device, hidden, inter)[0].name]
+    skinny = triton.BACKEND
+    if torch.device(device).type == "cuda" and skinny.name not in names and skinny.shape_problem(hidden, inter) is None:
+        names.append(skinny.name)
+    return names
+
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "GroupedGemm", "auto_backends", "availability", "for_dispatch", "select"]

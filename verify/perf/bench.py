@@ -38,7 +38,7 @@ import triton  # noqa: E402
 from kernels import GraphedExpertStage, activation, gather, moe_expert_forward, scatter  # noqa: E402
 from kernels.dispatch import LAYOUTS, Layout, masked_block_bytes  # noqa: E402
 from kernels.executor import choose_layout  # noqa: E402
-from kernels.gemm import BACKENDS, availability, select  # noqa: E402
+from kernels.gemm import BACKENDS, auto_backends, availability, for_dispatch, select  # noqa: E402
 from kernels.graphs import capture  # noqa: E402
 from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts  # noqa: E402
@@ -129,6 +129,12 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     active = [c for c in counts if c]
     slots = sum(counts)
     auto_backend = select("auto", case.device, s.hidden, s.inter)[0]
+    auto_layout = choose_layout(counts, tokens, s.hidden, s.inter, auto_backend.m_alignment, None)
+    if auto_layout is Layout.MASKED:  # what the hybrid call's GEMMs run on: its masked Dispatch may refine "auto"
+        routing = scatter.count_local_experts(inp.topk_ids, ep_rank=0, num_local_experts=case.num_local_experts,
+                                              num_experts=s.num_experts)
+        dispatch = scatter.scatter_masked(inp.x, routing, alignment=auto_backend.m_alignment)
+        auto_backend = for_dispatch(auto_backend, dispatch, s.hidden, s.inter)
     point = dict(
         case=case.name, shape=s.name, hidden=s.hidden, inter=s.inter, ep_size=case.ep_size, routing=case.routing,
         tokens=tokens, slots=slots,
@@ -138,7 +144,7 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
         io_bytes=2 * tokens * s.hidden * 2 + 2 * slots * s.hidden * 2,  # x in, out; the slots' rows scattered/gathered
         masked_block_bytes=masked_block_bytes(counts, s.hidden, s.inter, auto_backend.m_alignment),
         auto_backend=auto_backend.name,
-        auto_layout=str(choose_layout(counts, tokens, s.hidden, s.inter, auto_backend.m_alignment, None)),
+        auto_layout=str(auto_layout),
         ms={}, accuracy={}, errors={},
     )
     refs = [moe_reference(*args, **kw, mode=m).float() for m in ("faithful", "exact")]
@@ -211,16 +217,16 @@ def ceilings(device: str, bench) -> dict:
 
 def available_backends(case: BenchCase, names=None) -> list[str]:
     """The backends timed on `case`: `names` (--backends), else every available one (the loop on a CPU only), and in
-    either case the one gemm="auto" picks, which the hybrid call runs and the report reads. UsageError naming
-    --backends when one of `names` cannot run the case (silently timing another backend instead once passed for a
-    DeepGEMM run)."""
-    auto = select("auto", case.device, case.shape.hidden, case.shape.inter)[0].name
+    either case those gemm="auto" may pick (`kernels.gemm.auto_backends`), which the hybrid call runs and the report
+    reads. UsageError naming --backends when one of `names` cannot run the case (silently timing another backend
+    instead once passed for a DeepGEMM run)."""
+    auto = auto_backends(case.device, case.shape.hidden, case.shape.inter)
     if names:
         for name in names:
             ok, why = availability(name, case.device, case.shape.hidden, case.shape.inter)
             if not ok:
                 raise UsageError(f"--backends {name}: {why} (case {case.name})")
-        return list(names) + [auto] * (auto not in names)
+        return list(names) + [name for name in auto if name not in names]
     names = [b for b in BACKENDS if b != "loop" or torch.device(case.device).type == "cpu"]
     return [b for b in names if availability(b, case.device, case.shape.hidden, case.shape.inter)[0]]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import executor
-from kernels.gemm import select
+from kernels.gemm import BACKENDS, availability, select
 from verify.diff import main as diff_main
 from verify.perf import bench, report
 
@@ -105,6 +105,31 @@ def test_the_bench_times_the_backends_asked_for_and_the_one_auto_picks_and_refus
         pytest.skip("this machine has a GPU")
     assert bench.main(["--case", "tiny", "--tokens", "16", "--backends", "deep_gemm"]) == 2
     assert "--backends deep_gemm: DeepGEMM runs on CUDA GPUs only" in capsys.readouterr().err
+
+
+def test_the_point_names_the_backend_the_hybrid_call_runs(monkeypatch):
+    """Where kernels.gemm.for_dispatch gives the hybrid call's masked Dispatch to another backend (on a GPU, a
+    decode-sized block to the Triton skinny kernel; stood in for here), the point's auto_backend names that backend,
+    so the report reads its GEMMs and its whole stage, both timed."""
+    case = bench.BENCH_CASES["tiny"]
+    ok, why = availability("triton", case.device, case.shape.hidden, case.shape.inter)
+    if not ok:
+        pytest.skip(why)
+    asked = []
+
+    def skinny(backend, dispatch, hidden, inter):
+        asked.append(dispatch)
+        return BACKENDS["triton"]
+
+    monkeypatch.setattr(bench, "for_dispatch", skinny)
+    once = lambda fn: (fn(), 1.0)[1]  # noqa: E731  (each configuration run once: the names are what is checked)
+    point = bench.measure_point(case, 16, case.draw_weights(), ["loop", "triton"], once)
+    assert point["auto_layout"] == "masked"  # tiny at M = 16: a small block
+    assert [d.layout for d in asked] == ["masked"] and asked[0].counts_host is not None  # the synced call's Dispatch
+    assert point["auto_backend"] == "triton"
+    assert {"whole/triton/masked", "gemm1/triton/masked", "gemm2/triton/masked"} <= set(point["ms"])
+    assert report.gemm_share(point) == pytest.approx((point["ms"]["gemm1/triton/masked"] + point["ms"][
+        "gemm2/triton/masked"]) / point["ms"]["whole/triton/masked"])
 
 
 def test_the_same_size_copy_copies_every_word():

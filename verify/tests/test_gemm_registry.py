@@ -181,3 +181,15 @@ def test_auto_gives_decode_sized_masked_blocks_to_the_skinny_kernel_on_a_gpu_onl
     assert for_dispatch(chosen, _sized_dispatch(device, counts_host=past, block_rows=256), 128, 64) is chosen
     assert for_dispatch(chosen, _sized_dispatch(device, block_rows=1024, num_tokens=1024, topk=8), 128, 64) is chosen
     assert for_dispatch(chosen, _sized_dispatch(device, Layout.CONTIGUOUS, (1, 0, 0, 0)), 128, 64) is chosen
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_auto_backends_name_what_auto_may_run(device):
+    """kernels.gemm.auto_backends (what the bench times as "auto"): select's choice, and on a GPU the skinny kernel's
+    backend that for_dispatch can refine it to; a shape Triton refuses adds nothing."""
+    from kernels.gemm import auto_backends
+
+    chosen = select("auto", device, 128, 64)[0].name
+    skinny = ["triton"] if device == "cuda" and chosen != "triton" else []
+    assert auto_backends(device, 128, 64) == [chosen, *skinny]
+    assert auto_backends(device, 120, 64) == [select("auto", device, 120, 64)[0].name]  # H % 16 != 0
