@@ -128,13 +128,14 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     counts = expert_counts(inp.local_ids, case.num_local_experts).tolist()
     active = [c for c in counts if c]
     slots = sum(counts)
-    auto_backend = select("auto", case.device, s.hidden, s.inter)[0]
-    auto_layout = choose_layout(counts, tokens, s.hidden, s.inter, auto_backend.m_alignment, None)
-    if auto_layout is Layout.MASKED:  # what the hybrid call's GEMMs run on: its masked Dispatch may refine "auto"
-        routing = scatter.count_local_experts(inp.topk_ids, ep_rank=0, num_local_experts=case.num_local_experts,
-                                              num_experts=s.num_experts)
-        dispatch = scatter.scatter_masked(inp.x, routing, alignment=auto_backend.m_alignment)
-        auto_backend = for_dispatch(auto_backend, dispatch, s.hidden, s.inter)
+    chosen = select("auto", case.device, s.hidden, s.inter)[0]
+    auto_layout = choose_layout(counts, tokens, s.hidden, s.inter, chosen.m_alignment, None)
+    # what the hybrid call's GEMMs run on in each layout: the synced call's masked Dispatch may refine "auto"
+    routing = scatter.count_local_experts(inp.topk_ids, ep_rank=0, num_local_experts=case.num_local_experts,
+                                          num_experts=s.num_experts)
+    masked = for_dispatch(chosen, scatter.scatter_masked(inp.x, routing, alignment=chosen.m_alignment), s.hidden,
+                          s.inter)
+    by_layout = {str(Layout.MASKED): masked.name, str(Layout.CONTIGUOUS): chosen.name}
     point = dict(
         case=case.name, shape=s.name, hidden=s.hidden, inter=s.inter, ep_size=case.ep_size, routing=case.routing,
         tokens=tokens, slots=slots,
@@ -142,8 +143,8 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
         flops=2 * slots * s.hidden * 3 * s.inter,
         weight_bytes=len(active) * 3 * s.hidden * s.inter * 2,
         io_bytes=2 * tokens * s.hidden * 2 + 2 * slots * s.hidden * 2,  # x in, out; the slots' rows scattered/gathered
-        masked_block_bytes=masked_block_bytes(counts, s.hidden, s.inter, auto_backend.m_alignment),
-        auto_backend=auto_backend.name,
+        masked_block_bytes=masked_block_bytes(counts, s.hidden, s.inter, chosen.m_alignment),
+        auto_backend=by_layout[str(auto_layout)], auto_backends=by_layout,
         auto_layout=str(auto_layout),
         ms={}, accuracy={}, errors={},
     )

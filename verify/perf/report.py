@@ -17,10 +17,17 @@ from kernels.executor import MASKED_BLOCK_BUDGET_BYTES
 STAGES = ("count", "scatter", "gemm1", "silu", "gemm2", "gather")
 
 
+def auto_backend(p: dict, layout: str) -> str:
+    """The backend gemm="auto" runs at this point in `layout` (the masked Dispatch may go to another backend than the
+    contiguous one: kernels.gemm.for_dispatch); runs before that was recorded name one backend for both."""
+    return p.get("auto_backends", {}).get(layout, p["auto_backend"])
+
+
 def _key(p: dict, stage: str) -> str:
     """The measurement's name of `stage` in the hybrid's layout (and backend, for gemm / whole; the count has
     neither)."""
-    layout, backend = p["auto_layout"], p["auto_backend"]
+    layout = p["auto_layout"]
+    backend = auto_backend(p, layout)
     if stage == "count":
         return stage
     return f"{stage}/{backend}/{layout}" if stage in ("gemm1", "gemm2", "whole") else f"{stage}/{layout}"
@@ -99,9 +106,12 @@ def torch_native_ratio(p: dict) -> float:
 
 
 def masked_over_contiguous(p: dict) -> float:
-    """Whole-stage time of the masked layout over the contiguous one, with the auto backend."""
-    b = p["auto_backend"]
-    return p["ms"][f"whole/{b}/masked"] / p["ms"][f"whole/{b}/contiguous"]
+    """Whole-stage time of the masked layout over the contiguous one, each with the backend auto runs it on."""
+    return p["ms"][_whole(p, "masked")] / p["ms"][_whole(p, "contiguous")]
+
+
+def _whole(p: dict, layout: str) -> str:
+    return f"whole/{auto_backend(p, layout)}/{layout}"
 
 
 def best_whole(p: dict, layout: str) -> tuple[str, float]:
@@ -156,8 +166,7 @@ TARGETS = (
            lambda p: True, lambda p, c: _ours(p, "whole") / best_whole(p, p["auto_layout"])[1]),
     Target("hybrid_layout", "the layout layout='auto' picks / the better layout, auto backend", "<=", 1.05,
            lambda p: True,
-           lambda p, c: _ours(p, "whole") / min(p["ms"][f"whole/{p['auto_backend']}/{lay}"]
-                                                for lay in LAYOUTS)),
+           lambda p, c: _ours(p, "whole") / min(p["ms"][_whole(p, str(lay))] for lay in LAYOUTS)),
     Target("hybrid_memory", "masked block bytes / budget when the hybrid picks masked", "<=", 1.0,
            lambda p: p["auto_layout"] == "masked", lambda p, c: p["masked_block_bytes"] / MASKED_BLOCK_BUDGET_BYTES),
 )
@@ -188,8 +197,7 @@ def fit_layout_rule(points: list[dict]) -> dict | None:
     that minimises the total, then the worst, excess time over the better layout (auto backend) on these points."""
     data = []
     for p in points:
-        b = p["auto_backend"]
-        masked, contiguous = (p["ms"].get(f"whole/{b}/{lay}") for lay in LAYOUTS)
+        masked, contiguous = (p["ms"].get(_whole(p, str(lay))) for lay in LAYOUTS)
         if masked is not None and contiguous is not None:
             fits = p["masked_block_bytes"] <= MASKED_BLOCK_BUDGET_BYTES
             data.append((p["mean_rows"], fits, masked, contiguous))

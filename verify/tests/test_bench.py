@@ -69,6 +69,18 @@ def test_targets_are_the_declared_ratios():
     assert same_size["scatter_vs_same_size_copy"]["total"] == 0
 
 
+def test_each_layout_is_read_with_the_backend_auto_runs_it_on():
+    """A point whose masked Dispatch goes to another backend than the contiguous one (the skinny kernel at decode
+    sizes) compares the layouts as the hybrid would run them; a run from before that was recorded, with one backend."""
+    p = _point(masked=1.0, contiguous=1.2, **{"whole/triton/masked": 0.9, "gemm1/triton/masked": 0.4,
+                                               "gemm2/triton/masked": 0.2})
+    p.update(auto_backend="triton", auto_backends={"masked": "triton", "contiguous": "deep_gemm"})
+    assert report.masked_over_contiguous(p) == pytest.approx(0.9 / 1.2)
+    assert report.gemm_share(p) == pytest.approx(0.6 / 0.9)
+    assert report.fit_layout_rule([p])["worst_excess"] == 0.0  # masked (0.9) the better layout, as the hybrid runs it
+    assert report.masked_over_contiguous(_point(masked=1.0, contiguous=1.2)) == pytest.approx(1.0 / 1.2)
+
+
 def test_layout_fit_finds_the_crossover_and_respects_the_budget():
     points = [_point(mean_rows=r, masked=1.0, contiguous=1.1 if r <= 256 else 0.9) for r in (8, 64, 256, 1024, 4096)]
     fit = report.fit_layout_rule(points)
