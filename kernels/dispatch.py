@@ -153,8 +153,13 @@ class Dispatch:
         within the block."""
         if self.counts_host is not None:
             return max(1, -(-sum(self.counts_host) // self.num_local_experts))
+        return max(1, min(self.block_rows, math.ceil(self._unseen_mean_rows)))
+
+    @property
+    def _unseen_mean_rows(self) -> float:
+        """Counts on the device: the rows per expert the host expects (`expected_slots`, else every slot's share)."""
         slots = self.output_index.numel() if self.expected_slots is None else self.expected_slots
-        return max(1, min(self.block_rows, math.ceil(slots / self.num_local_experts)))
+        return slots / self.num_local_experts
 
     @functools.cached_property  # asked up to four times per call of the host-bound decode path; fields are frozen
     def rows_hint(self) -> int:
@@ -163,9 +168,8 @@ class Dispatch:
         device: a hint; a skewed routing can put many more rows on one expert)."""
         if self.counts_host is not None:
             return max(self.counts_host, default=0)
-        slots = self.output_index.numel() if self.expected_slots is None else self.expected_slots
-        mean = slots / self.num_local_experts
-        return max(1, min(self.block_rows, math.ceil(expected_fullest_rows(mean, self.num_local_experts))))
+        fullest = expected_fullest_rows(self._unseen_mean_rows, self.num_local_experts)
+        return max(1, min(self.block_rows, math.ceil(fullest)))
 
     @property
     def layout_index(self) -> torch.Tensor:

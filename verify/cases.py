@@ -144,6 +144,7 @@ class BenchCase:
     def received(self, tokens: int, weights, seed: int = 0) -> BenchInputs:
         """The first `tokens` rows that rank 0 receives from a global batch of the case's routing."""
         s = self.shape
+        # kernels.dispatch.receive_share, written out: the gate runs this verify/ against older kernels/ without it
         share = 1 - math.comb(s.num_experts - self.num_local_experts, s.topk) / math.comb(s.num_experts, s.topk)
         num_global = int(tokens / share * 1.3) + 16
         while True:

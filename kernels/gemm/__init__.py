@@ -68,19 +68,22 @@ def for_dispatch(backend: GroupedGemm, dispatch: Dispatch, hidden: int, inter: i
     masked block whose fullest expert is expected to hold few rows (decode: `triton.TritonGroupedGemm.runs_skinny`)
     goes to the Triton skinny kernel, faster there than DeepGEMM's masked GEMMs + silu and bitwise equal to them where
     measured (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)")."""
-    skinny = triton.BACKEND
-    if dispatch.rows.is_cuda and skinny.runs_skinny(dispatch) and skinny.shape_problem(hidden, inter) is None:
-        return skinny
+    if _skinny_may_serve(dispatch.rows.device, hidden, inter) and triton.BACKEND.runs_skinny(dispatch):
+        return triton.BACKEND
     return backend
+
+
+def _skinny_may_serve(device, hidden: int, inter: int) -> bool:
+    """Whether `for_dispatch` may give these shapes on `device` to the skinny kernel (a GPU, shapes Triton takes)."""
+    return torch.device(device).type == "cuda" and triton.BACKEND.shape_problem(hidden, inter) is None
 
 
 def auto_backends(device, hidden: int, inter: int) -> list[str]:
     """Every backend gemm="auto" may run for these shapes on `device`: `select`'s choice and, where `for_dispatch`
-    can refine it (a GPU), the Triton skinny kernel's backend."""
+    can refine it, the Triton skinny kernel's backend."""
     names = [select("auto", device, hidden, inter)[0].name]
-    skinny = triton.BACKEND
-    if torch.device(device).type == "cuda" and skinny.name not in names and skinny.shape_problem(hidden, inter) is None:
-        names.append(skinny.name)
+    if _skinny_may_serve(device, hidden, inter) and triton.BACKEND.name not in names:
+        names.append(triton.BACKEND.name)
     return names
 
 
