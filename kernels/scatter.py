@@ -96,13 +96,15 @@ def read_counts(routing: LocalRouting, num_experts: int) -> LocalRouting:
 
 
 @functools.cache  # asked at every call of the host-bound decode path; never mutated by its callers
-def _scatter_config(hidden: int, num_local_experts: int) -> dict:
+def _scatter_config(hidden: int, topk: int) -> dict:
+    """Tokens per program and the columns each loads at once (kernels/_details/stage_kernels.py, `_place`)."""
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
-        return dict(BLOCK_S=256, BLOCK_H=min(next_power_of_2(hidden), 1024))
-    # H200, graphed, M = 4096: 4 slots x 1024 columns reached 0.86 (DeepSeek-like) and 0.51 (Qwen3-like) of copy
-    # bandwidth where 16 x 512 reached 0.81 and 0.51
-    return dict(BLOCK_S=max(1, min(4, 4096 // next_power_of_2(num_local_experts))),
-                BLOCK_H=min(next_power_of_2(hidden), 1024), num_warps=4)
+        return dict(BLOCK_T=max(1, 256 // next_power_of_2(topk)), BLOCK_H=min(next_power_of_2(hidden), 1024),
+                    TOPK=topk, K_PAD=next_power_of_2(topk))
+    # one token per program, its whole row at once up to 8192 columns (H200, graphed, M = 4096: four warps ahead of
+    # eight at Qwen3-, DeepSeek- and gpt-oss-like shapes)
+    return dict(BLOCK_T=1, BLOCK_H=min(next_power_of_2(hidden), 8192), TOPK=topk, K_PAD=next_power_of_2(topk),
+                num_warps=4)
 
 
 def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +115,10 @@ def _scatter(x, routing, rows, masked: bool, block_rows: int, alignment: int) ->
     num_local_experts = routing.num_local_experts
     output_index = torch.empty(routing.local_ids.shape, dtype=torch.int32, device=x.device)
     fill = torch.zeros(num_local_experts, dtype=torch.int32, device=x.device)
-    cfg = _scatter_config(x.shape[1], num_local_experts)
-    _SCATTER[(cdiv(routing.local_ids.numel(), cfg["BLOCK_S"]),)](
+    cfg = _scatter_config(x.shape[1], routing.local_ids.shape[1])
+    _SCATTER[(cdiv(x.shape[0], cfg["BLOCK_T"]),)](
         x, routing.local_ids, routing.counts, fill, routing.stats, rows, output_index,
-        routing.local_ids.numel(), routing.local_ids.shape[1], x.shape[1], num_local_experts, block_rows,
+        x.shape[0], x.shape[1], num_local_experts, block_rows,
         MASKED=masked, ALIGN=alignment, E_PAD=next_power_of_2(num_local_experts), **cfg,
     )
     return output_index, fill
@@ -183,13 +185,12 @@ def route_scatter_masked(
         raise ValueError(f"publish must be an int32 [{num_local_experts + 2}] host tensor (pinned when x is on a GPU), "
                          f"got {publish.dtype} {tuple(publish.shape)} on {publish.device}")
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    num_slots = topk_ids.numel()
     output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
     counters = torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=x.device)  # fill, stats, done
-    cfg = _scatter_config(x.shape[1], num_local_experts)
-    _ROUTE_SCATTER_MASKED[(cdiv(num_slots, cfg["BLOCK_S"]),)](
-        x, topk_ids, counters, rows, output_index, counters if publish is None else publish, num_slots,
-        topk_ids.shape[1], x.shape[1], ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
+    cfg = _scatter_config(x.shape[1], topk_ids.shape[1])
+    _ROUTE_SCATTER_MASKED[(cdiv(x.shape[0], cfg["BLOCK_T"]),)](
+        x, topk_ids, counters, rows, output_index, counters if publish is None else publish, x.shape[0],
+        x.shape[1], ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
         PUBLISH=publish is not None, E_PAD=next_power_of_2(num_local_experts),
         STATS_PAD=next_power_of_2(num_local_experts + 2), **cfg,
     )
