@@ -12,7 +12,9 @@ rank 0):
 - peers: the torch-native pipeline (verify/perf/peers.py), the faithful reference;
 - ceilings: a dense bf16 matmul of the same FLOPs (per M), on a GPU a copy of the bytes scatter and gather move (per
   M, graphed: what their size alone allows), and, once per run, a large device-to-device copy and a large dense
-  matmul (the roofline's two roofs).
+  matmul (the roofline's two roofs);
+- on a GPU, scatter, gather, the copies of their bytes and the large copy also by their kernels' span in a profiler
+  trace (`kernel_span_ms`): the bandwidths the report reads, without the launch a graph of one stage pays.
 Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
 plumbing only). Every whole-stage output is also judged against the faithful reference with verify.bands.
 verify/perf/report.py turns the points into the targets table, the fitted layout rule and the plots.
@@ -92,17 +94,20 @@ def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) 
     ms, kw = {}, dict(ep_rank=0, num_local_experts=case.num_local_experts, num_experts=case.shape.num_experts)
     gpu = torch.device(case.device).type == "cuda"
 
-    def time(key: str, fn: Callable, capturable: Callable | None = None) -> None:
+    def time(key: str, fn: Callable, capturable: Callable | None = None, span: bool = False) -> None:
         ms[key] = bench(fn)
         if gpu:
-            ms[f"graphed/{key}"] = bench(graphed(capturable or fn))
+            replay = graphed(capturable or fn)
+            ms[f"graphed/{key}"] = bench(replay)
+            if span:  # the memory-bound stages, whose bandwidth the report reads
+                ms[f"kernels/{key}"] = kernel_span_ms(replay, case.device)
 
     time("count", lambda: scatter.count_local_experts(inp.topk_ids, **kw),
          lambda: scatter.route_local_experts(inp.topk_ids, **kw))
     routing = scatter.count_local_experts(inp.topk_ids, **kw)
     for layout in LAYOUTS:
         scatter_to = scatter.scatter_masked if layout is Layout.MASKED else scatter.scatter_contiguous
-        time(f"scatter/{layout}", lambda scatter_to=scatter_to: scatter_to(inp.x, routing))
+        time(f"scatter/{layout}", lambda scatter_to=scatter_to: scatter_to(inp.x, routing), span=True)
         dispatch = scatter_to(inp.x, routing)
         for i, name in enumerate(backends):
             gemm = BACKENDS[name]
@@ -111,7 +116,7 @@ def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) 
             if i == 0:  # silu and gather do not depend on the backend
                 time(f"silu/{layout}", lambda h=h, d=dispatch: activation.silu_and_mul(h, d))
                 y = gemm(a, inp.w2, dispatch)
-                time(f"gather/{layout}", lambda y=y, d=dispatch: gather.gather(y, d, inp.topk_weights))
+                time(f"gather/{layout}", lambda y=y, d=dispatch: gather.gather(y, d, inp.topk_weights), span=True)
             time(f"gemm1/{name}/{layout}", lambda g=gemm, d=dispatch: g(d.rows, inp.w13, d))
             time(f"gemm2/{name}/{layout}", lambda g=gemm, a=a, d=dispatch: g(a, inp.w2, d))
     return ms
@@ -183,6 +188,8 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
     for stage, moved in report.MOVED_BYTES.items():  # a copy of the bytes each memory-bound stage moves
         words = torch.empty(max(-(-moved(point) // 16), 1), dtype=torch.int64, device=case.device)
         point["ms"][f"copy/{stage}"] = bench(gpu_work(sm_copy(words), case.device))
+        if torch.device(case.device).type == "cuda":
+            point["ms"][f"kernels/copy/{stage}"] = kernel_span_ms(sm_copy(words), case.device)
     point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
     a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
     b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)
@@ -201,6 +208,34 @@ def sm_copy(words: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: torch.bitwise_or(words, 0, out=dst)
 
 
+def kernel_span_ms(fn: Callable, device, runs: int = 10) -> float:
+    """The median GPU span of the work one call of `fn` queues (its first kernel's start to its last one's end, in the
+    profiler's CUPTI trace), L2 flushed before every call: the time of the kernels themselves, without the launch
+    that precedes the first one, as DeepGEMM's and DeepEP's `bench_kineto` time kernels. A stage captured alone and
+    replayed pays a graph launch (4.2 us on an H200, docs/gpu-h200.md, "Twelfth session") that a pipeline's graph pays
+    once for all its stages: a quarter of a 4096-token Qwen3-like scatter's replay."""
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=device)  # 256 MB, five times an H200's L2
+    fn()
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            torch.bitwise_not(flush, out=flush)  # the flush, and the mark between two calls in the trace
+            fn()
+        torch.cuda.synchronize(device)
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    calls: list[list] = []
+    for e in events:
+        if "bitwise_not" in e.name:
+            calls.append([])
+        elif calls:
+            calls[-1].append(e)
+    spans = [max(e.time_range.end for e in c) - min(e.time_range.start for e in c) for c in calls if c]
+    if len(spans) != runs:
+        raise RuntimeError(f"kernel_span_ms: the profiler's trace holds {len(spans)} calls' kernels, not {runs}")
+    return statistics.median(spans) / 1e3
+
+
 def ceilings(device: str, bench) -> dict:
     """The two roofs, measured now: device-to-device copy (bytes read + written per second) and a dense bf16 matmul."""
     gpu = torch.device(device).type == "cuda"
@@ -213,7 +248,10 @@ def ceilings(device: str, bench) -> dict:
         a @ b
     copy_ms = bench(lambda: dst.copy_(src))
     mm_ms = bench(lambda: a @ b)
-    return dict(copy_gbps=2 * size / copy_ms / 1e6, copy_bytes=size, peak_tflops=2 * n**3 / mm_ms / 1e9, matmul_n=n)
+    roofs = dict(copy_gbps=2 * size / copy_ms / 1e6, copy_bytes=size, peak_tflops=2 * n**3 / mm_ms / 1e9, matmul_n=n)
+    if gpu:  # the copy timed as the stages' kernels are (kernel_span_ms), for the bandwidths read that way
+        roofs["copy_kernel_gbps"] = 2 * size / kernel_span_ms(lambda: dst.copy_(src), device) / 1e6
+    return roofs
 
 
 def available_backends(case: BenchCase, names=None) -> list[str]:

@@ -67,6 +67,23 @@ def test_targets_are_the_declared_ratios():
     assert same_size["gather_vs_same_size_copy"]["total"] == 1 and same_size["gather_vs_same_size_copy"]["met"] == 0
     assert same_size["gather_vs_same_size_copy"]["rows"][0]["value"] == pytest.approx(0.0209 / 0.03)
     assert same_size["scatter_vs_same_size_copy"]["total"] == 0
+    # a GPU run since the twelfth session: bandwidths by kernel spans, the large copy's included
+    spans = _point(tokens=4096, **graphed, **{"copy/gather": 0.021, "kernels/gather/masked": 0.02,
+                                              "kernels/copy/gather": 0.018})
+    ceil = dict(CEILINGS, copy_kernel_gbps=4100.0)
+    assert report.over_copy_bandwidth(spans, "gather", ceil) == pytest.approx((8192 + 4096) * 1024 * 2 / 0.02 / 1e6
+                                                                              / 4100.0)
+    assert report.over_copy_bandwidth(copied, "gather", ceil) == pytest.approx((8192 + 4096) * 1024 * 2 / 0.03 / 1e6
+                                                                               / 4000.0)  # graphed: do_bench's copy
+    assert report.over_same_size_copy(spans, "gather") == pytest.approx(0.9)  # spans over spans, not 0.021 / 0.03
+
+
+@pytest.mark.gpu
+def test_kernel_span_times_each_call_from_its_first_kernel_to_its_last():
+    x = torch.zeros(1 << 24, device="cuda")
+    one = bench.kernel_span_ms(lambda: x.add_(1), "cuda")
+    two = bench.kernel_span_ms(lambda: (x.add_(1), x.mul_(2)), "cuda")  # two kernels per call, back to back
+    assert 0 < one and 1.6 * one < two < 3 * one
 
 
 def test_each_layout_is_read_with_the_backend_auto_runs_it_on():
