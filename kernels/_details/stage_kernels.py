@@ -81,7 +81,7 @@ def _copy_rows(values, row, cols, hidden, rows_ptr):
 
 @triton.jit
 def _place(x_ptr, tokens, local, offs, in_range, start, room, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
-           hidden, num_local_experts, TOPK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+           hidden, num_local_experts, BLOCK_H: tl.constexpr):
     """Each local slot (local >= 0) of the program's tokens takes the next row of its expert's room (an atomic on the
     fill counter: relaxed, only the tickets' uniqueness matters) from `start`, and x[token] is copied there: read once
     per token, however many of its slots are local, and its first BLOCK_H columns loaded before the tickets are
@@ -135,7 +135,7 @@ def scatter_kernel(
         start = tl.sum(tl.where(mine, starts[None, None, :], 0), axis=2).to(tl.int64)
         room = tl.sum(tl.where(mine, counts[None, None, :], 0), axis=2)
     _place(x_ptr, tokens, local, offs, in_range, start, room, fill_ptr, stats_ptr, rows_ptr, output_index_ptr,
-           hidden, num_local_experts, TOPK, K_PAD, BLOCK_H)
+           hidden, num_local_experts, BLOCK_H)
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def route_scatter_masked_kernel(
     local, bad = _local_ids(topk_ids_ptr, offs, in_range, first_expert, num_local_experts, num_experts)
     _count(local, bad, stats_ptr, num_local_experts, E_PAD)
     _place(x_ptr, tokens, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, fill_ptr, stats_ptr,
-           rows_ptr, output_index_ptr, hidden, num_local_experts, TOPK, K_PAD, BLOCK_H)
+           rows_ptr, output_index_ptr, hidden, num_local_experts, BLOCK_H)
     if PUBLISH:
         tl.debug_barrier()  # every thread's atomics on stats done before the ticket is taken
         ticket = tl.atomic_add(counters_ptr + 2 * num_local_experts + 2, 1, sem="acq_rel")

@@ -32,6 +32,18 @@ def test_noise_alone_never_regresses_and_a_real_slowdown_does():
     assert small.p_value < gate.ALPHA and not small.regressed
 
 
+def test_a_large_slowdown_without_the_evidence_is_undecided_not_passed():
+    """3x slower in every process pair, but one round in seven the other way (a stall on A's side): p = 2^-6 on one
+    pair, short of ALPHA. "No regression" would pass it; the verdict is undecided. Noise alone never is."""
+    a, b = pairs(3.0, 0.01, n=7, processes=1)
+    a[0][3] *= 10  # A stalled once: that round's B/A is 0.3
+    stalled = gate.judge_pairs("e", a, b, 0.3, 0.03)
+    assert stalled.p_value >= gate.ALPHA and stalled.ratio > 2 and not stalled.regressed and stalled.undecided
+    assert not any(gate.judge_pairs("e", *pairs(1.0, 0.06, n=7, seed=s), 0.3, 0.03).undecided for s in range(50))
+    shown = gate.judge_pairs("e", *pairs(3.0, 0.01, n=7, processes=1), 0.3, 0.03)  # every round the same way
+    assert shown.regressed and not shown.undecided
+
+
 def test_one_process_pairs_steady_offset_is_not_a_regression():
     """A B process 6% slower than its A for its whole life (seen at host-bound points on an H200), in one pair of two:
     significant and above 3% pooled, but the other pair does not show it. In both pairs it is flagged."""

@@ -90,6 +90,20 @@ def test_scatter_holds_the_layout_contract(layout, routing, params, ep_size, ran
         assert dispatch.rows.shape[0] == layouts.padded_rows(torch.tensor(counts), 128)
 
 
+def test_scatter_copies_rows_wider_than_the_columns_it_loads_at_once(seed):
+    """A hidden size past the columns a scatter program loads at once (1024 under the interpreter, 8192 on a GPU),
+    not a multiple of them: the later chunks, copied after the tickets are taken, land in the same rows, in all three
+    forms of the scatter (synced masked and contiguous, and the fused route + scatter)."""
+    hidden = S._scatter_config(1 << 20, 3)["BLOCK_H"] + 76
+    view, *_ = routed("skewed", 2, 1, seed, Sizes(48, hidden, 64, 8, 3))
+    for layout in LAYOUTS:
+        assert checks.layout_problems(scattered(layout, view, 2, 1), view.x, view.local_ids(), 128) == []
+    where = dict(ep_rank=1, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
+    fused, _ = S.route_scatter_masked(view.x, view.topk_ids, **where, block_rows=128, empty=checks.poisoned_empty)
+    counts = tuple(S.route_local_experts(view.topk_ids, **where).counts.tolist())
+    assert checks.layout_problems(dataclasses.replace(fused, counts_host=counts), view.x, view.local_ids(), 128) == []
+
+
 @pytest.mark.parametrize("routing,params", ROUTINGS, ids=[r for r, _ in ROUTINGS])
 @pytest.mark.parametrize("ep_size,rank", [(1, 0), (4, 2)])
 def test_route_scatter_masked_is_route_then_scatter_in_one_kernel(routing, params, ep_size, rank, seed):
