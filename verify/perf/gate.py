@@ -46,7 +46,7 @@ a CPU): the gate must then fail.
 `--self-test N` measures the gate itself: N A/A runs (the tree against itself: every flagged point is a false alarm)
 and N runs with 3%, 5% and 10% injected.
 An entry whose B/A exceeds twice its threshold, and its threshold in every process pair, without the evidence (p >=
-ALPHA: too few pairs for the noise measured; with 7 pairs, one pair the other way leaves p at 2^-6) is UNDECIDED:
+ALPHA: too few pairs for the noise measured; with 7 pairs, one the other way leaves p at 2^-6 or more) is UNDECIDED:
 "no regression" would claim what was not shown (a 3x injected slowdown once passed so, under heavy CPU contention).
 Exit codes: 0 no regression, 1 regression (the working tree's pipeline failing included), 2 usage error (unknown
 REF, no baseline, another card) or no verdict (REF's pipeline failing, the GPU out of memory, an UNDECIDED entry and
@@ -253,7 +253,7 @@ class SpeedVerdict:
     threshold: float  # the effect the ratio, and each pair's, had to exceed
     regressed: bool
     # no verdict: B/A above twice the threshold, and above it in every process pair, without the signed-rank test's
-    # evidence (too few pairs for the noise measured: with 7, one pair the other way leaves p at 2^-6); "no
+    # evidence (too few pairs for the noise measured: with 7, one the other way leaves p at 2^-6 or more); "no
     # regression" would claim what was not shown. Never set together with `regressed`.
     undecided: bool = False
 
@@ -692,7 +692,6 @@ def _main(argv=None) -> int:
                       speed=[dict(dataclasses.asdict(v), timing=v.timing.value) for v in verdicts],
                       not_graphed=prepared.not_graphed, injected=prepared.added[1::2], accuracy=accuracy,
                       regressions=regressions, undecided=undecided)
-
     else:
         base = None
         if not args.update:

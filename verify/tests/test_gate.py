@@ -33,8 +33,9 @@ def test_noise_alone_never_regresses_and_a_real_slowdown_does():
 
 
 def test_a_large_slowdown_without_the_evidence_is_undecided_not_passed():
-    """3x slower in every process pair, but one round in seven the other way (a stall on A's side): p = 2^-6 on one
-    pair, short of ALPHA. "No regression" would pass it; the verdict is undecided. Noise alone never is."""
+    """3x slower, but one round in seven the other way (a stall on A's side, the largest |log ratio|): p = 0.15 on
+    one process pair, far short of ALPHA. "No regression" would pass it; the verdict is undecided. Noise alone never
+    is."""
     a, b = pairs(3.0, 0.01, n=7, processes=1)
     a[0][3] *= 10  # A stalled once: that round's B/A is 0.3
     stalled = gate.judge_pairs("e", a, b, 0.3, 0.03)
