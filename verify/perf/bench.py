@@ -186,10 +186,10 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
         point["ms"][name] = bench(fn)
     point["ms"].update(_stage_times(case, inp, backends, bench))
     for stage, moved in report.MOVED_BYTES.items():  # a copy of the bytes each memory-bound stage moves
-        words = torch.empty(max(-(-moved(point) // 16), 1), dtype=torch.int64, device=case.device)
-        point["ms"][f"copy/{stage}"] = bench(gpu_work(sm_copy(words), case.device))
+        copy = sm_copy(torch.empty(max(-(-moved(point) // 16), 1), dtype=torch.int64, device=case.device))
+        point["ms"][f"copy/{stage}"] = bench(gpu_work(copy, case.device))
         if torch.device(case.device).type == "cuda":
-            point["ms"][f"kernels/copy/{stage}"] = kernel_span_ms(sm_copy(words), case.device)
+            point["ms"][f"kernels/copy/{stage}"] = kernel_span_ms(copy, case.device)
     point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
     a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
     b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)
