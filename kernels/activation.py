@@ -34,13 +34,7 @@ def silu_and_mul(
     a = empty((*h.shape[:-1], inter), dtype=torch.bfloat16, device=h.device)
     num_rows = h.numel() // h.shape[-1]  # the layout's rows (h's leading dims are the Dispatch's, checked above)
     masked = dispatch.layout is Layout.MASKED
-    if interpreting():
-        cfg = dict(BLOCK_R=1024, BLOCK_I=min(next_power_of_2(inter), 1024))
-    else:
-        # one row per program, in two warps (H200, kernel spans, M = 4096, against 4 rows x 1024 columns in four warps:
-        # DeepSeek-like masked 25.5 -> 21.7 us, Qwen3-like 14.1 -> 9.6, gpt-oss-like 28.8 -> 23.9; DeepSeek-like
-        # M = 1024 11.7 -> 7.7; docs/gpu-h200.md, "Thirteenth session")
-        cfg = dict(BLOCK_R=1, BLOCK_I=min(next_power_of_2(inter), 1024), num_warps=2)
+    cfg = _config(dispatch, inter)
     grid = (cdiv(num_rows, cfg["BLOCK_R"]), cdiv(inter, cfg["BLOCK_I"]))
     _SILU_AND_MUL[grid](
         h, a, dispatch.layout_index, num_rows, inter,
@@ -48,3 +42,19 @@ def silu_and_mul(
         MASKED=masked, GATE_FIRST=gate_up_order == "gate_up", **cfg,
     )
     return a
+
+
+def _config(dispatch: Dispatch, inter: int) -> dict:
+    """Rows x columns per program. On a GPU one row per program in two warps (H200, kernel spans, blocks sized by the
+    counts, M = 4096, against 4 rows x 1024 columns in four warps: DeepSeek-like masked 25.5 -> 21.7 us, Qwen3-like
+    14.1 -> 9.6, gpt-oss-like 28.8 -> 23.9; DeepSeek-like M = 1024 11.7 -> 7.7), except in a masked block mostly
+    padding (an M-row block whose counts stay on the device, or a skewed one: expected rows per expert under a quarter
+    of the block), where programs that only read masked_m and leave are most of the grid: there four rows per program
+    (one row each: Qwen3-like M = 4096 with an M-row block, the whole graphed stage 1.11x slower; docs/gpu-h200.md,
+    "Thirteenth session")."""
+    columns = min(next_power_of_2(inter), 1024)
+    if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
+        return dict(BLOCK_R=1024, BLOCK_I=columns)
+    if dispatch.layout is Layout.MASKED and 4 * dispatch.expected_m < dispatch.block_rows:
+        return dict(BLOCK_R=4, BLOCK_I=columns, num_warps=4)
+    return dict(BLOCK_R=1, BLOCK_I=columns, num_warps=2)
