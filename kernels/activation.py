@@ -44,17 +44,24 @@ def silu_and_mul(
     return a
 
 
+# More programs than this that only read masked_m and leave (a masked block mostly padding) cost the one-row form
+# more than it saves: 7400 at DeepSeek-like M = 256 (blocks sized by the counts: one row as fast or faster), 47600 at
+# gpt-oss-like M = 1024 (the decode path's M-row block: the whole graphed stage 6% slower with one row).
+_MAX_IDLE_PROGRAMS = 16384
+
+
 def _config(dispatch: Dispatch, inter: int) -> dict:
     """Rows x columns per program. On a GPU one row per program in two warps (H200, kernel spans, blocks sized by the
     counts, M = 4096, against 4 rows x 1024 columns in four warps: DeepSeek-like masked 25.5 -> 21.7 us, Qwen3-like
-    14.1 -> 9.6, gpt-oss-like 28.8 -> 23.9; DeepSeek-like M = 1024 11.7 -> 7.7), except in a masked block mostly
-    padding (an M-row block whose counts stay on the device, or a skewed one: expected rows per expert under a quarter
-    of the block), where programs that only read masked_m and leave are most of the grid: there four rows per program
-    (one row each: Qwen3-like M = 4096 with an M-row block, the whole graphed stage 1.11x slower; docs/gpu-h200.md,
-    "Thirteenth session")."""
+    14.1 -> 9.6, gpt-oss-like 28.8 -> 23.9; DeepSeek-like M = 1024 11.7 -> 7.7), except where a masked block's padding
+    rows would give more than _MAX_IDLE_PROGRAMS programs that only read masked_m and leave (the decode path's M-row
+    blocks, skewed blocks): there four rows per program (one row each: the graphed Qwen3-like M = 4096 stage 1.11x
+    slower, 65536 rows for ~6100 tokens; docs/gpu-h200.md, "Thirteenth session")."""
     columns = min(next_power_of_2(inter), 1024)
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
         return dict(BLOCK_R=1024, BLOCK_I=columns)
-    if dispatch.layout is Layout.MASKED and 4 * dispatch.expected_m < dispatch.block_rows:
-        return dict(BLOCK_R=4, BLOCK_I=columns, num_warps=4)
+    if dispatch.layout is Layout.MASKED:
+        padding_rows = dispatch.num_local_experts * (dispatch.block_rows - dispatch.expected_m)
+        if padding_rows * cdiv(inter, columns) > _MAX_IDLE_PROGRAMS:
+            return dict(BLOCK_R=4, BLOCK_I=columns, num_warps=4)
     return dict(BLOCK_R=1, BLOCK_I=columns, num_warps=2)
