@@ -45,7 +45,7 @@ def silu_and_mul(
 
 
 # More programs than this that only read masked_m and leave (a masked block mostly padding) cost the one-row form
-# more than it saves: 7400 at DeepSeek-like M = 256 (blocks sized by the counts: one row as fast or faster), 47600 at
+# more than it saves: 7360 at DeepSeek-like M = 256 (blocks sized by the counts: one row as fast or faster), 47600 at
 # gpt-oss-like M = 1024 (the decode path's M-row block: the whole graphed stage 6% slower with one row).
 _MAX_IDLE_PROGRAMS = 16384
 
@@ -56,7 +56,8 @@ def _config(dispatch: Dispatch, inter: int) -> dict:
     14.1 -> 9.6, gpt-oss-like 28.8 -> 23.9; DeepSeek-like M = 1024 11.7 -> 7.7), except where a masked block's padding
     rows would give more than _MAX_IDLE_PROGRAMS programs that only read masked_m and leave (the decode path's M-row
     blocks, skewed blocks): there four rows per program (one row each: the graphed Qwen3-like M = 4096 stage 1.11x
-    slower, 65536 rows for ~6100 tokens; docs/gpu-h200.md, "Thirteenth session")."""
+    slower, 65536 rows for ~6100 tokens). docs/gpu-h200.md, "Thirteenth session: silu in one row per program, the
+    gather's variants, the synced call's gap (NVIDIA H200)"."""
     columns = min(next_power_of_2(inter), 1024)
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
         return dict(BLOCK_R=1024, BLOCK_I=columns)
