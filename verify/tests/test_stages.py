@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import activation
 from kernels import scatter as S
 from kernels._device import default_device
 from kernels.activation import GATE_UP_ORDERS, silu_and_mul
@@ -182,7 +183,23 @@ def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad)
 @pytest.mark.parametrize("gate_up_order", ["gate_up", "up_gate"])
 def test_silu_and_mul_computes_valid_rows_only(layout, gate_up_order, seed):
     view, *_ = routed("skewed", 2, 0, seed)
-    dispatch = scattered(layout, view, 2, 0)
+    _check_silu_and_mul(scattered(layout, view, 2, 0), gate_up_order)
+
+
+def test_silu_and_mul_in_a_block_mostly_padding(seed):
+    """A masked block of many more rows than tokens (the decode path's M-row blocks), where a GPU runs several rows
+    per program (kernels/activation.py, _MAX_IDLE_PROGRAMS) instead of one."""
+    view, *_ = routed("uniform", 2, 1, seed)
+    routing = S.count_local_experts(view.topk_ids, ep_rank=1, num_local_experts=view.num_local_experts,
+                                    num_experts=view.num_experts)
+    dispatch = S.scatter_masked(view.x, routing, block_rows=4352, empty=checks.poisoned_empty)
+    if DEVICE == "cuda":
+        assert activation._config(dispatch, 96)["BLOCK_R"] > 1, "the block no longer takes the form this test covers"
+    _check_silu_and_mul(dispatch, "gate_up")
+
+
+def _check_silu_and_mul(dispatch, gate_up_order):
+    """silu_and_mul's valid rows against the faithful reference, its padding rows never written (poisoned output)."""
     valid = checks.valid_row_mask(dispatch).to(DEVICE)
     h = torch.randn(*dispatch.rows.shape[:-1], 2 * 96, device=DEVICE).to(torch.bfloat16)
     h.view(-1, h.shape[-1])[~valid] = float("nan")  # padding rows of the GEMM output are unspecified
