@@ -47,11 +47,12 @@ def routed(routing="uniform", ep_size=1, rank=0, seed=0, sizes=SMALL, **params):
     return view, weights, w13, w2
 
 
-def scattered(layout, view, ep_size, rank):
+def scattered(layout, view, ep_size, rank, **options):
+    """`options`: the scatter's own (block_rows, for the masked layout)."""
     routing = S.count_local_experts(view.topk_ids, ep_rank=rank, num_local_experts=view.num_local_experts,
                                     num_experts=view.num_experts)
     to = S.scatter_masked if layout is Layout.MASKED else S.scatter_contiguous
-    return to(view.x, routing, alignment=128, empty=checks.poisoned_empty)
+    return to(view.x, routing, alignment=128, empty=checks.poisoned_empty, **options)
 
 
 @pytest.mark.parametrize("ep_size", [1, 2, 4])
@@ -190,9 +191,7 @@ def test_silu_and_mul_in_a_block_mostly_padding(seed):
     """A masked block of many more rows than tokens (the decode path's M-row blocks), where a GPU runs several rows
     per program (kernels/activation.py, _MAX_IDLE_PROGRAMS) instead of one."""
     view, *_ = routed("uniform", 2, 1, seed)
-    routing = S.count_local_experts(view.topk_ids, ep_rank=1, num_local_experts=view.num_local_experts,
-                                    num_experts=view.num_experts)
-    dispatch = S.scatter_masked(view.x, routing, block_rows=4352, empty=checks.poisoned_empty)
+    dispatch = scattered(Layout.MASKED, view, 2, 1, block_rows=4352)
     if DEVICE == "cuda":
         assert activation._config(dispatch, 96)["BLOCK_R"] > 1, "the block no longer takes the form this test covers"
     _check_silu_and_mul(dispatch, "gate_up")
