@@ -95,6 +95,24 @@ def expected_fullest_rows(mean_rows: float, num_local_experts: int) -> float:
     return mean_rows + math.sqrt(2 * math.log(num_local_experts) * mean_rows) if num_local_experts > 1 else mean_rows
 
 
+SPECULATIVE_MISS_RATE = 1e-3  # how often a uniform routing may overflow a block sized before its counts are read
+
+
+def speculative_block_rows(num_tokens: int, topk: int, num_experts: int, num_local_experts: int, alignment: int) -> int:
+    """Rows per expert block for a masked scatter that runs before the counts are read (sync="before": the GPU
+    scatters while the host waits for the counts): a tail bound on the fullest expert under uniform routing, aligned
+    up, within the M-row block. An expert's count is a sum of independent per-token draws of mean `mean` (the
+    expected local slots' share, `expected_local_slots`), so by Bernstein's inequality and a union over the E_local
+    experts, P(some count > mean + t) <= SPECULATIVE_MISS_RATE for t^2 = 2 L (mean + t / 3), L = ln(E_local / rate).
+    A routing that puts more on one expert (skewed, or a row repeating an id) overflows the block: the slots that
+    found no room are dropped and counted, and the executor scatters again, sized by the counts it read."""
+    mean = expected_local_slots(num_tokens, topk, num_experts, num_local_experts) / num_local_experts
+    log_term = math.log(num_local_experts / SPECULATIVE_MISS_RATE)
+    margin = (2 * log_term / 3 + math.sqrt((2 * log_term / 3) ** 2 + 8 * log_term * mean)) / 2
+    rows = max(alignment, align_up(math.ceil(mean + margin), alignment))
+    return min(unsynced_block_rows(num_tokens, alignment), rows)
+
+
 def masked_bytes(num_local_experts: int, block_rows: int, hidden: int, inter: int) -> int:
     """Bytes of the masked layout's bf16 buffers: x [H], h [2I], a [I] and y [H] rows for E_local x block_rows rows."""
     return num_local_experts * block_rows * (2 * hidden + 3 * inter) * 2

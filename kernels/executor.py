@@ -1,7 +1,8 @@
 """The hybrid executor: `moe_expert_forward`, the bf16 expert stage of one rank under DeepEP normal mode.
 
     route (global -> local ids, per-expert counts, on the device)
-      -> [sync="before": counts read back, the one device->host sync before the GEMMs]
+      -> [sync="before": counts read back, the one device->host sync before the GEMMs; where the masked layout may
+          serve, the route and the masked scatter run first, as one kernel, and the read waits for them]
       -> layout choice (masked 3D block or contiguous flat rows)
       -> scatter (without counts on the host, route and scatter are one kernel)
       -> grouped GEMM (gate+up) -> silu_and_mul -> grouped GEMM (down) -> gather with router weights
@@ -13,12 +14,16 @@
 
 With the counts on the host (read back, or the caller's `host_counts`), every buffer is sized from the routing
 actually seen, by the arithmetic of kernels/dispatch.py (the masked block from the largest per-expert count, the
-contiguous rows from the aligned counts). Without them (sync="after" / "never", the decode path) the masked block is
-sized from M, which the host knows (`unsynced_block_rows`), the GEMMs read masked_m on the device, and nothing waits
-for the GPU before the last kernel is queued; sync="never" reads nothing at all, so the stage can be captured in a
-CUDA graph (kernels/graphs.py). Inputs are never modified. `Stages` lists the replaceable pieces: tests swap one to
-inject legal slot permutations, poisoned allocations or mutants, without touching this file. The contract this
-implements: docs/contract.md, "Entry points".
+contiguous rows from the aligned counts), except the early scatter's block: sync="before" scatters into a masked block
+sized from the counts expected (`speculative_block_rows`, a tail bound of uniform routing) before it reads, so that
+the GPU is busy while the host waits (the host's work between the read and the first GEMM left the GPU idle: ~0.1 ms
+a call at DeepSeek-like M = 256 on an H200), and scatters again, sized by the counts read, only when that block
+overflowed or the layout rule picked contiguous. Without counts (sync="after" / "never", the decode path) the masked
+block is sized from M, which the host knows (`unsynced_block_rows`), the GEMMs read masked_m on the device, and
+nothing waits for the GPU before the last kernel is queued; sync="never" reads nothing at all, so the stage can be
+captured in a CUDA graph (kernels/graphs.py). Inputs are never modified. `Stages` lists the replaceable pieces:
+tests swap one to inject legal slot permutations, poisoned allocations or mutants, without touching this file. The
+contract this implements: docs/contract.md, "Entry points".
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from kernels.dispatch import (
     LocalRouting,
     masked_block_bytes,
     masked_bytes,
+    speculative_block_rows,
     unsynced_block_rows,
 )
 from kernels.gemm import BACKENDS, GroupedGemm, for_dispatch, select
@@ -76,9 +82,16 @@ def _unchanged(dispatch: Dispatch) -> Dispatch:
 class Stages:
     """The pipeline's replaceable pieces. Defaults are production; `dataclasses.replace` one to test it."""
 
-    count: Callable[..., LocalRouting] = scatter.count_local_experts  # sync="before", no host_counts
-    route: Callable[..., LocalRouting] = scatter.route_local_experts  # host_counts given: nothing read back
-    # the decode path's; with sync="after" it must fill the host tensor passed as `publish` (the flags read)
+    # sync="before" without host_counts: True (production) routes and scatters first, as one kernel
+    # (`route_scatter_masked`), wherever the masked layout may serve, and reads while the GPU works; False reads the
+    # counts first (`count`), then scatters (`scatter_masked` / `scatter_contiguous`). A test or mutant that replaces
+    # count or scatter_masked sets it False, or its stage would not run where the early scatter serves.
+    scatter_before_read: bool = True
+    count: Callable[..., LocalRouting] = scatter.count_local_experts  # read first
+    # host_counts given, or the early scatter's block overflowed: the host has the counts, nothing more is read
+    route: Callable[..., LocalRouting] = scatter.route_local_experts
+    # the decode path's and sync="before"'s early scatter; it must fill the host tensor passed as `publish` (the
+    # stats read) when one is passed
     route_scatter_masked: Callable[..., tuple[Dispatch, torch.Tensor]] = scatter.route_scatter_masked
     choose_layout: Callable[..., Layout] = choose_layout
     scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
@@ -132,10 +145,10 @@ def moe_expert_forward(
     x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
 
-    def synced() -> torch.Tensor:  # this call with sync="before": the counts read, buffers sized by them
+    def synced(counts: Sequence[int] | None = None) -> torch.Tensor:  # this call with sync="before" (and counts read)
         return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
                                   num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
-                                  gemm=gemm, gate_up_order=gate_up_order, stages=stages)
+                                  gemm=gemm, gate_up_order=gate_up_order, host_counts=counts, stages=stages)
 
     where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
     alignment = backend.m_alignment
@@ -155,20 +168,40 @@ def moe_expert_forward(
                                                   empty=stages.empty, publish=host)
         flags = None if host is None else _read_when_done(host, done, x.device)  # the kernel publishes its stats
     else:
-        if host_counts is None:
+        rows, seen_as = _early_block(x.device, num_tokens, topk_ids.shape[1], num_experts, num_local_experts, hidden,
+                                     inter, alignment, layout, masked_max_tokens, sync, host_counts, stages)
+        early = rows if rows and seen_as not in _EARLY_MISSED else 0
+        if early:  # route + masked scatter first, then the one read: the GPU scatters while the host waits
+            host, done = _borrow((num_local_experts + 2,), x.device)
+            scattered, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=early, alignment=alignment,
+                                                       empty=stages.empty, publish=host)
+            stats = _read_when_done(host, done, x.device)()
+            dropped = scatter.check_routing(stats, num_experts)
+            routing, counts_host = None, tuple(stats[:num_local_experts])
+        elif host_counts is None:
             routing = stages.count(topk_ids, **where)
+            counts_host = routing.counts_host
         else:
             routing = stages.route(topk_ids, **where)
             counts = _counts_source(host_counts, x.device).to(x.device, non_blocking=True)
-            routing = dataclasses.replace(routing, counts=counts, counts_host=tuple(host_counts))
+            counts_host = tuple(host_counts)
+            routing = dataclasses.replace(routing, counts=counts, counts_host=counts_host)
             if sync == "before":
                 scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
-        if sync == "before" and sum(routing.counts_host) == 0:  # every id remote or -1: nothing to compute, no GEMM
+        if sync == "before" and sum(counts_host) == 0:  # every id remote or -1: nothing to compute, no GEMM
             return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
         if layout == "auto":
-            layout = stages.choose_layout(routing.counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
-        scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
-        dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
+            layout = stages.choose_layout(counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
+        if rows:  # whether these counts suited the early block: what this shape's next call does
+            suited = max(counts_host) <= rows and Layout(layout) is Layout.MASKED
+            (_EARLY_MISSED.discard if suited else _EARLY_MISSED.add)(seen_as)
+        if early and not dropped and Layout(layout) is Layout.MASKED:
+            dispatch = dataclasses.replace(scattered, counts_host=counts_host, expected_slots=None)
+        else:
+            if routing is None:  # the early block overflowed, or the rule chose contiguous: again, by the counts
+                routing = dataclasses.replace(stages.route(topk_ids, **where), counts_host=counts_host)
+            scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
+            dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
         flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
     dispatch = stages.after_scatter(dispatch)
     if stages.gemm is None and gemm == "auto":
@@ -181,9 +214,43 @@ def moe_expert_forward(
         a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
     y = backend(a, w2, dispatch, stages.empty)
     out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
-    if flags is not None and scatter.check_routing(flags(), num_experts, host_counts):
-        return synced()  # a row repeated an id often enough to overflow an M-row block: size by the real counts
+    if flags is not None:
+        stats = flags()
+        if scatter.check_routing(stats, num_experts, host_counts):  # a row repeated an id past the M-row block:
+            return synced(stats[:num_local_experts])  # again, sized by the counts these flags carry
     return out
+
+
+def _early_block(device, num_tokens, topk, num_experts, num_local_experts, hidden, inter, alignment, layout,
+                 masked_max_tokens, sync, host_counts, stages: Stages) -> tuple[int, tuple | None]:
+    """(rows per expert block of sync="before"'s early scatter, 0 where it cannot serve; the key its outcomes are
+    kept under). It can serve only with `stages.scatter_before_read`, where the masked layout may serve (not
+    layout="contiguous", nor M above masked_max_tokens), and where its block fits the masked budget."""
+    if sync != "before" or host_counts is not None or not stages.scatter_before_read or layout == "contiguous" \
+            or (masked_max_tokens is not None and num_tokens > masked_max_tokens):
+        return 0, None
+    rows = _early_rows(num_tokens, topk, num_experts, num_local_experts, hidden, inter, alignment)
+    return rows, (device, rows, topk, num_experts, num_local_experts, hidden, inter, layout, masked_max_tokens)
+
+
+@functools.lru_cache(maxsize=4096)  # asked at every sync="before" call (1.7 us of host time uncached on a CPU)
+def _early_rows(num_tokens, topk, num_experts, num_local_experts, hidden, inter, alignment) -> int:
+    """`speculative_block_rows`, or 0 where that block is over the masked budget."""
+    rows = speculative_block_rows(num_tokens, topk, num_experts, num_local_experts, alignment)
+    return rows if masked_bytes(num_local_experts, rows, hidden, inter) <= MASKED_BLOCK_BUDGET_BYTES else 0
+
+
+# The early scatter's misses, per call shape (`_early_block`'s key: the shapes and the early block's rows): a shape
+# whose last counts did not suit its early block (a count over the block's rows, or "auto" choosing contiguous) reads
+# first at its next call, and every call that can take the early scatter, whichever way it went, records whether its
+# counts suited it. A skewed routing keeps its skew from batch to batch (hot experts stay hot): without this, each of
+# its calls paid a wasted scatter and its launch (H200, eager, M = 4096: DeepSeek-like skewed 7% slower, Qwen3-like
+# skewed 28%, than reading first; see
+# docs/gpu-h200.md, "Fourteenth session: the synced call scatters before its read (NVIDIA H200)").
+# The two ways differ in where the rows sit and how many rows a block has, not in any row's arithmetic: their outputs
+# are bitwise equal wherever compared (verify/tests/test_executor.py on a CPU and a GPU; DeepGEMM and the skinny
+# kernel at ten bench points on an H200).
+_EARLY_MISSED: set[tuple] = set()
 
 
 def _counts_source(host_counts: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -10,12 +10,13 @@ share anything but the GPU. It reads one JSON request per line on stdin and writ
   (`_graphed`: the stage's GPU work without the host); answers, per point, why it has none (null where it has one)
   and the GEMM backend it runs with (`_auto_gemm`).
 - {"op": "slow", "slowdown": F}: from now on every timed call takes about (1 + F) x its time, with a GPU sleep (a
-  host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the count's kernel
-  and its read-back, where the default call's host waits for the GPU; the graphed call's before the replay; answers
-  the slowdown each adds, measured. (A sleep queued before the eager stage ran while the host was still launching
-  the count, and hid in the idle GPU: an H200 self-test rarely flagged 10% at host-bound points. And a sleep's length
-  is not what it adds: sized once at setup, sleeps of 10% added 3.1% to DeepSeek-like M = 1024's replay, and one of
-  5% added 43% to M = 4096's eager call, in an H200 self-test.)
+  host sleep on a CPU) whose length is fitted here (`_fitted`): the eager call's queued between the kernel its read
+  waits for (the count's, or the early route + scatter's) and that read, where the default call's host waits for the
+  GPU (`_read_delayed`); the graphed call's before the replay; answers the slowdown each adds, measured. (A sleep
+  queued before the eager stage ran while the host was still launching the count, and hid in the idle GPU: an H200
+  self-test rarely flagged 10% at host-bound points. And a sleep's length is not what it adds: sized once at setup,
+  sleeps of 10% added 3.1% to DeepSeek-like M = 1024's replay, and one of 5% added 43% to M = 4096's eager call, in
+  an H200 self-test.)
 - {"op": "time", "point": i, "graphed": bool}: point i's ms per call (`_timer`), timed on the setup's `cpus` (the
   gate gives every worker the same ones; none: wherever the scheduler puts it).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
@@ -101,8 +102,10 @@ def _run_on(cpus) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def _count_delayed(call, kernels):
-    """delay -> `call` with `delay` queued between the count stage's kernel and its read-back."""
+def _read_delayed(call, kernels):
+    """delay -> `call` with `delay` queued between the kernel(s) that the default call's read waits for and that
+    read: the count's kernel, or, in a tree whose sync="before" scatters before its read (`scatter_before_read`),
+    the route + scatter's as well (whichever the call runs)."""
 
     def slow(delay):
         def count(topk_ids, **where):
@@ -110,7 +113,15 @@ def _count_delayed(call, kernels):
             delay()
             return kernels.scatter.read_counts(routing, where["num_experts"])
 
-        return functools.partial(call, stages=dataclasses.replace(kernels.PRODUCTION, count=count))
+        change = dict(count=count)
+        if hasattr(kernels.PRODUCTION, "scatter_before_read"):
+            def route_scatter_masked(*args, **kwargs):
+                scattered = kernels.scatter.route_scatter_masked(*args, **kwargs)
+                delay()
+                return scattered
+
+            change.update(route_scatter_masked=route_scatter_masked)
+        return functools.partial(call, stages=dataclasses.replace(kernels.PRODUCTION, **change))
 
     return slow
 
@@ -272,7 +283,7 @@ def main() -> int:
                 rounds = 3 if device == "cuda" else 1  # a host sleep adds its length: one check is enough
                 added = {"eager": [], "graphed": []}
                 for i, call in enumerate(calls):
-                    calls[i], got = _fitted(delay_of, timer, call, _count_delayed(call, kernels), fraction, rounds)
+                    calls[i], got = _fitted(delay_of, timer, call, _read_delayed(call, kernels), fraction, rounds)
                     added["eager"].append(got)
                     got = None
                     if graphs[i] is not None:

@@ -43,6 +43,12 @@ def _with(**change) -> Stages:
     return dataclasses.replace(PRODUCTION, **change)
 
 
+def _read_first(**change) -> Stages:
+    """Stages with a bent count or masked scatter, reading the counts first (`Stages.scatter_before_read` False):
+    where production routes and scatters before its read, the bent stage would not run."""
+    return _with(scatter_before_read=False, **change)
+
+
 # ---- count / local ids ------------------------------------------------------------------------------------------
 
 def _count_global_as_local(topk_ids, *, ep_rank, num_local_experts, num_experts):
@@ -276,14 +282,14 @@ def _strict_threshold(counts, num_tokens, hidden, inter, alignment, masked_max_t
 MUTANTS: tuple[Mutant, ...] = (
     # count / local ids
     Mutant("global_ids_as_local", "count", "the rank's expert offset is never subtracted: only rank 0 is right",
-           "vllm-gaudi#1796", _with(count=_count_global_as_local)),
+           "vllm-gaudi#1796", _read_first(count=_count_global_as_local)),
     Mutant("minus_one_wraps", "count", "a -1 id indexes the last local expert (Python's a[-1])",
-           "vllm#46408, vllm#42034", _with(count=_count_minus_one_wraps)),
+           "vllm#46408, vllm#42034", _read_first(count=_count_minus_one_wraps)),
     Mutant("previous_rank_expert_as_local", "count", "the local-range check is off by one: the previous rank's "
            "last expert is taken as this rank's expert 0 (only raw global ids show it)",
-           "all-gather EP, where remote ids reach the expert stage", _with(count=_count_previous_rank_expert)),
+           "all-gather EP, where remote ids reach the expert stage", _read_first(count=_count_previous_rank_expert)),
     Mutant("empty_rank_crashes", "count", "a rank with nothing local divides by its zero active experts",
-           "DeepGEMM#20, torchtitan#1166", _with(count=_count_crash_on_empty)),
+           "DeepGEMM#20, torchtitan#1166", _read_first(count=_count_crash_on_empty)),
     # scatter
     Mutant("slot_collision", "scatter", "two tokens of an expert share a row (a racy slot counter)",
            "vllm#34991, sgl-kernel's randperm tests", _with(after_scatter=_slot_collision)),
@@ -333,7 +339,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("threshold_off_by_one", "executor", "auto takes the masked path only for M < masked_max_tokens",
            "`<` for `<=`", _with(choose_layout=_strict_threshold)),
     Mutant("input_mutated", "executor", "the executor zeroes x[0] after scattering it (disposes its input)",
-           "the seed's in-place disposal", _with(scatter_contiguous=_scatter_then_scribble_on_x(
+           "the seed's in-place disposal", _read_first(scatter_contiguous=_scatter_then_scribble_on_x(
                PRODUCTION.scatter_contiguous), scatter_masked=_scatter_then_scribble_on_x(PRODUCTION.scatter_masked))),
     Mutant("nondeterministic", "executor", "an unseeded reduction: reruns differ in one element",
            "DeepEP's run-twice check", _with(gather=_gather_jitter)),

@@ -11,7 +11,7 @@ import torch
 
 from kernels import Stages, choose_layout, moe_expert_forward, scatter
 from kernels._device import default_device
-from kernels.dispatch import LAYOUTS, M_ALIGNMENT, masked_block_bytes
+from kernels.dispatch import LAYOUTS, M_ALIGNMENT, Layout, masked_block_bytes, speculative_block_rows
 from kernels.gemm import BACKENDS, availability
 from kernels.gemm.loop import Loop
 from reference import moe_reference
@@ -185,9 +185,9 @@ def test_all_remote_ids_return_zeros_without_gemm():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def _layout_taken(m_tokens, **kwargs):
+def _layout_taken(m_tokens, stages_change=None, **kwargs):
     seen = []
-    record = Stages(after_scatter=lambda d: seen.append(d) or d)
+    record = Stages(after_scatter=lambda d: seen.append(d) or d, **(stages_change or {}))
     problem = random_problem(Sizes(m_tokens, 64, 64, 4, 2), "uniform", 0, DEVICE)
     moe_expert_forward(problem.x, problem.routing.topk_ids, problem.routing.topk_weights, problem.w13, problem.w2,
                        stages=record, **kwargs)
@@ -209,9 +209,83 @@ def test_auto_layout_rule_reads_the_routing():
     assert choose_layout(skew, 8031, 7168, 2048, 128, None) == "contiguous"
 
 
-def test_masked_block_is_sized_from_the_largest_count():
-    dispatch = _layout_taken(200, layout="masked")
+def _read_first(**change) -> Stages:
+    """Stages with which sync="before" reads the counts before it scatters."""
+    return Stages(scatter_before_read=False, **change)
+
+
+def _call(routing, seed=0, **options):
+    """M = 400 tokens of 8 experts, top-3: the early block has 256 rows; a hot expert takes ~300 slots."""
+    problem = random_problem(Sizes(400, 128, 96, 8, 3), routing, seed, DEVICE, **options)
+    return (problem.x, problem.routing.topk_ids, problem.routing.topk_weights, problem.w13, problem.w2)
+
+
+def _hot_expert_call(seed=0):
+    return _call("hot_expert", seed, share=0.75)
+
+
+def test_masked_block_read_first_is_sized_from_the_largest_count():
+    dispatch = _layout_taken(200, layout="masked", stages_change=dict(scatter_before_read=False))
     assert dispatch.block_rows == -(-max(dispatch.counts_host) // 128) * 128 < 200 * 2
+
+
+def test_the_early_scatter_fills_a_block_sized_before_the_counts():
+    """sync="before" routes and scatters (one kernel) into a block of `speculative_block_rows` rows, then reads: the
+    counts it read are the routing's, nothing is routed or scattered again, and the output is the read-first call's
+    bit for bit. (Run twice: the first call may read first, if this process last saw these shapes overflow.)"""
+    problem = random_problem(Sizes(600, 64, 64, 4, 2), "uniform", 0, DEVICE)
+    args = (problem.x, problem.routing.topk_ids, problem.routing.topk_weights, problem.w13, problem.w2)
+    early, seen = [], []
+    stages = Stages(count=_refuse, route=_refuse, scatter_masked=_refuse, after_scatter=lambda d: seen.append(d) or d,
+                    route_scatter_masked=lambda *a, **kw: early.append(scatter.route_scatter_masked(*a, **kw))
+                    or early[-1], empty=checks.poisoned_empty)
+    moe_expert_forward(*args, layout="masked", gemm="loop")
+    out = moe_expert_forward(*args, layout="masked", gemm="loop", stages=stages)
+    rows = speculative_block_rows(600, 2, 4, 4, M_ALIGNMENT)
+    assert len(early) == 1 and seen[-1].block_rows == rows < 600  # (600 rows: the M-row block)
+    assert seen[-1].counts_host == tuple(expert_counts(problem.routing.topk_ids.long(), 4).tolist())
+    assert int(early[0][1][-1]) == 0  # nothing dropped
+    read_first = _read_first(empty=checks.poisoned_empty)
+    assert checks.bitwise_equal(out, moe_expert_forward(*args, layout="masked", gemm="loop", stages=read_first))
+
+
+@pytest.mark.parametrize("layout", ["masked", "auto"])
+def test_an_early_block_that_overflows_is_scattered_again_and_the_next_call_reads_first(layout):
+    """A hot expert overflows the early block: its slots are dropped there and the call routes and scatters again
+    into a block sized by the counts it read (no second read; "auto" applies the layout rule to those counts). The
+    next call of these shapes reads first, until a call's counts fit the early block again."""
+    hot, uniform = _hot_expert_call(), _call("uniform")
+    early, seen = [], []
+    stages = Stages(after_scatter=lambda d: seen.append(d) or d, empty=checks.poisoned_empty,
+                    route_scatter_masked=lambda *a, **kw: early.append(scatter.route_scatter_masked(*a, **kw))
+                    or early[-1])
+
+    def run(args):
+        before = len(early)
+        out = moe_expert_forward(*args, layout=layout, gemm="loop", stages=stages)
+        return out, len(early) > before
+
+    run(uniform)  # early or not, as this process last saw these shapes; its counts fit the early block
+    assert run(uniform)[1]
+    out, scattered_early = run(hot)
+    assert scattered_early and int(early[-1][1][-1]) > 0  # slots dropped in the early block
+    assert seen[-1].block_rows == -(-max(seen[-1].counts_host) // 128) * 128 > early[-1][0].block_rows
+    read_first = _read_first(empty=checks.poisoned_empty)
+    assert checks.bitwise_equal(out, moe_expert_forward(*hot, layout=layout, gemm="loop", stages=read_first))
+    again, scattered_early = run(hot)
+    assert not scattered_early and checks.bitwise_equal(again, out)
+    assert not run(uniform)[1] and run(uniform)[1]  # read first, saw counts that fit; then early again
+
+
+def test_a_contiguous_choice_after_the_early_scatter_scatters_again_by_the_counts_read():
+    args = _hot_expert_call(1)
+    seen = []
+    contiguous = Stages(choose_layout=lambda *a: Layout.CONTIGUOUS, after_scatter=lambda d: seen.append(d) or d,
+                        empty=checks.poisoned_empty)
+    out = moe_expert_forward(*args, gemm="loop", stages=contiguous)
+    assert seen[0].layout is Layout.CONTIGUOUS
+    read_first = moe_expert_forward(*args, layout="contiguous", gemm="loop", stages=Stages(empty=checks.poisoned_empty))
+    assert checks.bitwise_equal(out, read_first)
 
 
 def test_the_memory_budget_counts_exactly_what_the_masked_layout_allocates():
@@ -231,7 +305,7 @@ def test_the_memory_budget_counts_exactly_what_the_masked_layout_allocates():
 
     problem = random_problem(Sizes(300, 128, 96, 8, 3), "hot_expert", 0, DEVICE, share=0.75)
     args = (problem.x, problem.routing.topk_ids, problem.routing.topk_weights, problem.w13, problem.w2)
-    moe_expert_forward(*args, layout="masked", gemm="loop", stages=Stages(empty=recording_empty, count=count))
+    moe_expert_forward(*args, layout="masked", gemm="loop", stages=_read_first(empty=recording_empty, count=count))
     assert len(blocks) == 4 and sum(blocks) == masked_block_bytes(counts[0], 128, 96, M_ALIGNMENT)
 
 
