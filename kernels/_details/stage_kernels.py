@@ -222,7 +222,11 @@ def gather_kernel(
     Slots with output_index -1 are skipped; every row of out is written (0 where no slot is local). The slot loop is
     unrolled (TOPK is a constant); a slot local to none of the program's tokens is skipped by a branch, which leaves
     the sum as it was (under ep 8 seven slots in eight are remote: H200, graphed, M = 4096, one token per program, the
-    gather went from 54 to 45 us at DeepSeek-like and 21 to 18 us at Qwen3-like shapes, and was unchanged at ep 1)."""
+    gather went from 54 to 45 us at DeepSeek-like and 21 to 18 us at Qwen3-like shapes, and was unchanged at ep 1).
+    The rows of y are loaded evict_first (H200, kernel spans, M = 4096: Qwen3-like 14.02 -> 13.55 us, gpt-oss-like
+    16.02 -> 15.60, DeepSeek-like 39.97 -> 39.86; Qwen3-like M = 16384 45.41 -> 44.42; outputs bitwise equal; the
+    same hint on the index and weights, or streaming stores of out, did not help: docs/gpu-h200.md,
+    "Fourteenth session: the synced call scatters before its read (NVIDIA H200)")."""
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_range = tokens < num_tokens
@@ -234,7 +238,9 @@ def gather_kernel(
             weight = tl.load(weights_ptr + tokens * TOPK + k, mask=in_range, other=0.0)
             used = (row >= 0)[:, None] & col_ok[None, :]
             row = tl.where(row >= 0, row, 0)
-            values = tl.load(y_ptr + row[:, None] * hidden + cols[None, :], mask=used, other=0.0).to(tl.float32)
+            # each row of y is read once, by one program: evict_first leaves L2 to the rest
+            values = tl.load(y_ptr + row[:, None] * hidden + cols[None, :], mask=used, other=0.0,
+                             eviction_policy="evict_first").to(tl.float32)
             acc = tl.where(used, acc + weight[:, None] * values, acc)
     tl.store(out_ptr + tokens[:, None] * hidden + cols[None, :], to_bf16(acc),
              mask=in_range[:, None] & col_ok[None, :])
