@@ -1,15 +1,16 @@
 """Scatter stage: global ids -> local ids and counts (on device), then tokens -> per-expert rows.
 
 `route_local_experts` maps GLOBAL ids to this rank's LOCAL ids and histograms them on the device, so a caller's count
-can never make a scatter write out of bounds; it reads nothing back. `count_local_experts` (the synced pipeline) is
-that, then `read_counts`, which reads the counts back to size the buffers: the pipeline's one device-to-host sync
-before its GEMMs, which carries the out-of-range id count too, so bad ids cost no extra sync. `check_routing` is that
-check on stats read back later (`moe_expert_forward(sync="after")` reads them once every kernel is queued).
+can never make a scatter write out of bounds; it reads nothing back. `count_local_experts` (the synced pipeline where
+it reads first) is that, then `read_counts`, which reads the counts back to size the buffers: the pipeline's one
+device-to-host sync before its GEMMs, which carries the out-of-range id count too, so bad ids cost no extra sync.
+`check_routing` is that check on stats read back otherwise (published by `route_scatter_masked`, or copied after a
+scatter).
 
 `scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
 `kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there).
-`route_scatter_masked` is the route and the masked scatter in one kernel: the decode path's, where nothing is read
-back in between. Rows inside a segment are assigned by atomics: their order is NOT deterministic on a GPU.
+`route_scatter_masked` is the route and the masked scatter in one kernel, where nothing is read back in between: the
+decode path's, and the synced pipeline's early scatter (into a block sized before the counts are read). Rows inside a segment are assigned by atomics: their order is NOT deterministic on a GPU.
 `output_index` is the authoritative token -> row map that the gather follows. A slot that finds no room (its expert's
 segment is full, or its block is: only when the sizes came from somewhere else than these ids) is dropped, counted in
 the routing's stats, never written; the masked layout's counts (masked_m) are then the rows actually filled.

@@ -41,7 +41,7 @@ which neither the passes' spread nor a launch-latency probe sees); only the pair
 judge them, and their GPU work is judged here by their graphed timing. `--update` writes the baseline.
 
 `--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep (eager: queued between
-the count's kernel and its read-back, where the host waits for the GPU; graphed: before the replay; a host sleep on
+the kernel the default call's read waits for and that read, where the host waits for the GPU; graphed: before the replay; a host sleep on
 a CPU): the gate must then fail.
 `--self-test N` measures the gate itself: N A/A runs (the tree against itself: every flagged point is a false alarm)
 and N runs with 3%, 5% and 10% injected.
@@ -628,7 +628,7 @@ def _main(argv=None) -> int:
     p.add_argument("--no-accuracy", action="store_true", help="speed only")
     p.add_argument("--inject-slowdown", type=float, default=0.0, metavar="F",
                    help="slow the working tree's side by F x each point's time (a GPU sleep: eager, before the "
-                        "count's read-back; graphed, before the replay)")
+                        "default call's read-back; graphed, before the replay)")
     p.add_argument("--json", help="write the measurements and the verdicts here")
     args = p.parse_args(argv)
     if args.min_effect is None:
