@@ -10,7 +10,8 @@ scatter).
 `scatter_contiguous` / `scatter_masked` copy each local (token, slot) to a row of its expert and return a
 `kernels.dispatch.Dispatch` (the layouts, and the arithmetic that sizes them, are described there).
 `route_scatter_masked` is the route and the masked scatter in one kernel, where nothing is read back in between: the
-decode path's, and the synced pipeline's early scatter (into a block sized before the counts are read). Rows inside a segment are assigned by atomics: their order is NOT deterministic on a GPU.
+decode path's, and the synced pipeline's early scatter (into a block sized before the counts are read). Rows inside
+a segment are assigned by atomics: their order is NOT deterministic on a GPU.
 `output_index` is the authoritative token -> row map that the gather follows. A slot that finds no room (its expert's
 segment is full, or its block is: only when the sizes came from somewhere else than these ids) is dropped, counted in
 the routing's stats, never written; the masked layout's counts (masked_m) are then the rows actually filled.

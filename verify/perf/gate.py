@@ -41,8 +41,8 @@ which neither the passes' spread nor a launch-latency probe sees); only the pair
 judge them, and their GPU work is judged here by their graphed timing. `--update` writes the baseline.
 
 `--inject-slowdown F` slows the working tree's side by F x each point's time, with a GPU sleep (eager: queued between
-the kernel the default call's read waits for and that read, where the host waits for the GPU; graphed: before the replay; a host sleep on
-a CPU): the gate must then fail.
+the kernel the default call's read waits for and that read, where the host waits for the GPU; graphed: before the
+replay; a host sleep on a CPU): the gate must then fail.
 `--self-test N` measures the gate itself: N A/A runs (the tree against itself: every flagged point is a false alarm)
 and N runs with 3%, 5% and 10% injected.
 An entry whose B/A exceeds twice its threshold, and its threshold in every process pair, without the evidence (p >=
