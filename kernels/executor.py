@@ -163,19 +163,14 @@ def moe_expert_forward(
                                  f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
                                  "fewer tokens, or pass host_counts")
             return synced()  # prefill-sized: sync before
-        host, done = _borrow((num_local_experts + 2,), x.device) if sync == "after" else (None, None)
-        dispatch, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
-                                                  empty=stages.empty, publish=host)
-        flags = None if host is None else _read_when_done(host, done, x.device)  # the kernel publishes its stats
+        dispatch, flags = _route_scatter(stages, x, topk_ids, where, block_rows, alignment, publish=sync == "after")
     else:
         rows, seen_as = _early_block(x.device, num_tokens, topk_ids.shape[1], num_experts, num_local_experts, hidden,
                                      inter, alignment, layout, masked_max_tokens, sync, host_counts, stages)
         early = rows if rows and seen_as not in _EARLY_MISSED else 0
         if early:  # route + masked scatter first, then the one read: the GPU scatters while the host waits
-            host, done = _borrow((num_local_experts + 2,), x.device)
-            scattered, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=early, alignment=alignment,
-                                                       empty=stages.empty, publish=host)
-            stats = _read_when_done(host, done, x.device)()
+            scattered, read = _route_scatter(stages, x, topk_ids, where, early, alignment, publish=True)
+            stats = read()
             dropped = scatter.check_routing(stats, num_experts)
             routing, counts_host = None, tuple(stats[:num_local_experts])
         elif host_counts is None:
@@ -219,6 +214,17 @@ def moe_expert_forward(
         if scatter.check_routing(stats, num_experts, host_counts):  # a row repeated an id past the M-row block:
             return synced(stats[:num_local_experts])  # again, sized by the counts these flags carry
     return out
+
+
+def _route_scatter(stages: Stages, x, topk_ids, where: dict, block_rows: int, alignment: int, publish: bool
+                   ) -> tuple[Dispatch, Callable[[], list[int]] | None]:
+    """`stages.route_scatter_masked` into blocks of `block_rows` rows; with `publish`, also the reader of the stats the
+    kernel publishes to a borrowed host buffer (`_read_when_done`: the read waits for this kernel, not for later ones),
+    else None."""
+    host, done = _borrow((where["num_local_experts"] + 2,), x.device) if publish else (None, None)
+    dispatch, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
+                                              empty=stages.empty, publish=host)
+    return dispatch, None if host is None else _read_when_done(host, done, x.device)
 
 
 def _early_block(device, num_tokens, topk, num_experts, num_local_experts, hidden, inter, alignment, layout,
