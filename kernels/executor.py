@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -138,7 +139,8 @@ def moe_expert_forward(
     backend = stages.gemm or select(gemm, x.device, hidden, inter)[0]
     if num_tokens == 0:
         return torch.empty(0, hidden, dtype=torch.bfloat16, device=x.device)
-    if sync != "never" and x.is_cuda and torch.cuda.is_current_stream_capturing():
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if sync != "never" and capturing:
         raise ValueError(f"sync={sync!r} reads the device, which CUDA-graph capture forbids: capture with "
                          "sync='never' (kernels/graphs.py)")
 
@@ -151,6 +153,7 @@ def moe_expert_forward(
                                   gemm=gemm, gate_up_order=gate_up_order, host_counts=counts, stages=stages)
 
     where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
+    scratch = stages.empty  # allocates the intermediates (rows, h, a, y); the output is always stages.empty's
     alignment = backend.m_alignment
     if sync != "before" and host_counts is None:  # the decode path: the counts stay on the device
         if layout == "contiguous":
@@ -163,13 +166,22 @@ def moe_expert_forward(
                                  f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
                                  "fewer tokens, or pass host_counts")
             return synced()  # prefill-sized: sync before
-        dispatch, flags = _route_scatter(stages, x, topk_ids, where, block_rows, alignment, publish=sync == "after")
+        kept = _kept_buffers(x.device, (num_local_experts, block_rows, hidden, inter, gemm, gate_up_order),
+                             masked_bytes(num_local_experts, block_rows, hidden, inter)) \
+            if stages.empty is torch.empty and not capturing else None
+        counters = None
+        if kept is not None:  # this small call's intermediates, and the scatter's counters, from kept buffers
+            scratch = kept
+            counters = kept.zeros((2 * num_local_experts + 3,), dtype=torch.int32, device=x.device)
+        dispatch, flags = _route_scatter(stages, x, topk_ids, where, block_rows, alignment, publish=sync == "after",
+                                         empty=scratch, counters=counters)
     else:
         rows, seen_as = _early_block(x.device, num_tokens, topk_ids.shape[1], num_experts, num_local_experts, hidden,
                                      inter, alignment, layout, masked_max_tokens, sync, host_counts, stages)
         early = rows if rows and seen_as not in _EARLY_MISSED else 0
         if early:  # route + masked scatter first, then the one read: the GPU scatters while the host waits
-            scattered, read = _route_scatter(stages, x, topk_ids, where, early, alignment, publish=True)
+            scattered, read = _route_scatter(stages, x, topk_ids, where, early, alignment, publish=True,
+                                             empty=stages.empty, counters=None)
             stats = read()
             dropped = scatter.check_routing(stats, num_experts)
             routing, counts_host = None, tuple(stats[:num_local_experts])
@@ -202,12 +214,12 @@ def moe_expert_forward(
     if stages.gemm is None and gemm == "auto":
         backend = for_dispatch(backend, dispatch, hidden, inter)
     # fused where the backend can (a stand-in silu_and_mul, a test's, always runs as its own stage)
-    a = backend.gate_up_silu(dispatch.rows, w13, dispatch, gate_up_order, stages.empty) \
+    a = backend.gate_up_silu(dispatch.rows, w13, dispatch, gate_up_order, scratch) \
         if stages.silu_and_mul is activation.silu_and_mul else None
     if a is None:
-        h = backend(dispatch.rows, w13, dispatch, stages.empty)
-        a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=stages.empty)
-    y = backend(a, w2, dispatch, stages.empty)
+        h = backend(dispatch.rows, w13, dispatch, scratch)
+        a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=scratch)
+    y = backend(a, w2, dispatch, scratch)
     out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
     if flags is not None:
         stats = flags()
@@ -216,14 +228,15 @@ def moe_expert_forward(
     return out
 
 
-def _route_scatter(stages: Stages, x, topk_ids, where: dict, block_rows: int, alignment: int, publish: bool
-                   ) -> tuple[Dispatch, Callable[[], list[int]] | None]:
-    """`stages.route_scatter_masked` into blocks of `block_rows` rows; with `publish`, also the reader of the stats the
-    kernel publishes to a borrowed host buffer (`_read_when_done`: the read waits for this kernel, not for later ones),
-    else None."""
+def _route_scatter(stages: Stages, x, topk_ids, where: dict, block_rows: int, alignment: int, publish: bool,
+                   empty: Allocator, counters: torch.Tensor | None) -> tuple[Dispatch, Callable[[], list[int]] | None]:
+    """`stages.route_scatter_masked` into blocks of `block_rows` rows allocated by `empty` (`counters`: kept zeros it
+    leaves zero, or None); with `publish`, also the reader of the stats the kernel publishes to a borrowed host buffer
+    (`_read_when_done`: the read waits for this kernel, not for later ones), else None."""
     host, done = _borrow((where["num_local_experts"] + 2,), x.device) if publish else (None, None)
+    extra = {} if counters is None else {"counters": counters}
     dispatch, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
-                                              empty=stages.empty, publish=host)
+                                              empty=empty, publish=host, **extra)
     return dispatch, None if host is None else _read_when_done(host, done, x.device)
 
 
@@ -257,6 +270,63 @@ def _early_rows(num_tokens, topk, num_experts, num_local_experts, hidden, inter,
 # are bitwise equal wherever compared (verify/tests/test_executor.py on a CPU and a GPU; DeepGEMM and the skinny
 # kernel at ten bench points on an H200).
 _EARLY_MISSED: set[tuple] = set()
+
+
+# The decode path's intermediates (the masked block's rows, the slots' row index, h, a, y) come from buffers kept per
+# (device, stream, thread, call shape) where they are small, not from the allocator at every call: each torch.empty
+# costs several microseconds of host time, and a small call's host time is its time (the Qwen3-like eager decode call
+# is host-bound). A kept buffer is rewritten by the next call on the same stream only after this call's kernels have
+# read it (one stream runs its kernels in order), and no kernel reads a row this call did not write (the GEMMs read the
+# rows below masked_m, the gather the rows output_index names: the same rows the poisoned tests check). Not under
+# CUDA-graph capture (a graph keeps its own buffers), and not when `Stages.empty` is replaced (tests poison it). The
+# output is always allocated. At most KEPT_SHAPES call shapes of at most KEPT_MAX_BYTES each are kept (the least
+# recently used goes first): 256 MiB of device memory at most.
+KEPT_MAX_BYTES = 64 << 20
+KEPT_SHAPES = 4
+_KEPT: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _kept_buffers(device: torch.device, shape_key: tuple, nbytes: int) -> _Reused | None:
+    """The allocator of a decode-path call's intermediates: `_Reused` on this call shape's kept buffers, or None
+    where they would take more than KEPT_MAX_BYTES (`nbytes`: kernels.dispatch.masked_bytes of the block)."""
+    if nbytes > KEPT_MAX_BYTES:
+        return None
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream, threading.get_ident(), *shape_key)
+    kept = _KEPT.pop(key, None)
+    if kept is None:
+        kept = []
+        if len(_KEPT) >= KEPT_SHAPES:
+            del _KEPT[next(iter(_KEPT))]  # the least recently used: the dict keeps the order of use
+    _KEPT[key] = kept
+    return _Reused(kept)
+
+
+class _Reused:
+    """An Allocator for one call: its n-th request gets the n-th kept buffer of its call shape (allocated at the first
+    call, and again where a request's shape or dtype differs from the buffer kept)."""
+
+    __slots__ = ("kept", "taken")
+
+    def __init__(self, kept: list[torch.Tensor]):
+        self.kept, self.taken = kept, 0
+
+    def __call__(self, shape, *, dtype: torch.dtype, device, make=torch.empty) -> torch.Tensor:
+        n, kept = self.taken, self.kept
+        self.taken = n + 1
+        if n < len(kept) and kept[n].shape == shape and kept[n].dtype == dtype:
+            return kept[n]
+        buffer = make(shape, dtype=dtype, device=device)
+        if n < len(kept):
+            kept[n] = buffer
+        else:
+            kept.append(buffer)
+        return buffer
+
+    def zeros(self, shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+        """A kept buffer zeroed when allocated, for counters that whoever uses them leaves zero again (the scatter's:
+        kernels/scatter.py, `route_scatter_masked`)."""
+        return self(shape, dtype=dtype, device=device, make=torch.zeros)
 
 
 def _counts_source(host_counts: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -169,13 +169,17 @@ def scatter_masked(
 def route_scatter_masked(
     x: torch.Tensor, topk_ids: torch.Tensor, *, ep_rank: int, num_local_experts: int, num_experts: int,
     block_rows: int, alignment: int = 128, empty: Allocator = torch.empty, publish: torch.Tensor | None = None,
-) -> tuple[Dispatch, torch.Tensor]:
+    counters: torch.Tensor | None = None,
+) -> tuple[Dispatch, torch.Tensor | None]:
     """`route_local_experts` then `scatter_masked(..., block_rows=block_rows)` in one kernel, for the decode path
     (counts on the device: the blocks are placed without them). Returns the Dispatch (counts_host None; the local
     slots expected as the GEMMs' hint, `expected_local_slots`) and the routing's stats ([histogram..., bad ids,
-    dropped slots], as LocalRouting.stats), read by nothing here. `publish`: an int32 [E_local + 2] host tensor (pinned,
-    on a GPU) into which the kernel copies the final stats once every slot is placed: read it after an event recorded
-    behind this call (no device-to-host copy is queued, so nothing stands between the scatter and the GEMMs)."""
+    dropped slots], as LocalRouting.stats; None with `counters`), read by nothing here. `publish`: an int32
+    [E_local + 2] host tensor (pinned, on a GPU) into which the kernel copies the final stats once every slot is
+    placed: read it after an event recorded behind this call (no device-to-host copy is queued, so nothing stands
+    between the scatter and the GEMMs). `counters`: int32 [2 * E_local + 3] zeros on x's device that the caller keeps
+    for its next call on this stream: the kernel leaves them zero again (its last program copies masked_m out first),
+    so no memset is launched; None: zeroed here."""
     _check("x", x, (torch.bfloat16,), 2)
     _check("topk_ids", topk_ids, (torch.int32, torch.int64), 2)
     if topk_ids.shape[0] != x.shape[0]:
@@ -187,18 +191,26 @@ def route_scatter_masked(
         raise ValueError(f"publish must be an int32 [{num_local_experts + 2}] host tensor (pinned when x is on a GPU), "
                          f"got {publish.dtype} {tuple(publish.shape)} on {publish.device}")
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
-    output_index = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
-    counters = torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=x.device)  # fill, stats, done
+    output_index = empty(topk_ids.shape, dtype=torch.int32, device=x.device)
+    reset = counters is not None
+    if not reset:
+        counters = torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=x.device)  # fill, stats, done
+        masked_m = counters[:num_local_experts]
+    elif counters.dtype != torch.int32 or counters.shape != (2 * num_local_experts + 3,) or counters.device != x.device:
+        raise ValueError(f"counters must be int32 [{2 * num_local_experts + 3}] zeros on {x.device}, got "
+                         f"{counters.dtype} {tuple(counters.shape)} on {counters.device}")
+    else:
+        masked_m = empty((num_local_experts,), dtype=torch.int32, device=x.device)
     cfg = _scatter_config(x.shape[1], topk_ids.shape[1])
     _ROUTE_SCATTER_MASKED[(cdiv(x.shape[0], cfg["BLOCK_T"]),)](
-        x, topk_ids, counters, rows, output_index, counters if publish is None else publish, x.shape[0],
+        x, topk_ids, counters, rows, output_index, counters if publish is None else publish, masked_m, x.shape[0],
         x.shape[1], ep_rank * num_local_experts, num_local_experts, num_experts, block_rows,
-        PUBLISH=publish is not None, E_PAD=next_power_of_2(num_local_experts),
-        STATS_PAD=next_power_of_2(num_local_experts + 2), **cfg,
+        PUBLISH=publish is not None, RESET=reset, E_PAD=next_power_of_2(num_local_experts),
+        STATS_PAD=next_power_of_2(num_local_experts + 3), **cfg,
     )
     expected = expected_local_slots(x.shape[0], topk_ids.shape[1], num_experts, num_local_experts)
-    return Dispatch(Layout.MASKED, rows, output_index, counters[:num_local_experts], None, alignment,
-                    expected_slots=expected), counters[num_local_experts : 2 * num_local_experts + 2]
+    return Dispatch(Layout.MASKED, rows, output_index, masked_m, None, alignment, expected_slots=expected), \
+        None if reset else counters[num_local_experts : 2 * num_local_experts + 2]
 
 
 def _check_alignment(alignment: int) -> None:

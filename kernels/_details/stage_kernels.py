@@ -140,19 +140,21 @@ def scatter_kernel(
 
 @triton.jit
 def route_scatter_masked_kernel(
-    x_ptr, topk_ids_ptr, counters_ptr, rows_ptr, output_index_ptr, host_ptr,
+    x_ptr, topk_ids_ptr, counters_ptr, rows_ptr, output_index_ptr, host_ptr, masked_m_ptr,
     num_tokens, hidden, first_expert, num_local_experts, num_experts, block_rows,
-    PUBLISH: tl.constexpr, E_PAD: tl.constexpr, STATS_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    PUBLISH: tl.constexpr, RESET: tl.constexpr, E_PAD: tl.constexpr, STATS_PAD: tl.constexpr, TOPK: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """local_ids_kernel and the masked scatter_kernel in one launch (the decode path: counts stay on the device, so
     the blocks are placed without them): GLOBAL ids mapped, counted into stats, and their slots placed.
 
     counters (zeroed): fill [E_local], stats [E_local + 2], done [1]. With PUBLISH, the last program to finish copies
     the final stats to host_ptr (pinned host memory): the host reads them once the kernel is done, with no copy queued
-    between this kernel and the GEMMs. Every program's atomics on stats happen before its ticket on `done` (a CTA
-    barrier, then a release: the pattern of CUDA's cooperative-groups grid barrier), and the program holding the last
-    ticket reads stats after acquiring it."""
+    between this kernel and the GEMMs. With RESET, the last program copies the final fill to masked_m_ptr (the
+    GEMMs' masked_m) and zeroes every counter, so that the caller may keep them for its next launch on this stream
+    without a memset (a fill kernel's launch; kernels/executor.py, `_Reused`). Every program's atomics on the counters
+    happen before its ticket on `done` (a CTA barrier, then a release: the pattern of CUDA's cooperative-groups grid
+    barrier), and the program holding the last ticket reads them after acquiring it."""
     fill_ptr = counters_ptr
     stats_ptr = counters_ptr + num_local_experts
     tokens, offs, in_range = _token_slots(num_tokens, TOPK, K_PAD, BLOCK_T)
@@ -160,14 +162,25 @@ def route_scatter_masked_kernel(
     _count(local, bad, stats_ptr, num_local_experts, E_PAD)
     _place(x_ptr, tokens, local, offs, in_range, local.to(tl.int64) * block_rows, block_rows, fill_ptr, stats_ptr,
            rows_ptr, output_index_ptr, hidden, num_local_experts, BLOCK_H)
-    if PUBLISH:
-        tl.debug_barrier()  # every thread's atomics on stats done before the ticket is taken
+    if PUBLISH or RESET:
+        tl.debug_barrier()  # every thread's atomics on the counters done before the ticket is taken
         ticket = tl.atomic_add(counters_ptr + 2 * num_local_experts + 2, 1, sem="acq_rel")
         if ticket == tl.num_programs(0) - 1:
             entries = tl.arange(0, STATS_PAD)
             mine = entries < num_local_experts + 2
-            final = tl.atomic_add(stats_ptr + entries, tl.zeros([STATS_PAD], dtype=tl.int32), mask=mine, sem="acquire")
-            tl.store(host_ptr + entries, final, mask=mine)
+            if PUBLISH:
+                final = tl.atomic_add(stats_ptr + entries, tl.zeros([STATS_PAD], dtype=tl.int32), mask=mine,
+                                      sem="acquire")
+                tl.store(host_ptr + entries, final, mask=mine)
+            if RESET:
+                experts = tl.arange(0, E_PAD)
+                ours = experts < num_local_experts
+                filled = tl.atomic_add(fill_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=ours,
+                                       sem="acquire")
+                tl.store(masked_m_ptr + experts, filled, mask=ours)
+                tl.store(fill_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32), mask=ours)
+                and_done = entries < num_local_experts + 3  # stats, then the ticket counter
+                tl.store(stats_ptr + entries, tl.zeros([STATS_PAD], dtype=tl.int32), mask=and_done)
 
 
 @triton.jit

@@ -9,9 +9,17 @@ import dataclasses
 import pytest
 import torch
 
-from kernels import Stages, choose_layout, moe_expert_forward, scatter
+from kernels import Stages, choose_layout, executor, moe_expert_forward, scatter
 from kernels._device import default_device
-from kernels.dispatch import LAYOUTS, M_ALIGNMENT, Layout, masked_block_bytes, speculative_block_rows
+from kernels.dispatch import (
+    LAYOUTS,
+    M_ALIGNMENT,
+    Layout,
+    masked_block_bytes,
+    masked_bytes,
+    speculative_block_rows,
+    unsynced_block_rows,
+)
 from kernels.gemm import BACKENDS, availability
 from kernels.gemm.loop import Loop
 from reference import moe_reference
@@ -163,6 +171,66 @@ def _refuse(*args, **kwargs):
 class _NoGemm(Loop):
     def __call__(self, *args, **kwargs):
         raise AssertionError("no GEMM may be launched")
+
+
+def _decode_call(seed: int, tokens: int = 60, bad_id: bool = False):
+    """A sync="after" call of rank 0 of 2; another seed is another batch of as many rows (the rows shuffled, new x);
+    `bad_id`: its first id out of range."""
+    problem = random_problem(Sizes(tokens, 64, 32, 8, 2), "uniform", 0, DEVICE)
+    view = rank_view(problem.x, problem.routing, 2, 0)
+    w13, w2 = problem.rank_weights(2, 0)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(view.x.shape[0], generator=gen).to(view.x.device)
+    x = torch.randn(view.x.shape, generator=gen).to(view.x)
+    ids = view.topk_ids[rows]
+    if bad_id:
+        ids[0, 0] = 8
+    return lambda **kw: moe_expert_forward(x, ids, view.topk_weights[rows], w13, w2, ep_size=2, ep_rank=0,
+                                           sync="after", **kw)
+
+
+def test_the_decode_path_keeps_its_intermediates_and_no_stale_row_shows(monkeypatch):
+    """sync="after" takes its intermediates (the scatter's counters, rows, output_index, masked_m, h, a, y) from
+    buffers kept for its call shape: the next call of that shape allocates none of them; whatever they hold before it
+    (NaN and POISON_INT here, as another batch would leave them) changes no bit of its output, which is the freshly
+    poisoned call's; and the counters, zeroed once, are zero again after every call (the scatter resets them, even
+    in a call that raises on bad ids), so no memset is launched."""
+    monkeypatch.setattr(executor, "_KEPT", {})
+    _decode_call(0)()
+    [(key, kept)] = executor._KEPT.items()
+    counters, *intermediates = kept
+    assert counters.dtype == torch.int32 and counters.shape == (2 * 4 + 3,) and not counters.any()
+    assert len(intermediates) >= 5  # rows, output_index, masked_m, a, y (h too where silu is not fused)
+    for buffer in intermediates:
+        buffer.fill_(float("nan") if buffer.dtype.is_floating_point else checks.POISON_INT)
+    addresses = [buffer.data_ptr() for buffer in kept]
+    call = _decode_call(1)
+    out = call()
+    assert [buffer.data_ptr() for buffer in executor._KEPT[key]] == addresses and not counters.any()
+    assert checks.bitwise_equal(out, call(stages=POISONED))
+    assert not any(out.data_ptr() == address for address in addresses)  # the output is the caller's, never kept
+    with pytest.raises(ValueError, match="topk_ids"):
+        _decode_call(2, bad_id=True)()
+    assert not counters.any() and checks.bitwise_equal(call(), out)
+
+
+def test_kept_buffers_are_bounded_in_size_and_in_call_shapes(monkeypatch):
+    """At most KEPT_SHAPES call shapes (the least recently used goes first), none over KEPT_MAX_BYTES; poisoned stages
+    (a replaced Stages.empty) keep nothing."""
+    monkeypatch.setattr(executor, "_KEPT", {})
+    monkeypatch.setattr(executor, "KEPT_SHAPES", 2)
+    blocks = []
+    for tokens in (60, 250, 450, 250):  # three call shapes: M-row blocks of 128, 256 and 384 rows
+        call = _decode_call(0, tokens)
+        blocks.append(unsynced_block_rows(call().shape[0], M_ALIGNMENT))
+    assert blocks == [128, 256, 384, 256]
+    assert [key[4] for key in executor._KEPT] == [384, 256]  # (device, stream, thread, E_local, block_rows, ...)
+    executor._KEPT.clear()
+    _decode_call(0)(stages=POISONED)
+    assert not executor._KEPT
+    monkeypatch.setattr(executor, "KEPT_MAX_BYTES", masked_bytes(4, 128, 64, 32) - 1)
+    _decode_call(0)()
+    assert not executor._KEPT
 
 
 def test_empty_batch_returns_empty_and_launches_nothing():
