@@ -49,7 +49,8 @@ def without_hub_kernels() -> None:
     when asked (`use_kernels=True`); these adapters build the experts classes directly and test their own torch
     forward, so nothing that runs changes. Call it before the first transformers model is imported (modules imported
     later find the answer where they import it from)."""
-    if not _OURS.exists() or importlib.util.find_spec("kernels").origin != str(_OURS):
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin != str(_OURS):
         return
     import transformers.utils
     import transformers.utils.import_utils
