@@ -153,7 +153,7 @@ def moe_expert_forward(
                                   gemm=gemm, gate_up_order=gate_up_order, host_counts=counts, stages=stages)
 
     where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
-    scratch = stages.empty  # allocates the intermediates (rows, h, a, y); the output is always stages.empty's
+    scratch = stages.empty  # allocates the intermediates (the scatter's, h, a, y); the output is stages.empty's
     alignment = backend.m_alignment
     if sync != "before" and host_counts is None:  # the decode path: the counts stay on the device
         if layout == "contiguous":
@@ -272,9 +272,10 @@ def _early_rows(num_tokens, topk, num_experts, num_local_experts, hidden, inter,
 _EARLY_MISSED: set[tuple] = set()
 
 
-# The decode path's intermediates (the masked block's rows, the slots' row index, h, a, y) come from buffers kept per
-# (device, stream, thread, call shape) where they are small, not from the allocator at every call: each torch.empty
-# costs several microseconds of host time, and a small call's host time is its time (the Qwen3-like eager decode call
+# The decode path's intermediates (the masked block's rows, the slots' row index, masked_m, h, a, y, and the fused
+# scatter's counters, which that kernel leaves zero) come from buffers kept per (device, stream, thread, call shape)
+# where they are small, not from the allocator at every call: each torch.empty costs several microseconds of host time
+# (a torch.zeros a kernel launch more), and a small call's host time is its time (the Qwen3-like eager decode call
 # is host-bound). A kept buffer is rewritten by the next call on the same stream only after this call's kernels have
 # read it (one stream runs its kernels in order), and no kernel reads a row this call did not write (the GEMMs read the
 # rows below masked_m, the gather the rows output_index names: the same rows the poisoned tests check). Not under

@@ -192,15 +192,16 @@ def route_scatter_masked(
                          f"got {publish.dtype} {tuple(publish.shape)} on {publish.device}")
     rows = empty((num_local_experts, block_rows, x.shape[1]), dtype=torch.bfloat16, device=x.device)
     output_index = empty(topk_ids.shape, dtype=torch.int32, device=x.device)
-    reset = counters is not None
-    if not reset:
+    reset = counters is not None  # kept counters: the kernel copies masked_m out and leaves them zero
+    if reset:
+        if counters.dtype != torch.int32 or counters.shape != (2 * num_local_experts + 3,) \
+                or counters.device != x.device:
+            raise ValueError(f"counters must be int32 [{2 * num_local_experts + 3}] zeros on {x.device}, got "
+                             f"{counters.dtype} {tuple(counters.shape)} on {counters.device}")
+        masked_m = empty((num_local_experts,), dtype=torch.int32, device=x.device)
+    else:
         counters = torch.zeros(2 * num_local_experts + 3, dtype=torch.int32, device=x.device)  # fill, stats, done
         masked_m = counters[:num_local_experts]
-    elif counters.dtype != torch.int32 or counters.shape != (2 * num_local_experts + 3,) or counters.device != x.device:
-        raise ValueError(f"counters must be int32 [{2 * num_local_experts + 3}] zeros on {x.device}, got "
-                         f"{counters.dtype} {tuple(counters.shape)} on {counters.device}")
-    else:
-        masked_m = empty((num_local_experts,), dtype=torch.int32, device=x.device)
     cfg = _scatter_config(x.shape[1], topk_ids.shape[1])
     _ROUTE_SCATTER_MASKED[(cdiv(x.shape[0], cfg["BLOCK_T"]),)](
         x, topk_ids, counters, rows, output_index, counters if publish is None else publish, masked_m, x.shape[0],

@@ -116,20 +116,26 @@ def test_scatter_copies_rows_wider_than_the_columns_it_loads_at_once(seed):
 
 @pytest.mark.parametrize("routing,params", ROUTINGS, ids=[r for r, _ in ROUTINGS])
 @pytest.mark.parametrize("ep_size,rank", [(1, 0), (4, 2)])
-def test_route_scatter_masked_is_route_then_scatter_in_one_kernel(routing, params, ep_size, rank, seed):
+@pytest.mark.parametrize("kept", [False, True], ids=["zeroed", "kept_counters"])
+def test_route_scatter_masked_is_route_then_scatter_in_one_kernel(routing, params, ep_size, rank, kept, seed):
     """The decode path's fused kernel against its two stages: the same stats, fills and rows (the layout contract
-    once the counts are known), and the stats it publishes to the host (poisoned first) the final ones."""
+    once the counts are known), and the stats it publishes to the host (poisoned first) the final ones. With counters
+    the caller keeps (the eager decode call's), the same, and the counters zero again once it is done."""
     sizes = Sizes(160, 128, 64, 16, 4) if routing == "boundary" else SMALL
     view, *_ = routed(routing, ep_size, rank, seed, sizes, **params)
     where = dict(ep_rank=rank, num_local_experts=view.num_local_experts, num_experts=view.num_experts)
     block_rows = unsynced_block_rows(view.x.shape[0], 128)  # sized from M, as the decode path sizes it
     published = torch.full((view.num_local_experts + 2,), -2, dtype=torch.int32, pin_memory=DEVICE == "cuda")
+    counters = torch.zeros(2 * view.num_local_experts + 3, dtype=torch.int32, device=DEVICE) if kept else None
     dispatch, stats = S.route_scatter_masked(view.x, view.topk_ids, **where, block_rows=block_rows, alignment=128,
-                                             empty=checks.poisoned_empty, publish=published)
+                                             empty=checks.poisoned_empty, publish=published, counters=counters)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     routing_ = S.route_local_experts(view.topk_ids, **where)
     separate = S.scatter_masked(view.x, routing_, alignment=128, block_rows=block_rows)
+    if kept:
+        assert stats is None and not counters.any()
+        stats = published
     assert stats.tolist() == routing_.stats.tolist() == published.tolist()
     assert dispatch.counts.tolist() == separate.counts.tolist() == routing_.counts.tolist()
     known = dataclasses.replace(dispatch, counts_host=tuple(routing_.counts.tolist()))
@@ -186,17 +192,23 @@ def test_the_early_block_holds_the_fullest_expert_of_uniform_routing(num_tokens,
 
 
 @pytest.mark.parametrize("bad", [-2, 8, 2**40])
-def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad):
+@pytest.mark.parametrize("kept", [False, True], ids=["zeroed", "kept_counters"])
+def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad, kept):
     """Out-of-range ids are counted, never placed; a row repeating an id past its block drops the extra slots
-    (counted, output_index -1, nothing written past the block)."""
+    (counted, output_index -1, nothing written past the block). Kept counters are zero again after it all."""
     x = torch.randn(130, 64, device=DEVICE).to(torch.bfloat16)
     ids = torch.zeros(130, 2, dtype=torch.int64, device=DEVICE)  # 260 slots on expert 0: 132 past a 128-row block
     ids[5, 1] = bad
     published = torch.full((10,), -2, dtype=torch.int32, pin_memory=DEVICE == "cuda")
+    counters = torch.zeros(2 * 8 + 3, dtype=torch.int32, device=DEVICE) if kept else None
     dispatch, stats = S.route_scatter_masked(x, ids, ep_rank=0, num_local_experts=8, num_experts=8, block_rows=128,
-                                             alignment=128, empty=checks.poisoned_empty, publish=published)
+                                             alignment=128, empty=checks.poisoned_empty, publish=published,
+                                             counters=counters)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+    if kept:
+        assert stats is None and not counters.any()
+        stats = published
     *histogram, num_bad, dropped = stats.tolist()
     assert (histogram[0], num_bad, dropped) == (259, 1, 259 - 128)
     assert published.tolist() == stats.tolist()  # what sync="after" reads: the final stats, drops included
@@ -207,6 +219,16 @@ def test_route_scatter_masked_counts_bad_ids_and_drops_slots_past_the_block(bad)
     assert sorted(placed.tolist()) == list(range(128))
     tokens = (index >= 0).nonzero()[:, 0]
     assert checks.bitwise_equal(dispatch.flat_rows().cpu()[placed], x.cpu()[tokens])
+
+
+@pytest.mark.parametrize("counters", [torch.zeros(18, dtype=torch.int32), torch.zeros(19, dtype=torch.int64)],
+                         ids=["short", "int64"])
+def test_route_scatter_masked_refuses_counters_it_cannot_keep(counters):
+    x = torch.randn(4, 64, device=DEVICE).to(torch.bfloat16)
+    ids = torch.zeros(4, 2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="counters must be int32 \\[19\\]"):
+        S.route_scatter_masked(x, ids, ep_rank=0, num_local_experts=8, num_experts=8, block_rows=128,
+                               counters=counters.to(DEVICE))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
