@@ -50,7 +50,7 @@ def without_hub_kernels() -> None:
     forward, so nothing that runs changes. Call it before the first transformers model is imported (modules imported
     later find the answer where they import it from)."""
     spec = importlib.util.find_spec("kernels")
-    if spec is None or spec.origin != str(_OURS):
+    if spec is None or spec.origin is None or Path(spec.origin).resolve() != _OURS:
         return
     import transformers.utils
     import transformers.utils.import_utils
