@@ -186,7 +186,7 @@ def _decode_call(seed: int, tokens: int = 60, bad_id: bool = False):
     if bad_id:
         ids[0, 0] = 8
     return lambda **kw: moe_expert_forward(x, ids, view.topk_weights[rows], w13, w2, ep_size=2, ep_rank=0,
-                                           sync="after", **kw)
+                                           **{"sync": "after", **kw})
 
 
 def test_the_decode_path_keeps_its_intermediates_and_no_stale_row_shows(monkeypatch):
@@ -212,6 +212,9 @@ def test_the_decode_path_keeps_its_intermediates_and_no_stale_row_shows(monkeypa
     with pytest.raises(ValueError, match="topk_ids"):
         _decode_call(2, bad_id=True)()
     assert not counters.any() and checks.bitwise_equal(call(), out)
+    never = call(sync="never")  # the same kept buffers: the scatter resets its counters without publishing its stats
+    assert [buffer.data_ptr() for buffer in executor._KEPT[key]] == addresses and not counters.any()
+    assert checks.bitwise_equal(never, out)
 
 
 def test_kept_buffers_are_bounded_in_size_and_in_call_shapes(monkeypatch):
