@@ -285,6 +285,7 @@ _EARLY_MISSED: set[tuple] = set()
 KEPT_MAX_BYTES = 64 << 20
 KEPT_SHAPES = 4
 _KEPT: dict[tuple, list[torch.Tensor]] = {}
+_KEPT_LOCK = threading.Lock()
 
 
 def _kept_buffers(device: torch.device, shape_key: tuple, nbytes: int) -> _Reused | None:
@@ -294,12 +295,13 @@ def _kept_buffers(device: torch.device, shape_key: tuple, nbytes: int) -> _Reuse
         return None
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream, threading.get_ident(), *shape_key)
-    kept = _KEPT.pop(key, None)
-    if kept is None:
-        kept = []
-        if len(_KEPT) >= KEPT_SHAPES:
-            del _KEPT[next(iter(_KEPT))]  # the least recently used: the dict keeps the order of use
-    _KEPT[key] = kept
+    with _KEPT_LOCK:  # callers on other threads share the dict (never a key: the thread is in it)
+        kept = _KEPT.pop(key, None)
+        if kept is None:
+            kept = []
+            if len(_KEPT) >= KEPT_SHAPES:
+                del _KEPT[next(iter(_KEPT))]  # the least recently used: the dict keeps the order of use
+        _KEPT[key] = kept
     return _Reused(kept)
 
 
