@@ -92,8 +92,8 @@ class Stages:
     # host_counts given, or the early scatter's block overflowed: the host has the counts, nothing more is read
     route: Callable[..., LocalRouting] = scatter.route_local_experts
     # the decode path's and sync="before"'s early scatter; it must fill the host tensor passed as `publish` (the
-    # stats read) when one is passed
-    route_scatter_masked: Callable[..., tuple[Dispatch, torch.Tensor]] = scatter.route_scatter_masked
+    # stats read) when one is passed, and leave the `counters` passed (kept ones) zero
+    route_scatter_masked: Callable[..., tuple[Dispatch, torch.Tensor | None]] = scatter.route_scatter_masked
     choose_layout: Callable[..., Layout] = choose_layout
     scatter_contiguous: Callable[..., Dispatch] = scatter.scatter_contiguous
     scatter_masked: Callable[..., Dispatch] = scatter.scatter_masked
@@ -234,9 +234,8 @@ def _route_scatter(stages: Stages, x, topk_ids, where: dict, block_rows: int, al
     leaves zero, or None); with `publish`, also the reader of the stats the kernel publishes to a borrowed host buffer
     (`_read_when_done`: the read waits for this kernel, not for later ones), else None."""
     host, done = _borrow((where["num_local_experts"] + 2,), x.device) if publish else (None, None)
-    extra = {} if counters is None else {"counters": counters}
     dispatch, _ = stages.route_scatter_masked(x, topk_ids, **where, block_rows=block_rows, alignment=alignment,
-                                              empty=empty, publish=host, **extra)
+                                              empty=empty, publish=host, counters=counters)
     return dispatch, None if host is None else _read_when_done(host, done, x.device)
 
 

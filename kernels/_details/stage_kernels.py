@@ -167,8 +167,8 @@ def route_scatter_masked_kernel(
         ticket = tl.atomic_add(counters_ptr + 2 * num_local_experts + 2, 1, sem="acq_rel")
         if ticket == tl.num_programs(0) - 1:
             entries = tl.arange(0, STATS_PAD)
-            mine = entries < num_local_experts + 2
             if PUBLISH:
+                mine = entries < num_local_experts + 2
                 final = tl.atomic_add(stats_ptr + entries, tl.zeros([STATS_PAD], dtype=tl.int32), mask=mine,
                                       sem="acquire")
                 tl.store(host_ptr + entries, final, mask=mine)
