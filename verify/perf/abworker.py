@@ -96,12 +96,6 @@ def _delay(device: str, ms: float):
     return lambda: torch.cuda._sleep(cycles)
 
 
-def _run_on(cpus) -> None:
-    """This process (and those it starts) on these CPUs from now on; nothing where the OS cannot pin."""
-    if cpus and hasattr(os, "sched_setaffinity") and set(cpus) != os.sched_getaffinity(0):
-        os.sched_setaffinity(0, cpus)
-
-
 def _read_delayed(call, kernels):
     """delay -> `call` with `delay` queued between the kernel(s) that the default call's read waits for and that
     read: the count's kernel, or, in a tree whose sync="before" scatters before its read (`scatter_before_read`),
@@ -238,6 +232,7 @@ def main() -> int:
     import kernels  # the tree under test's pipeline: first on sys.path
     from kernels._device import default_device
     from verify.cases import BENCH_CASES, CASES_BY_NAME
+    from verify.perf import procs
 
     device = default_device()
     calls, graphs = [], []
@@ -251,7 +246,7 @@ def main() -> int:
             if op == "quit":
                 break
             if op == "setup":
-                _run_on(every_cpu)
+                procs.run_on(every_cpu)
                 timer = _timer(device, request["rep_ms"])
                 timing_cpus = request.get("cpus")
                 calls, graphs, not_graphed, gemm = [], [], [], []
@@ -277,7 +272,7 @@ def main() -> int:
                 answer = dict(points=len(calls), device=device, not_graphed=not_graphed, gemm=gemm,
                               card=torch.cuda.get_device_name() if device == "cuda" else "cpu")
             elif op == "slow":
-                _run_on(timing_cpus)
+                procs.run_on(timing_cpus)
                 fraction = request["slowdown"]
                 delay_of = functools.partial(_delay, device)
                 rounds = 3 if device == "cuda" else 1  # a host sleep adds its length: one check is enough
@@ -292,12 +287,12 @@ def main() -> int:
                     added["graphed"].append(got)
                 answer = dict(added=added)
             elif op == "time":
-                _run_on(timing_cpus)
+                procs.run_on(timing_cpus)
                 answer = dict(ms=timer((graphs if request.get("graphed") else calls)[request["point"]]))
             elif op == "busy":
                 answer = dict(busy=_busy(calls[request["point"]], device))
             elif op == "grades":
-                _run_on(every_cpu)
+                procs.run_on(every_cpu)
                 answer = dict(grades=_grades(kernels.moe_expert_forward, CASES_BY_NAME[request["case"]],
                                              request["seed"], request["rows"], device))
             else:

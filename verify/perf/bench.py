@@ -16,7 +16,9 @@ rank 0):
 - on a GPU, scatter, gather, the copies of their bytes and the large copy also by their kernels' span in a profiler
   trace (`kernel_span_ms`): the bandwidths the report reads, without the launch a graph of one stage pays.
 Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
-plumbing only). Every whole-stage output is also judged against the faithful reference with verify.bands.
+plumbing only), taken on the two CPUs the gate's workers time on (verify/perf/procs.py, `shared_cpus`, near the GPU):
+a host-bound point's time follows the core it runs on. Every whole-stage output is also judged against the faithful
+reference with verify.bands.
 verify/perf/report.py turns the points into the targets table, the fitted layout rule and the plots.
 """
 
@@ -357,11 +359,9 @@ def main(argv=None) -> int:
         if args.jobs > 1:
             warm_in_parallel(names, args.jobs)
         card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        results = dict(card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms,
+        cpus = procs.shared_cpus(torch.device(device).type)
+        results = dict(card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms, cpus=cpus,
                        cases={c.name: c.describe() for c in cases}, points=[])
-        results["ceilings"] = ceilings(device, timer(device, args.rep_ms))
-        print(f"{card}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
-              f"{results['ceilings']['peak_tflops']:.0f} TFLOP/s", flush=True)
 
         def save(point):
             results["points"].append(point)
@@ -369,9 +369,13 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
 
-        for c in cases:
-            print(c.describe(), flush=True)
-            run_case(c, args.tokens or c.tokens, backends[c.name], args.rep_ms, save, impls)
+        with procs.pinned(cpus):  # host-bound timings follow the core: every point on the same two (as the gate's)
+            results["ceilings"] = ceilings(device, timer(device, args.rep_ms))
+            print(f"{card}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
+                  f"{results['ceilings']['peak_tflops']:.0f} TFLOP/s; timed on CPUs {cpus}", flush=True)
+            for c in cases:
+                print(c.describe(), flush=True)
+                run_case(c, args.tokens or c.tokens, backends[c.name], args.rep_ms, save, impls)
     results["report"] = report.report(results)
     print(report.format_report(results))
     if args.json and not args.from_json:

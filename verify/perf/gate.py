@@ -81,6 +81,7 @@ from scipy import stats  # noqa: E402
 
 from verify.cases import CASES, CASES_BY_NAME, GATE_POINTS  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
+from verify.perf import procs  # noqa: E402
 from verify.sweep import Row, Sweep  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -107,32 +108,6 @@ class UsageError(Exception):
 
 
 # ---- workers -------------------------------------------------------------------------------------------------------
-
-@functools.cache
-def shared_cpus(device_type: str) -> list[int]:
-    """The CPUs every worker times on: the same two for all (near the GPU where the system says which are). Left to
-    the scheduler, each worker runs on whichever core it first woke on, and host-bound timings follow the core: in an
-    A/A self-test on an H200 machine (5 workers of one tree, unpinned) the workers timed up to 11% apart at host-bound
-    points, steadily (9 false alarms in 160), and the launch-latency probe read 17-26 us in successive runs on one
-    machine. Only one worker times at a time, so two cores are never contended; compiling and the accuracy rows run
-    on every CPU."""
-    if not hasattr(os, "sched_getaffinity"):  # not Linux: no pinning
-        return []
-    allowed = sorted(os.sched_getaffinity(0))
-    near = set(allowed)
-    if device_type == "cuda":
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        try:
-            bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-            listed = pathlib.Path(f"/sys/bus/pci/devices/{bus}/local_cpulist").read_text().strip()
-            near = set()
-            for part in listed.split(","):
-                first, _, last = part.partition("-")
-                near.update(range(int(first), int(last or first) + 1))
-        except (AttributeError, OSError, ValueError):
-            pass
-    return ([c for c in allowed if c in near] or allowed)[:2]
-
 
 @dataclasses.dataclass
 class WorkerFailed(Exception):
@@ -539,7 +514,7 @@ def self_test(runs: int, points, rounds: int, min_effect: float, rep_ms: int, de
     undecided = {s: [0] * len(points) for s in SLOWDOWNS}  # runs where a point had an UNDECIDED timing, none regressed
     ratios = {(s, timing): [[] for _ in points] for s in SLOWDOWNS for timing in Timing}
     try:
-        prepared = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS) * processes, shared_cpus(device_type))
+        prepared = setup(workers, points, rep_ms, (0.0, *SLOWDOWNS) * processes, procs.shared_cpus(device_type))
         series = prepared.series
         # what each slowdown's sleeps add, per timing and point: the median over the groups (member j of each)
         by_group = [prepared.added[k * len(group):(k + 1) * len(group)] for k, group in enumerate(groups)]
@@ -654,7 +629,7 @@ def _main(argv=None) -> int:
         table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, args.processes,
                           on_run=save)
         print(f"\nself-test on {card}: {args.self_test} runs each, {args.processes} process groups x {args.pairs} "
-              f"pairs per point, timed on CPUs {shared_cpus(device_type)}")
+              f"pairs per point, timed on CPUs {procs.shared_cpus(device_type)}")
         print(format_self_test(table))
         return 0
     if args.against:
@@ -667,7 +642,7 @@ def _main(argv=None) -> int:
         pairs = [(Worker(ref_tree, f"A{k}"), Worker(ROOT, f"B{k}")) for k in range(args.processes)]
         try:
             prepared = setup([w for pair in pairs for w in pair], points, rep_ms,
-                             (0.0, args.inject_slowdown) * args.processes, shared_cpus(device_type))
+                             (0.0, args.inject_slowdown) * args.processes, procs.shared_cpus(device_type))
             verdicts = ab_speed(pairs, points, prepared.series, args.pairs, args.min_effect, busy)
             accuracy = {} if args.no_accuracy else accuracy_grades(list(pairs[0]), cases)
         finally:
@@ -714,7 +689,7 @@ def _main(argv=None) -> int:
             return 2
         worker = Worker(ROOT, "tree")
         try:
-            prepared = setup([worker], points, rep_ms, [args.inject_slowdown], shared_cpus(device_type))
+            prepared = setup([worker], points, rep_ms, [args.inject_slowdown], procs.shared_cpus(device_type))
             gemm = {entry(points, i): name_why for i, name_why in enumerate(prepared.gemm)}
             differences = [] if base is None else gemm_differences(base, gemm)
             if differences:  # before anything is timed

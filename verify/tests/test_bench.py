@@ -5,6 +5,7 @@ executor ships. (The gate: test_gate.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from kernels import executor
 from kernels.gemm import BACKENDS, availability, select
 from verify.diff import main as diff_main
-from verify.perf import bench, report
+from verify.perf import bench, procs, report
 
 
 def _point(tokens=4096, mean_rows=64.0, masked=1.0, contiguous=1.2, layout="masked", block=1 << 20, **ms):
@@ -109,6 +110,7 @@ def test_layout_fit_finds_the_crossover_and_respects_the_budget():
 
 def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     assert bench.main(["--case", "tiny", "--tokens", "16", "--backends", "loop", "grouped_mm", "--json", str(out),
                        "--plot", str(png)]) == 0
     results = json.loads(out.read_text())
@@ -121,6 +123,9 @@ def test_bench_cli_on_the_cpu_writes_points_report_and_plot(tmp_path):
     assert all(a["verdict"] != "FAIL" for a in point["accuracy"].values()), point["accuracy"]
     assert {t["name"] for t in results["report"]["targets"]} == {t.name for t in report.TARGETS}
     assert png.stat().st_size > 10_000
+    assert results["cpus"] == procs.shared_cpus("cpu")  # timed where the gate's workers time
+    if hasattr(os, "sched_getaffinity"):
+        assert os.sched_getaffinity(0) == affinity  # and the caller's CPUs given back
     assert bench.main(["--from-json", str(out)]) == 0  # re-reports without measuring
 
 

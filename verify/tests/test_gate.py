@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from verify.perf import gate
+from verify.perf import gate, procs
 
 
 def pairs(ratio: float, noise: float, n: int = 20, seed: int = 0, processes: int = 2, offsets=None):
@@ -66,8 +66,20 @@ def test_every_point_must_beat_its_measured_spread_host_bound_or_not():
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
 def test_every_worker_times_on_the_same_two_allowed_cpus():
     allowed = os.sched_getaffinity(0)
-    cpus = gate.shared_cpus("cpu")
+    cpus = procs.shared_cpus("cpu")
     assert set(cpus) <= allowed and len(cpus) == min(2, len(allowed)) and cpus == sorted(allowed)[: len(cpus)]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_a_pinned_block_times_on_its_cpus_and_gives_the_callers_back():
+    allowed = os.sched_getaffinity(0)
+    one = min(allowed)
+    with procs.pinned([one]):
+        assert os.sched_getaffinity(0) == {one}
+    assert os.sched_getaffinity(0) == allowed
+    with pytest.raises(RuntimeError), procs.pinned([one]):  # given back when the block raises too
+        raise RuntimeError
+    assert os.sched_getaffinity(0) == allowed
 
 
 def test_a_stored_baseline_judges_graphed_timings_and_only_gpu_bound_eager_ones(capsys):
