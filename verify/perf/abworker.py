@@ -17,8 +17,8 @@ share anything but the GPU. It reads one JSON request per line on stdin and writ
   self-test rarely flagged 10% at host-bound points. And a sleep's length is not what it adds: sized once at setup,
   sleeps of 10% added 3.1% to DeepSeek-like M = 1024's replay, and one of 5% added 43% to M = 4096's eager call, in
   an H200 self-test.)
-- {"op": "time", "point": i, "graphed": bool}: point i's ms per call (`_timer`), timed on the setup's `cpus` (the
-  gate gives every worker the same ones; none: wherever the scheduler puts it).
+- {"op": "time", "point": i, "graphed": bool}: point i's ms per call (verify/perf/timing.py, `back_to_back`), timed
+  on the setup's `cpus` (the gate gives every worker the same ones; none: wherever the scheduler puts it).
 - {"op": "busy", "point": i}: the share of point i's wall time that the GPU spends in kernels (torch.profiler).
 - {"op": "grades", "case": name, "seed": S, "rows": [[ep, rank, view, layout], ...]}: the pipeline's output on each
   catalogue rank view, judged by the gate's bands (verify.bands, verify.metrics and reference: no `kernels` in them)
@@ -40,44 +40,6 @@ import sys
 import time
 
 import torch
-
-LOOPS = 5
-
-
-def _timer(device: str, rep_ms: int):
-    """ms per call of a callable. On a GPU: back-to-back calls between two CUDA events, in LOOPS loops of about
-    rep_ms / LOOPS each, the median loop. Not triton's do_bench: its L2 flush before each call races the host of a call
-    that waits for the GPU inside (the default call reads the counts back): whether the host is ahead of the flush or
-    behind it decides whether its launch time is counted, and whole do_bench runs of one unchanged Qwen3-like point on
-    an H200 landed in two clusters, ~0.30-0.41 and ~0.46-0.78 ms, the share of each differing from process to process
-    (12 processes, per-process medians 0.35-0.56 ms). On a CPU: perf_counter, the median of 3 calls."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def loop(fn, n: int) -> float:
-            start.record()
-            for _ in range(n):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / n
-
-        def gpu(fn):
-            one = loop(fn, 1)
-            n = max(1, round(rep_ms / LOOPS / max(one, 1e-3)))
-            return statistics.median(loop(fn, n) for _ in range(LOOPS))
-
-        return gpu
-
-    def cpu(fn):
-        runs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(runs)
-
-    return cpu
 
 
 def _delay(device: str, ms: float):
@@ -232,7 +194,7 @@ def main() -> int:
     import kernels  # the tree under test's pipeline: first on sys.path
     from kernels._device import default_device
     from verify.cases import BENCH_CASES, CASES_BY_NAME
-    from verify.perf import procs
+    from verify.perf import procs, timing
 
     device = default_device()
     calls, graphs = [], []
@@ -247,7 +209,7 @@ def main() -> int:
                 break
             if op == "setup":
                 procs.run_on(every_cpu)
-                timer = _timer(device, request["rep_ms"])
+                timer = timing.back_to_back(device, request["rep_ms"])
                 timing_cpus = request.get("cpus")
                 calls, graphs, not_graphed, gemm = [], [], [], []
                 pool = torch.cuda.graph_pool_handle() if device == "cuda" else None  # one for all its graphs

@@ -15,9 +15,12 @@ rank 0):
   matmul (the roofline's two roofs);
 - on a GPU, scatter, gather, the copies of their bytes and the large copy also by their kernels' span in a profiler
   trace (`kernel_span_ms`): the bandwidths the report reads, without the launch a graph of one stage pays.
-Times are the better of two triton.testing.do_bench medians, L2 flushed (GPU), or perf_counter medians (CPU,
-plumbing only), taken on the two CPUs the gate's workers time on (verify/perf/procs.py, `shared_cpus`, near the GPU):
-a host-bound point's time follows the core it runs on. Every whole-stage output is also judged against the faithful
+Timers (verify/perf/timing.py): a call as made (every eager whole-stage call, the peers, each stage as called) is
+timed by back-to-back calls between CUDA events, as the gate times (do_bench's L2 flush races a call that waits for the
+GPU inside, and hides a host-bound call's launches behind the flush); GPU work alone (graphed replays, the copies, the
+matmuls) by do_bench, L2 flushed; on a CPU both by perf_counter (plumbing only). Every timing runs on the two CPUs the
+gate's workers time on (verify/perf/procs.py, `shared_cpus`, near the GPU): a host-bound point's time follows the
+core it runs on. Every whole-stage output is also judged against the faithful
 reference with verify.bands.
 verify/perf/report.py turns the points into the targets table, the fitted layout rule and the plots.
 """
@@ -28,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -55,28 +57,11 @@ from verify.impls import Implementation, UsageError, load  # noqa: E402
 from verify.metrics import compare  # noqa: E402
 from verify.perf import procs, report  # noqa: E402
 from verify.perf.peers import torch_native_forward  # noqa: E402
+from verify.perf.timing import Timers  # noqa: E402
 from verify.probes import Trial  # noqa: E402
 from verify.sweep import detect_rounding  # noqa: E402
 
 DECODE_MAX_TOKENS = 1024  # the decode path's M-row blocks: DeepSeek-like ep 8 at M = 1024 holds 1.3 GB
-
-
-def timer(device: str, rep_ms: int) -> Callable[[Callable], float]:
-    """fn -> median ms: triton.testing.do_bench (L2 flushed before every call) on a GPU, perf_counter on a CPU."""
-    if torch.device(device).type == "cuda":  # the better of two medians: a burst of host noise spoils one at most
-        return lambda fn: min(triton.testing.do_bench(fn, warmup=max(rep_ms // 8, 1), rep=rep_ms // 2,
-                                                      return_mode="median") for _ in range(2))
-
-    def cpu(fn):
-        fn()
-        runs = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(runs)
-
-    return cpu
 
 
 def graphed(fn: Callable) -> Callable:
@@ -90,17 +75,17 @@ def gpu_work(fn: Callable, device) -> Callable:
     return graphed(fn) if torch.device(device).type == "cuda" else fn
 
 
-def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) -> dict[str, float]:
+def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], timers: Timers) -> dict[str, float]:
     """count, then per layout scatter / silu / gather and per backend x layout gemm1 / gemm2, each as called (eager);
     on a GPU each also graphed ("graphed/<stage>": the count without its read-back, i.e. route_local_experts)."""
     ms, kw = {}, dict(ep_rank=0, num_local_experts=case.num_local_experts, num_experts=case.shape.num_experts)
     gpu = torch.device(case.device).type == "cuda"
 
     def time(key: str, fn: Callable, capturable: Callable | None = None, span: bool = False) -> None:
-        ms[key] = bench(fn)
+        ms[key] = timers.eager(fn)
         if gpu:
             replay = graphed(capturable or fn)
-            ms[f"graphed/{key}"] = bench(replay)
+            ms[f"graphed/{key}"] = timers.gpu(replay)
             if span:  # the memory-bound stages, whose bandwidth the report reads
                 ms[f"kernels/{key}"] = kernel_span_ms(replay, case.device)
 
@@ -124,7 +109,7 @@ def _stage_times(case: BenchCase, inp: BenchInputs, backends: list[str], bench) 
     return ms
 
 
-def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], bench, seed: int = 0,
+def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], timers: Timers, seed: int = 0,
                   impls: dict[str, tuple[Implementation, Rounding]] | None = None) -> dict:
     """One M of a case. `impls`: outside implementations (name -> (implementation, the rounding profile it is judged
     by)), timed as "impl/NAME" beside ours."""
@@ -185,19 +170,19 @@ def measure_point(case: BenchCase, tokens: int, weights, backends: list[str], be
         expert = next(f for f in findings if f.metric == "expert_err")
         point["accuracy"][name] = dict(row_u=m.row_err / bands.U_BF16, expert_u=expert.value / bands.U_BF16,
                                        l2_u=m.rel_l2 / bands.U_BF16, verdict=worst(findings).name)
-        point["ms"][name] = bench(fn)
-    point["ms"].update(_stage_times(case, inp, backends, bench))
+        point["ms"][name] = (timers.gpu if name == "graphed" else timers.eager)(fn)
+    point["ms"].update(_stage_times(case, inp, backends, timers))
     for stage, moved in report.MOVED_BYTES.items():  # a copy of the bytes each memory-bound stage moves
         copy = sm_copy(torch.empty(max(-(-moved(point) // 16), 1), dtype=torch.int64, device=case.device))
-        point["ms"][f"copy/{stage}"] = bench(gpu_work(copy, case.device))
+        point["ms"][f"copy/{stage}"] = timers.gpu(gpu_work(copy, case.device))
         if torch.device(case.device).type == "cuda":
             point["ms"][f"kernels/copy/{stage}"] = kernel_span_ms(copy, case.device)
-    point["ms"]["reference"] = bench(lambda: moe_reference(*args, **kw, mode="faithful"))
+    point["ms"]["reference"] = timers.eager(lambda: moe_reference(*args, **kw, mode="faithful"))
     a = torch.randn(slots, s.hidden, device=case.device, dtype=torch.bfloat16)
     b1 = torch.randn(s.hidden, 2 * s.inter, device=case.device, dtype=torch.bfloat16)
     a2 = torch.randn(slots, s.inter, device=case.device, dtype=torch.bfloat16)
     b2 = torch.randn(s.inter, s.hidden, device=case.device, dtype=torch.bfloat16)
-    point["ms"]["dense"] = bench(lambda: (a @ b1, a2 @ b2))
+    point["ms"]["dense"] = timers.gpu(lambda: (a @ b1, a2 @ b2))
     return point
 
 
@@ -239,7 +224,7 @@ def kernel_span_ms(fn: Callable, device, runs: int = 10) -> float:
     return statistics.median(spans) / 1e3
 
 
-def ceilings(device: str, bench) -> dict:
+def ceilings(device: str, bench: Callable[[Callable], float]) -> dict:
     """The two roofs, measured now: device-to-device copy (bytes read + written per second) and a dense bf16 matmul."""
     gpu = torch.device(device).type == "cuda"
     n, size = (8192, 1 << 30) if gpu else (512, 1 << 24)
@@ -290,10 +275,10 @@ def run_case(case: BenchCase, tokens, backends, rep_ms: int, on_point: Callable[
              impls: dict[str, Implementation] | None = None) -> None:
     """Measure each M of the case; hand every point to `on_point` as soon as it is measured. Outside `impls` are
     judged by the rounding profile they match at the case's smallest M."""
-    bench, weights = timer(case.device, rep_ms), case.draw_weights()
+    timers, weights = Timers.on(case.device, rep_ms), case.draw_weights()
     judged = {name: (impl, rounding_of(case, impl, min(tokens), weights)) for name, impl in (impls or {}).items()}
     for m in tokens:
-        point = measure_point(case, m, weights, backends, bench, impls=judged)
+        point = measure_point(case, m, weights, backends, timers, impls=judged)
         print(report.point_line(point), flush=True)
         on_point(point)
 
@@ -327,7 +312,7 @@ def main(argv=None) -> int:
                    "available; the one gemm='auto' picks is timed too); default: every available one")
     p.add_argument("--impl", action="append", default=[], metavar="MODULE:CALLABLE", help="also time this outside "
                    "implementation (JAX included) at every point, beside ours (repeatable)")
-    p.add_argument("--rep-ms", type=int, default=30, help="time spent per timing (ms, two do_bench runs)")
+    p.add_argument("--rep-ms", type=int, default=30, help="time spent per timing (ms)")
     p.add_argument("--json", help="write the results here (written again after every point)")
     p.add_argument("--plot", help="write the roofline and masked-vs-contiguous plot (PNG) here")
     p.add_argument("--from-json", help="no measuring: report (tables, targets, fit, --plot) from a saved --json")
@@ -370,7 +355,7 @@ def main(argv=None) -> int:
                     json.dump(results, f, indent=1)
 
         with procs.pinned(cpus):  # host-bound timings follow the core: every point on the same two (as the gate's)
-            results["ceilings"] = ceilings(device, timer(device, args.rep_ms))
+            results["ceilings"] = ceilings(device, Timers.on(device, args.rep_ms).gpu)
             print(f"{card}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
                   f"{results['ceilings']['peak_tflops']:.0f} TFLOP/s; timed on CPUs {cpus}", flush=True)
             for c in cases:

@@ -100,7 +100,7 @@ REP_MS = {"cuda": 10, "cpu": 1}
 REPEATS = 5  # --baseline: interleaved passes per entry
 BASELINE_FORMAT = 4  # 4: the probes measured in every pass, their medians and standard errors; 3: probed once
 # before the passes; 3 and 4: eager and graphed per entry; 2: eager only; 2-4: ms per call of back-to-back calls
-# (abworker._timer); before: do_bench medians, no field
+# (verify/perf/timing.py, back_to_back); before: do_bench medians, no field
 
 
 class UsageError(Exception):

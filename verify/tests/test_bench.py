@@ -15,6 +15,7 @@ from kernels import executor
 from kernels.gemm import BACKENDS, availability, select
 from verify.diff import main as diff_main
 from verify.perf import bench, procs, report
+from verify.perf.timing import Timers
 
 
 def _point(tokens=4096, mean_rows=64.0, masked=1.0, contiguous=1.2, layout="masked", block=1 << 20, **ms):
@@ -159,14 +160,17 @@ def test_the_point_names_the_backend_the_hybrid_call_runs(monkeypatch):
         return BACKENDS["triton"]
 
     monkeypatch.setattr(bench, "for_dispatch", skinny)
-    once = lambda fn: (fn(), 1.0)[1]  # noqa: E731  (each configuration run once: the names are what is checked)
-    point = bench.measure_point(case, 16, case.draw_weights(), ["loop", "triton"], once)
+    # each configuration run once: the names are what is checked, and which timer timed each
+    timers = Timers(eager=lambda fn: (fn(), 1.0)[1], gpu=lambda fn: (fn(), 2.0)[1])
+    point = bench.measure_point(case, 16, case.draw_weights(), ["loop", "triton"], timers)
     assert point["auto_layout"] == "masked"  # tiny at M = 16: a small block
     assert [d.layout for d in asked] == ["masked"] and asked[0].counts_host is not None  # the synced call's Dispatch
     assert point["auto_backend"] == "triton"
     assert {"whole/triton/masked", "gemm1/triton/masked", "gemm2/triton/masked"} <= set(point["ms"])
     assert report.gemm_share(point) == pytest.approx((point["ms"]["gemm1/triton/masked"] + point["ms"][
         "gemm2/triton/masked"]) / point["ms"]["whole/triton/masked"])
+    gpu_work = {"copy/scatter", "copy/gather", "dense"}  # a call as made (host included) is timed back to back
+    assert {k for k, ms in point["ms"].items() if ms == 2.0} == gpu_work and set(point["ms"].values()) == {1.0, 2.0}
 
 
 def test_the_same_size_copy_copies_every_word():
