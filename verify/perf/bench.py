@@ -20,8 +20,7 @@ timed by back-to-back calls between CUDA events, as the gate times (do_bench's L
 GPU inside, and hides a host-bound call's launches behind the flush); GPU work alone (graphed replays, the copies, the
 matmuls) by do_bench, L2 flushed; on a CPU both by perf_counter (plumbing only). Every timing runs on the two CPUs the
 gate's workers time on (verify/perf/procs.py, `shared_cpus`, near the GPU): a host-bound point's time follows the
-core it runs on. Every whole-stage output is also judged against the faithful
-reference with verify.bands.
+core it runs on. Every whole-stage output is also judged against the faithful reference with verify.bands.
 verify/perf/report.py turns the points into the targets table, the fitted layout rule and the plots.
 """
 
