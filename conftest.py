@@ -1,9 +1,13 @@
-"""Root pytest configuration: Triton interpreter on CPU, hardware markers, GPU per xdist worker, per-test seeds."""
+"""Root pytest configuration: Triton interpreter on CPU, hardware markers, GPU per xdist worker, workers sharing a
+device, per-test seeds."""
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import os
 import random
+import traceback
 import zlib
 
 import numpy as np
@@ -39,6 +43,9 @@ def pytest_configure(config):
             torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
         else:
             torch.set_num_threads(1)
+        if config.cache is not None:
+            device = f"cuda{torch.cuda.current_device()}" if gpu_present() else "cpu"
+            config.stash[SHARE] = DeviceShare(config.cache.mkdir("moe-verify-devices") / f"{device}.lock")
 
 
 def _skip_reasons() -> dict[str, str | None]:
@@ -69,3 +76,79 @@ def seed(request) -> int:
     np.random.seed(value)
     torch.manual_seed(value)
     return value
+
+
+# ---- several workers, one device ----------------------------------------------------------------------------------
+# `pytest -n 8` puts several workers on each GPU, and the GPU-sized catalogue needs more memory at once than some cards
+# have: on an 80 GB H100, 21 of 550 GPU tests failed with torch.OutOfMemoryError while drawing their inputs, eight
+# workers holding gpt-oss-sized weights together (seventeenth session; the same run passes on a 141 GB H200). Running
+# out of memory beside other workers says nothing of the code, so such a test runs again alone: every test holds its
+# device's lock shared from setup to teardown; one whose call raised torch.OutOfMemoryError takes it exclusively
+# (waiting for the tests running beside it, keeping new ones out) and runs again; out of memory alone is its result.
+# Each test gives its cached device memory back when it ends, so that the one waiting finds it free.
+
+class DeviceShare:
+    """A readers-writer lock between processes, on a file (flock): shared by every test on the device, exclusive for
+    one running alone. A turnstile file keeps new readers out while a writer waits, so that it is not starved."""
+
+    def __init__(self, path):
+        self._turnstile = open(f"{path}.turnstile", "a")  # both held open for the worker's life
+        self._lock = open(path, "a")
+
+    def _take(self, mode: int) -> None:
+        fcntl.flock(self._turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._lock, mode)
+        finally:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+
+    def shared(self) -> None:
+        self._take(fcntl.LOCK_SH)
+
+    def alone(self) -> None:
+        """From shared to exclusive (not atomic: the caller has nothing left on the device in between)."""
+        self.release()
+        self._take(fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+
+SHARE = pytest.StashKey[DeviceShare]()
+
+
+def _give_back_cached_memory() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    share = item.config.stash.get(SHARE, None)
+    if share is None:
+        return (yield)
+    share.shared()
+    try:
+        return (yield)
+    finally:
+        _give_back_cached_memory()
+        share.release()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    share = item.config.stash.get(SHARE, None)
+    try:
+        return (yield)
+    except torch.OutOfMemoryError as exc:
+        if share is None:
+            raise
+        traceback.clear_frames(exc.__traceback__)  # the failed attempt's tensors, freed
+    gc.collect()
+    _give_back_cached_memory()
+    share.alone()
+    try:
+        item.runtest()
+    finally:
+        share.shared()
+    item.add_report_section("call", "device", "ran out of device memory beside the other workers: ran again alone")

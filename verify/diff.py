@@ -6,7 +6,8 @@
     python -m verify.diff --replay TOKEN                      # one case found by python -m verify.fuzz
 
 Prints one table (one row per case x ep_size x rank x layout, plus the combine of all ranks) and exits 0 when every
-row passes (WARN passes), 1 when any row fails, 2 on a usage error. A failing row prints the command that replays it.
+row passes (WARN passes), 1 when any row fails, 2 on a usage error or out of device memory (no verdict). A failing
+row prints the command that replays it.
 The contract of this command: docs/contract.md, "Command line".
 """
 
@@ -23,13 +24,15 @@ from kernels._device import configure_triton, default_device
 
 configure_triton()  # before anything imports triton
 
+import torch  # noqa: E402
+
 from kernels.dispatch import LAYOUTS  # noqa: E402
 from reference.rounding import PROFILES  # noqa: E402
 from reference.routing import ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import CASES, CASES_BY_NAME, Sizes  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
-from verify.impls import UsageError, load  # noqa: E402
+from verify.impls import UsageError, load, no_verdict  # noqa: E402
 from verify.sweep import RoundingChoice, Row, Sweep, default_scale  # noqa: E402
 
 DEFAULT_IMPL = "kernels:moe_expert_forward"
@@ -114,6 +117,13 @@ def _progress(items, enabled: bool):
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except torch.OutOfMemoryError as exc:
+        return no_verdict("verify.diff", exc)
+
+
+def _main(argv) -> int:
     try:
         args = parse_args(argv)
         scale = default_scale(args.device)

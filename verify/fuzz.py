@@ -44,7 +44,7 @@ from reference.routing import RankView, ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal  # noqa: E402
 from verify.findings import Verdict  # noqa: E402
-from verify.impls import Implementation, UsageError, implementation, load  # noqa: E402
+from verify.impls import Implementation, UsageError, implementation, load, no_verdict  # noqa: E402
 from verify.probes import Trial  # noqa: E402
 from verify.sweep import RoundingChoice, Row, detect_rounding, judge_rank  # noqa: E402
 
@@ -252,6 +252,13 @@ def run_search(spec: str, impl: Callable, args, rounding: str) -> Search:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except torch.OutOfMemoryError as exc:
+        return no_verdict("verify.fuzz", exc)
+
+
+def _main(argv) -> int:
     from verify.diff import DEFAULT_IMPL, format_table
     from verify.power.mutants import MUTANTS
 

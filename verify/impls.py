@@ -29,6 +29,13 @@ class UsageError(Exception):
     """A command-line mistake: reported in one line, exit code 2."""
 
 
+def no_verdict(prog: str, exc: torch.OutOfMemoryError) -> int:
+    """The device ran out of memory: that says nothing of the implementation (a crash of its own is a finding, this
+    is not; the gate answers the same), so the command gives no verdict: one line, exit code 2."""
+    print(f"{prog}: no verdict: the device ran out of memory ({str(exc).splitlines()[0]})", file=sys.stderr)
+    return 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     name: str  # how the user named it (MODULE:CALLABLE), or the callable's name

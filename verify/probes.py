@@ -129,6 +129,8 @@ class Probe:
             return []
         try:
             findings = self.observe(trial, out)
+        except torch.OutOfMemoryError:
+            raise  # no verdict, as in sweep.judge_rank
         except Exception as exc:  # a crash is a finding, not an abort of the sweep
             findings = [failure(self.check, f"{self.name} run raised {type(exc).__name__}: {exc}")]
         if trial.inputs_modified():

@@ -145,6 +145,8 @@ def judge_rank(row: Row, trial: Trial, probes: tuple[Probe, ...] = PROBES,
     view = trial.view
     try:
         out = trial.call()
+    except torch.OutOfMemoryError:
+        raise  # says nothing of the implementation: no verdict (the caller reports it)
     except Exception as exc:  # a crash is a verdict, not an abort of the sweep
         row.add([failure(Check.CRASH, f"raised {type(exc).__name__}: {exc}")])
         trial.inputs_modified()  # (restores them for the next rows)
@@ -219,6 +221,8 @@ def detect_rounding(trial: Trial) -> RoundingChoice:
     reference.rounding.PROFILES, production first); production when the run fails (its rows will say why)."""
     try:
         out = trial.call()
+    except torch.OutOfMemoryError:
+        raise
     except Exception:
         return RoundingChoice(PRODUCTION, declared=False)
     finally:
@@ -305,6 +309,8 @@ class Sweep:
             trial = self._trial(target)
             try:
                 self._outputs[target] = trial.call()
+            except torch.OutOfMemoryError:
+                raise
             except Exception:
                 return None
             finally:

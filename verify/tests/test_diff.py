@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from verify import bands
 from verify.cases import CASES, CASES_BY_NAME
@@ -89,6 +90,37 @@ def test_broken_implementation_fails_and_is_localised(capsys, tmp_path, name):
         assert verdicts["skewed-ep2-rank0-masked"] == "PASS" and verdicts["skewed-ep2-rank0-contiguous"] == "PASS"
     if name == "masked_drops_last_token":
         assert all(v != "FAIL" for k, v in verdicts.items() if k.endswith("contiguous"))
+
+
+CALLS = {"n": 0, "fails_at": 0, "error": RuntimeError}
+
+
+def fails_at_a_call(*args, **kwargs):
+    """The reference as an implementation, raising CALLS["error"] at its CALLS["fails_at"]-th call."""
+    CALLS["n"] += 1
+    if CALLS["n"] == CALLS["fails_at"]:
+        raise CALLS["error"]("CUDA out of memory. Tried to allocate 4.00 GiB (raised by a test)")
+    return broken.reference_impl(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fails_at", [1, 2, 3, 5])
+def test_out_of_device_memory_is_no_verdict_where_another_error_fails_the_row(capsys, monkeypatch, fails_at):
+    """Out of memory says nothing of the implementation: wherever it strikes (the rounding's detection, the plain run,
+    a probe's run) the command stops with no verdict (exit 2, one line), never a failing row; the same call raising
+    an error of its own fails its row (check crash, or the probe's)."""
+    argv = ("--case", "skewed", "--ep-size", "2", "--rank", "1", "--layout", "masked", "--impl",
+            f"{__name__}:fails_at_a_call")
+    monkeypatch.setitem(CALLS, "error", torch.OutOfMemoryError)
+    monkeypatch.setitem(CALLS, "fails_at", fails_at)
+    monkeypatch.setitem(CALLS, "n", 0)
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "no verdict: the device ran out of memory" in err, (out, err)
+    assert len(err.strip().splitlines()) == 1 and "FAIL" not in out
+    if fails_at > 1:  # (the first call only picks the rounding profile: its error leaves production, not a row)
+        monkeypatch.setitem(CALLS, "error", RuntimeError)
+        monkeypatch.setitem(CALLS, "n", 0)
+        code, out, _ = run(capsys, *argv)
+        assert code == 1 and "FAIL" in out and "RuntimeError" in out, out
 
 
 @pytest.mark.parametrize("impl", ["verify.power.broken:reference_impl", "verify.power.calibrate:tensor_core_order"])

@@ -1,0 +1,70 @@
+"""The suite's own machinery for `pytest -n 8` (conftest.py, "several workers, one device"): a test that runs out of
+device memory beside other workers runs again alone, after the tests beside it have finished; one that runs out of
+memory alone fails with that error. Two pytest processes stand for two xdist workers on one device (the conftest
+takes a worker's name from PYTEST_XDIST_WORKER), so that which test runs where is not left to the scheduler."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+TESTS = '''
+import os, pathlib, time
+import torch
+
+DIR = pathlib.Path(os.environ["SHARE_DIR"])
+
+
+def wait_for(path, present=True, seconds=60):
+    end = time.monotonic() + seconds
+    while path.exists() != present:
+        assert time.monotonic() < end, f"waited {seconds} s for {path} (present={present})"
+        time.sleep(0.02)
+
+
+def test_beside():
+    (DIR / "beside-running").touch()
+    wait_for(DIR / "alone-ran-out", seconds=60)  # the other one ran out of memory while this one runs
+    time.sleep(0.5)  # ... and must wait for this one to end before it runs again
+    (DIR / "beside-running").unlink()
+
+
+def test_alone():
+    if not (DIR / "alone-ran-out").exists():
+        wait_for(DIR / "beside-running")
+        (DIR / "alone-ran-out").touch()
+        raise torch.OutOfMemoryError("CUDA out of memory (raised by a test)")
+    assert not (DIR / "beside-running").exists(), "ran again while another test ran beside it"
+    (DIR / "alone-ran-again").touch()
+
+
+def test_too_big_even_alone():
+    raise torch.OutOfMemoryError("CUDA out of memory (raised by a test, every time)")
+'''
+
+
+def run_worker(tmp_path: pathlib.Path, name: str, test: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTEST_XDIST_WORKER=name, SHARE_DIR=str(tmp_path / "share"))
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-rA", f"test_it.py::{test}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_out_of_memory_beside_another_worker_runs_again_alone(tmp_path):
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_it.py").write_text(TESTS)
+    (tmp_path / "share").mkdir()
+    beside, alone = run_worker(tmp_path, "gw0", "test_beside"), run_worker(tmp_path, "gw1", "test_alone")
+    out_beside, _ = beside.communicate(timeout=120)
+    out_alone, _ = alone.communicate(timeout=120)
+    assert beside.returncode == 0, out_beside
+    assert alone.returncode == 0, out_alone
+    assert (tmp_path / "share" / "alone-ran-again").exists()
+    assert "ran again alone" in out_alone  # the report says so
+
+    too_big = run_worker(tmp_path, "gw0", "test_too_big_even_alone")
+    out, _ = too_big.communicate(timeout=120)
+    assert too_big.returncode == 1 and "OutOfMemoryError" in out and "1 failed" in out, out
