@@ -110,6 +110,11 @@ class DeviceShare:
         self.release()
         self._take(fcntl.LOCK_EX)
 
+    def beside(self) -> None:
+        """From exclusive back to shared, without the turnstile: a writer waiting there holds it while it waits for
+        this lock, so going through it would deadlock."""
+        fcntl.flock(self._lock, fcntl.LOCK_SH)
+
     def release(self) -> None:
         fcntl.flock(self._lock, fcntl.LOCK_UN)
 
@@ -150,5 +155,5 @@ def pytest_runtest_call(item):
     try:
         item.runtest()
     finally:
-        share.shared()
+        share.beside()
     item.add_report_section("call", "device", "ran out of device memory beside the other workers: ran again alone")

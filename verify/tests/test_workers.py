@@ -1,7 +1,8 @@
 """The suite's own machinery for `pytest -n 8` (conftest.py, "several workers, one device"): a test that runs out of
-device memory beside other workers runs again alone, after the tests beside it have finished; one that runs out of
-memory alone fails with that error. Two pytest processes stand for two xdist workers on one device (the conftest
-takes a worker's name from PYTEST_XDIST_WORKER), so that which test runs where is not left to the scheduler."""
+device memory beside other workers runs again alone, after the tests beside it have finished; two that run out at
+once run again one after the other (no deadlock); one that runs out of memory alone fails with that error. Two
+pytest processes stand for two xdist workers on one device (the conftest takes a worker's name from
+PYTEST_XDIST_WORKER), so that which test runs where is not left to the scheduler."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -42,15 +45,41 @@ def test_alone():
     (DIR / "alone-ran-again").touch()
 
 
+def test_out_of_memory_in_two_workers_at_once():
+    me = os.environ["PYTEST_XDIST_WORKER"]
+    if not (DIR / f"{me}-ran-out").exists():
+        (DIR / f"{me}-running").touch()
+        for other in ("gw0", "gw1"):
+            wait_for(DIR / f"{other}-running")
+        (DIR / f"{me}-ran-out").touch()
+        raise torch.OutOfMemoryError("CUDA out of memory (raised by a test)")
+    (DIR / f"{me}-running-again").touch()
+    time.sleep(0.5)
+    assert [p.name for p in DIR.glob("*-running-again")] == [f"{me}-running-again"], "two ran again at once"
+    (DIR / f"{me}-running-again").unlink()
+    (DIR / f"{me}-ran-again").touch()
+
+
 def test_too_big_even_alone():
     raise torch.OutOfMemoryError("CUDA out of memory (raised by a test, every time)")
 '''
 
 
 def run_worker(tmp_path: pathlib.Path, name: str, test: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTEST_XDIST_WORKER=name, SHARE_DIR=str(tmp_path / "share"))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the conftest imports kernels
+    env = dict(os.environ, PYTEST_XDIST_WORKER=name, SHARE_DIR=str(tmp_path / "share"), PYTHONPATH=path)
     return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-rA", f"test_it.py::{test}"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(worker: subprocess.Popen) -> tuple[int, str]:
+    try:
+        out, _ = worker.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        out, _ = worker.communicate()
+        pytest.fail(f"a worker hung (the workers deadlocked?):\n{out}")
+    return worker.returncode, out
 
 
 def test_out_of_memory_beside_another_worker_runs_again_alone(tmp_path):
@@ -58,13 +87,18 @@ def test_out_of_memory_beside_another_worker_runs_again_alone(tmp_path):
     (tmp_path / "test_it.py").write_text(TESTS)
     (tmp_path / "share").mkdir()
     beside, alone = run_worker(tmp_path, "gw0", "test_beside"), run_worker(tmp_path, "gw1", "test_alone")
-    out_beside, _ = beside.communicate(timeout=120)
-    out_alone, _ = alone.communicate(timeout=120)
-    assert beside.returncode == 0, out_beside
-    assert alone.returncode == 0, out_alone
+    (code_beside, out_beside), (code_alone, out_alone) = finish(beside), finish(alone)
+    assert code_beside == 0, out_beside
+    assert code_alone == 0, out_alone
     assert (tmp_path / "share" / "alone-ran-again").exists()
     assert "ran again alone" in out_alone  # the report says so
 
+    # two at once: the second waits for the first to have run alone, then runs alone in turn
+    both = [run_worker(tmp_path, name, "test_out_of_memory_in_two_workers_at_once") for name in ("gw0", "gw1")]
+    for code, out in [finish(worker) for worker in both]:
+        assert code == 0, out
+    assert all((tmp_path / "share" / f"{name}-ran-again").exists() for name in ("gw0", "gw1"))
+
     too_big = run_worker(tmp_path, "gw0", "test_too_big_even_alone")
-    out, _ = too_big.communicate(timeout=120)
-    assert too_big.returncode == 1 and "OutOfMemoryError" in out and "1 failed" in out, out
+    code, out = finish(too_big)
+    assert code == 1 and "OutOfMemoryError" in out and "1 failed" in out, out
