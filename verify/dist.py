@@ -14,8 +14,8 @@ of reference.routing: a token at the wrong rank, twice, missing, or with altered
 numeric one); each rank's expert stage, judged like a verify.diff row (bands against the references of what it
 received, then the probes); and the combined output of every token, against the ep_size = 1 references of the global
 batch. Rank 0 prints the same table as verify.diff, one row per rank and layout plus the combined row, and the
-failing rows name their rank. Exit 0 when every row passes, 1 otherwise (every process exits alike; a usage error
-exits 2 in every process).
+failing rows name their rank. Exit 0 when every row passes, 1 otherwise (every process exits alike; a usage error,
+or a rank out of device memory, which it names, exits 2 in every process: no verdict).
 
 --bench M: the DeepSeek-like shape (or --shape), M tokens owned per rank, uniform routing: dispatch, expert stage and
 combine timed on every rank (CUDA events, median of the repetitions), with the all-to-all bandwidth of the same bytes
@@ -61,7 +61,7 @@ from verify.cases import (  # noqa: E402
     normal,
 )
 from verify.findings import Check, Finding, Verdict, failure  # noqa: E402
-from verify.impls import UsageError, implementation, load  # noqa: E402
+from verify.impls import UsageError, implementation, load, no_verdict  # noqa: E402
 from verify.metrics import compare  # noqa: E402
 from verify.probes import Trial  # noqa: E402
 from verify.sweep import Row, default_scale, judge, judge_rank  # noqa: E402
@@ -204,9 +204,9 @@ def dispatch_problems(received: RankView, expected: RankView, problem: Problem) 
         [failure(Check.DISPATCH, f"dispatch: {len(problems) - 5} more")] if len(problems) > 5 else [])
 
 
-def run_case(args, impl, world: int, rank: int, device: str) -> tuple[list[Row], bool]:
-    """Every row of one case on this rank (rank 0 also judges the combined rows). Returns rank 0's rows, and
-    whether any row failed, on every rank."""
+def run_case(args, impl, world: int, rank: int, device: str) -> tuple[list[Row], bool, bool]:
+    """Every row of one case on this rank (rank 0 also judges the combined rows). Returns rank 0's rows, whether
+    any row failed, and, on every rank, whether any rank ran out of device memory (then there is no verdict)."""
     case = CASES_BY_NAME[args.case]
     scale = default_scale(device)
     problem = make_problem(case, args.seed, device, scale)
@@ -215,7 +215,7 @@ def run_case(args, impl, world: int, rank: int, device: str) -> tuple[list[Row],
     w13, w2 = problem.rank_weights(world, rank)
     transport = DeepEPTransport(problem, world) if args.transport == "deep_ep" else None
     layouts = LAYOUTS if args.layout is None else (Layout(args.layout),)
-    rows, combined = [], {}
+    rows, combined, out_of_memory = [], {}, False
     for layout in layouts if impl.has_layouts else (None,):
         received = (transport.dispatch(problem, mine, rank) if transport else
                     dispatch_all_to_all(problem, mine, world, rank, args.inject == "drop-token"))
@@ -227,7 +227,12 @@ def run_case(args, impl, world: int, rank: int, device: str) -> tuple[list[Row],
                            for mode in ("faithful", "exact"))
         trial = Trial(impl, view, w13, w2, layout, args.seed, references=references,
                       table=bands.bands_for(problem.sizes.hidden, problem.sizes.inter))
-        out = judge_rank(row, trial)
+        try:
+            out = judge_rank(row, trial)
+        except torch.OutOfMemoryError as exc:  # no verdict (verify.diff's answer); every rank learns it below
+            out_of_memory = True
+            no_verdict(f"verify.dist (rank {rank})", exc)
+            out = None
         if out is None:  # keep the exchange going: a crashed rank sends zeros and fails its row
             out = torch.zeros_like(view.x)
         real = out[: received.view.num_tokens]
@@ -235,16 +240,20 @@ def run_case(args, impl, world: int, rank: int, device: str) -> tuple[list[Row],
                     combine_all_to_all(real, received, mine))
         rows.append(row)
         combined[layout] = mine_out
+    short = torch.tensor([int(out_of_memory)], device=device)
+    dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if short.item():
+        return [], False, True
     gathered_rows = [None] * world
     dist.all_gather_object(gathered_rows, rows)
     gathered_out = {layout: _gather_rows(out, world) for layout, out in combined.items()}
     if rank != 0:
-        return [], False
+        return [], False, False
     result = []
     for i, layout in enumerate(combined):
         result += [r[i] for r in gathered_rows]
         result.append(_combined_row(case.name, problem, world, layout, gathered_out[layout]))
-    return result, any(r.verdict is Verdict.FAIL for r in result)
+    return result, any(r.verdict is Verdict.FAIL for r in result), False
 
 
 def _gather_rows(rows: torch.Tensor, world: int) -> torch.Tensor:
@@ -371,7 +380,10 @@ def main(argv=None) -> int:
                     with open(args.json, "w") as f:
                         json.dump(result, f, indent=1)
             return 0
-        rows, failed = run_case(args, impl, world, rank, device)
+        rows, failed, out_of_memory = run_case(args, impl, world, rank, device)
+        if out_of_memory:  # the rank that ran out said so; every rank exits 2
+            dist.barrier()
+            return 2
         flag = torch.tensor([int(failed)], device=device)
         dist.broadcast(flag, 0)
         if rank == 0:
