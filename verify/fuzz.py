@@ -168,8 +168,10 @@ def run_case(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu
     """The case as one sweep row: the implementation judged by the bands (faithful reference under `rounding`, or the
     profile "auto" finds), then every probe (up to the first failure, with `until_failure`)."""
     impl = implementation(impl)
-    trial = trial_of(case, impl, device, choose_rounding(case, impl, device, rounding).profile)
+    choice = choose_rounding(case, impl, device, rounding)
+    trial = trial_of(case, impl, device, choice.profile)
     row = Row("fuzz", case.ep_size, case.rank, trial.layout, case.num_tokens, case.view)
+    row.add(choice.findings())
     judge_rank(row, trial, until_failure=until_failure)
     return row
 

@@ -202,10 +202,18 @@ class RoundingChoice:
     declared: bool
     faithful_l2: dict[str, float] = dataclasses.field(default_factory=dict)  # auto: profile -> rel L2 of the probe run
     exact_l2: float | None = None  # auto: the probe run's rel L2 against the exact reference
+    crash: str | None = None  # auto: how the probe run raised (then production; a row reports it)
+
+    def findings(self) -> list[Finding]:
+        """The probe run's crash, for a row to report: an implementation that raises once is broken, even when the
+        calls the rows judge succeed."""
+        return [] if self.crash is None else [failure(Check.CRASH, f"the rounding detection's run {self.crash}")]
 
     def describe(self) -> str:
         if self.declared:
             return f"rounding {self.profile.name} (declared)"
+        if self.crash is not None:
+            return f"rounding auto -> {self.profile.name} (the detection's run {self.crash})"
         errors = ", ".join(f"{name} {value / bands.U_BF16:.2f}u" for name, value in self.faithful_l2.items())
         exact = "-" if self.exact_l2 is None else f"{self.exact_l2 / bands.U_BF16:.2f}u"
         return (f"rounding auto -> {self.profile.name} (faithful l2 of one run against each profile: {errors}; "
@@ -213,18 +221,19 @@ class RoundingChoice:
 
     def as_dict(self) -> dict:
         return dict(profile=self.profile.name, declared=self.declared, faithful_l2=self.faithful_l2,
-                    exact_l2=self.exact_l2)
+                    exact_l2=self.exact_l2, crash=self.crash)
 
 
 def detect_rounding(trial: Trial) -> RoundingChoice:
     """The profile whose faithful reference one run of the trial's implementation matches best (ties: the first in
-    reference.rounding.PROFILES, production first); production when the run fails (its rows will say why)."""
+    reference.rounding.PROFILES, production first); production when the run fails (a raise is kept as `crash`, for
+    a row to report; a wrong output is judged by the rows)."""
     try:
         out = trial.call()
     except torch.OutOfMemoryError:
         raise
-    except Exception:
-        return RoundingChoice(PRODUCTION, declared=False)
+    except Exception as exc:
+        return RoundingChoice(PRODUCTION, declared=False, crash=f"raised {type(exc).__name__}: {exc}")
     finally:
         trial.inputs_modified()
     if not isinstance(out, torch.Tensor) or out.shape != trial.view.x.shape:
@@ -253,6 +262,7 @@ class Sweep:
         self._outputs: dict[Target, torch.Tensor] = {}
         self.rounding = (self._detect() if rounding == "auto" else
                          RoundingChoice(rounding_profile(rounding), declared=True))
+        self._unreported = self.rounding.findings()
 
     def targets(self, ep_sizes=None, ranks=None, layouts=LAYOUTS, views=tuple(ViewKind)) -> list[Target]:
         """This case's rows for this implementation (one row per rank and view where it has no layouts)."""
@@ -284,9 +294,10 @@ class Sweep:
         return self._refs[key]
 
     def run(self, target: Target) -> Row:
-        if target.rank is None:
-            return self._run_combine(target)
-        return self._run_rank(target)
+        row = self._run_combine(target) if target.rank is None else self._run_rank(target)
+        row.add(self._unreported)  # the rounding detection's crash, on the first row run
+        self._unreported = []
+        return row
 
     def _trial(self, target: Target, rounding: Rounding | None = None) -> Trial:
         rounding = rounding or self.rounding.profile

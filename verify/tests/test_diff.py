@@ -107,7 +107,8 @@ def fails_at_a_call(*args, **kwargs):
 def test_out_of_device_memory_is_no_verdict_where_another_error_fails_the_row(capsys, monkeypatch, fails_at):
     """Out of memory says nothing of the implementation: wherever it strikes (the rounding's detection, the plain run,
     a probe's run) the command stops with no verdict (exit 2, one line), never a failing row; the same call raising
-    an error of its own fails its row (check crash, or the probe's)."""
+    an error of its own fails a row (check crash, or the probe's), also when only the rounding detection's call
+    raised."""
     argv = ("--case", "skewed", "--ep-size", "2", "--rank", "1", "--layout", "masked", "--impl",
             f"{__name__}:fails_at_a_call")
     monkeypatch.setitem(CALLS, "error", torch.OutOfMemoryError)
@@ -116,11 +117,12 @@ def test_out_of_device_memory_is_no_verdict_where_another_error_fails_the_row(ca
     code, out, err = run(capsys, *argv)
     assert code == 2 and "no verdict: the device ran out of memory" in err, (out, err)
     assert len(err.strip().splitlines()) == 1 and "FAIL" not in out
-    if fails_at > 1:  # (the first call only picks the rounding profile: its error leaves production, not a row)
-        monkeypatch.setitem(CALLS, "error", RuntimeError)
-        monkeypatch.setitem(CALLS, "n", 0)
-        code, out, _ = run(capsys, *argv)
-        assert code == 1 and "FAIL" in out and "RuntimeError" in out, out
+    monkeypatch.setitem(CALLS, "error", RuntimeError)
+    monkeypatch.setitem(CALLS, "n", 0)
+    code, out, _ = run(capsys, *argv)
+    assert code == 1 and "FAIL" in out and "RuntimeError" in out, out
+    if fails_at == 1:  # the rounding detection's run: the rows' own calls succeed, the first row reports it
+        assert "the rounding detection's run raised RuntimeError" in out, out
 
 
 @pytest.mark.parametrize("impl", ["verify.power.broken:reference_impl", "verify.power.calibrate:tensor_core_order"])

@@ -1,7 +1,7 @@
 """The fuzzer (verify/fuzz.py) as a property of the pipeline: every drawn case passes for kernels.moe_expert_forward
 (a bounded, derandomised number of examples in CI: the `ci` hypothesis profile of conftest.py; more with
-`--hypothesis-profile deep`); it finds and shrinks a bug the catalogue's DeepEP rows cannot see; and a replay token
-reruns exactly its case."""
+`--hypothesis-profile deep`); it finds and shrinks a bug the catalogue's DeepEP rows cannot see; a replay token
+reruns exactly its case; an implementation that raises only at the rounding detection's call fails the case."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from reference.routing import ViewKind
 from verify.diff import main as diff_main
 from verify.findings import Verdict
 from verify.fuzz import FuzzCase, fuzz_cases, replay_command, run_case, search
+from verify.power import broken
 from verify.power.mutants import MUTANTS_BY_NAME
 
 OFF_BY_ONE = "previous_rank_expert_as_local"
@@ -51,3 +52,21 @@ def test_a_replay_token_reruns_exactly_its_case(capsys):
 def test_a_bad_replay_token_is_a_usage_error_naming_it(capsys, token):
     assert diff_main(["--replay", token]) == 2
     assert "--replay" in capsys.readouterr().err
+
+
+def test_a_raise_at_the_rounding_detection_alone_fails_the_case():
+    calls = []
+
+    def raises_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first call only")
+        return broken.reference_impl(*args, **kwargs)
+
+    case = FuzzCase(num_tokens=3, hidden=32, inter=16, num_local_experts=2, ep_size=2, rank=1, topk=2, counts=(2, 1),
+                    drop=0.0, seed=7)
+    row = run_case(case, raises_once, rounding="auto")
+    assert row.verdict is Verdict.FAIL and len(calls) > 1
+    assert [f.message for f in row.problems] == ["the rounding detection's run raised RuntimeError: first call only"]
+    calls.clear()
+    assert run_case(case, broken.reference_impl, rounding="auto").verdict is Verdict.PASS
