@@ -143,8 +143,7 @@ def _main(argv) -> int:
             impl = load(args.impl)
             start = time.perf_counter()
             rounding = choose_rounding(fuzz_case, impl, args.device, rounding_of(args))
-            rows = [run_case(fuzz_case, impl, args.device, rounding.profile)]
-            rows[0].add(rounding.findings())
+            rows = [run_case(fuzz_case, impl, args.device, rounding)]
             header, elapsed = f"fuzz case: {fuzz_case.describe()}", time.perf_counter() - start
             sizes = Sizes(fuzz_case.num_tokens, fuzz_case.hidden, fuzz_case.inter, fuzz_case.num_experts,
                           fuzz_case.topk)

@@ -155,8 +155,11 @@ def trial_of(case: FuzzCase, impl: Implementation, device: str, rounding: Roundi
 
 
 def choose_rounding(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu",
-                    rounding: Rounding | str = PRODUCTION) -> RoundingChoice:
-    """The profile the case is judged by: `rounding` declared, or for "auto" the one the case's own run matches."""
+                    rounding: Rounding | str | RoundingChoice = PRODUCTION) -> RoundingChoice:
+    """The profile the case is judged by: `rounding` declared, or for "auto" the one the case's own run matches (a
+    choice already made is kept)."""
+    if isinstance(rounding, RoundingChoice):
+        return rounding
     impl = implementation(impl)
     if rounding == "auto":
         return detect_rounding(trial_of(case, impl, device, PRODUCTION))
@@ -164,7 +167,7 @@ def choose_rounding(case: FuzzCase, impl: Callable | Implementation, device: str
 
 
 def run_case(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu",
-             rounding: Rounding | str = PRODUCTION, until_failure: bool = False) -> Row:
+             rounding: Rounding | str | RoundingChoice = PRODUCTION, until_failure: bool = False) -> Row:
     """The case as one sweep row: the implementation judged by the bands (faithful reference under `rounding`, or the
     profile "auto" finds), then every probe (up to the first failure, with `until_failure`)."""
     impl = implementation(impl)

@@ -30,8 +30,10 @@ LOOPS = 5
 Timer = Callable[[Callable], float]
 
 
-def _on_cpu(fn: Callable, runs: int) -> float:
-    """The median of `runs` calls, perf_counter, ms."""
+def _on_cpu(fn: Callable, runs: int, untimed_first: bool) -> float:
+    """The median of `runs` calls, perf_counter, ms (after one untimed call, with `untimed_first`)."""
+    if untimed_first:
+        fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -41,10 +43,10 @@ def _on_cpu(fn: Callable, runs: int) -> float:
 
 
 def back_to_back(device: str, rep_ms: int) -> Timer:
-    """fn -> ms per call of back-to-back calls (the module's docstring); fn is called once untimed first (a first call
-    compiles)."""
+    """fn -> ms per call of back-to-back calls (the module's docstring); on a GPU fn is called once untimed first (a
+    first call compiles)."""
     if torch.device(device).type != "cuda":
-        return lambda fn: _on_cpu(fn, 3)
+        return lambda fn: _on_cpu(fn, 3, untimed_first=False)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def loop(fn, n: int) -> float:
@@ -67,7 +69,7 @@ def back_to_back(device: str, rep_ms: int) -> Timer:
 def flushed(device: str, rep_ms: int) -> Timer:
     """fn -> ms per call of GPU work alone, L2 flushed before every call (the module's docstring)."""
     if torch.device(device).type != "cuda":
-        return lambda fn: (fn(), _on_cpu(fn, 5))[1]
+        return lambda fn: _on_cpu(fn, 5, untimed_first=True)
     import triton  # here, not at the top: on a CPU kernels._device.configure_triton must run before triton's import
 
     # the better of two medians: a burst of host noise spoils one at most
