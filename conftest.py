@@ -79,13 +79,15 @@ def seed(request) -> int:
 
 
 # ---- several workers, one device ----------------------------------------------------------------------------------
-# `pytest -n 8` puts several workers on each GPU, and the GPU-sized catalogue needs more memory at once than some cards
-# have: on an 80 GB H100, 21 of 550 GPU tests failed with torch.OutOfMemoryError while drawing their inputs, eight
-# workers holding gpt-oss-sized weights together (seventeenth session; the same run passes on a 141 GB H200). Running
-# out of memory beside other workers says nothing of the code, so such a test runs again alone: every test holds its
-# device's lock shared from setup to teardown; one whose call raised torch.OutOfMemoryError takes it exclusively
-# (waiting for the tests running beside it, keeping new ones out) and runs again; out of memory alone is its result.
-# Each test gives its cached device memory back when it ends, so that the one waiting finds it free.
+# `pytest -n 8` puts several workers on each GPU, and the GPU-sized catalogue needs much memory: on an 80 GB H100, 21 of
+# 550 GPU tests once failed with torch.OutOfMemoryError while drawing their inputs, eight workers holding gpt-oss-sized
+# weights together (seventeenth session; the same run passed on a 141 GB H200). Two measures. Each test gives its
+# cached device memory back when it ends, so that what a worker's finished tests freed is free for the others: with
+# it the whole selection passed twice on that H100 and no test ran out (docs/gpu-h200.md, eighteenth session). And,
+# as the net for whatever still does not fit: running out of memory beside other workers says nothing of the code, so
+# such a test runs again alone: every test holds its device's lock shared from setup to teardown; one whose call
+# raised torch.OutOfMemoryError takes it exclusively (waiting for the tests running beside it, keeping new ones out)
+# and runs again; out of memory alone is its result.
 
 class DeviceShare:
     """A readers-writer lock between processes, on a file (flock): shared by every test on the device, exclusive for
