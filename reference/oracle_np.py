@@ -56,25 +56,30 @@ def moe_oracle(
                 continue  # -1, or an expert of another rank
             e = global_id - first_expert
             h = gate_up[e] @ xs[t]
-            if faithful:
-                h = round_to_bf16(h.astype(np.float32))
+            if faithful:  # the fp32 accumulator, stored bf16 or kept
+                h = h.astype(np.float32)
+                h = round_to_bf16(h) if profile.h == "bf16" else h
             gate, up = (h[:inter], h[inter:]) if gate_up_order == "gate_up" else (h[inter:], h[:inter])
             if not faithful:
                 terms.append((e, k, float(weights[t, k]) * (down[e] @ (gate / (1.0 + np.exp(-gate)) * up))))
                 continue
             gate32, up32 = gate.astype(np.float32), up.astype(np.float32)
-            silu = gate32 / (np.float32(1.0) + np.exp(-gate32))
-            if profile.silu == "bf16":  # `act_fn(gate) * up` on bf16 tensors: two roundings
-                silu = round_to_bf16(silu)
-            act = round_to_bf16(silu * up32).astype(np.float64)
-            y = (down[e] @ act).astype(np.float32)  # the down GEMM's fp32 accumulator
-            weight = weights[t, k] if profile.weights == "fp32" else round_to_bf16(weights[t, k])
-            if profile.slot == "epilogue":  # the weight multiplies the accumulator, one rounding
-                term = round_to_bf16(np.float32(weight) * y)
+            if profile.silu == "logistic":  # JAX's bf16 silu: gate * logistic(gate), each product rounded
+                logistic = round_to_bf16(np.float32(1.0) / (np.float32(1.0) + np.exp(-gate32)))
+                silu = round_to_bf16(gate32 * logistic)
             else:
-                term = np.float32(weight) * round_to_bf16(y)
-                if profile.slot == "bf16":
-                    term = round_to_bf16(term)
+                silu = gate32 / (np.float32(1.0) + np.exp(-gate32))
+                if profile.silu == "bf16":  # `act_fn(gate) * up` on bf16 tensors: two roundings
+                    silu = round_to_bf16(silu)
+            act = silu * up32
+            act = (round_to_bf16(act) if profile.a == "bf16" else act).astype(np.float64)
+            y = (down[e] @ act).astype(np.float32)  # the down GEMM's fp32 accumulator
+            if profile.y == "bf16":
+                y = round_to_bf16(y)
+            weight = weights[t, k] if profile.weights == "fp32" else round_to_bf16(weights[t, k])
+            term = np.float32(weight) * y
+            if profile.slot == "bf16":
+                term = round_to_bf16(term)
             terms.append((e, k, term))
         if profile.order == "expert":
             terms.sort(key=lambda term: (term[0], term[1]))

@@ -18,24 +18,38 @@ def to_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.float().to(torch.bfloat16)
 
 
-def gemm_nt(a: torch.Tensor, b: torch.Tensor, *, faithful: bool) -> torch.Tensor:
-    """a [n, K] · b[N, K]ᵀ, float64. Faithful: accumulated exactly (the ideal fp32 accumulator), stored as bf16."""
+def to_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Keep an accumulator in fp32: the exact value rounded to fp32 (RNE), as a float64 tensor."""
+    return t.float().double()
+
+
+def gemm_nt(a: torch.Tensor, b: torch.Tensor, *, faithful: bool, store: str = "bf16") -> torch.Tensor:
+    """a [n, K] · b[N, K]ᵀ, float64. Faithful: accumulated exactly (the ideal fp32 accumulator), then stored as bf16
+    (store="bf16") or kept fp32 (store="fp32")."""
     d = a.double() @ b.double().T
-    return to_bf16(d).double() if faithful else d
+    if not faithful:
+        return d
+    return to_bf16(d).double() if store == "bf16" else to_fp32(d)
 
 
 def silu_and_mul(h: torch.Tensor, gate_up_order: str = "gate_up", *, faithful: bool,
                  rounding: Rounding = PRODUCTION) -> torch.Tensor:
-    """h [n, 2I] -> silu(gate) * up [n, I]. Faithful: fp32 silu of the bf16 gate times the bf16 up, stored as bf16
-    (rounding.silu == "fused"), or the silu rounded to bf16 before the multiply ("bf16")."""
+    """h [n, 2I] -> silu(gate) * up [n, I]. Faithful: from the h given (bf16 or fp32 values), silu in fp32 as
+    rounding.silu says ("fused": not rounded; "bf16": rounded before the multiply; "logistic": the logistic rounded,
+    then gate * logistic rounded), times up in fp32, stored as rounding.a says (bf16, or kept fp32)."""
     first, second = h.chunk(2, dim=-1)
     gate, up = (first, second) if gate_up_order == "gate_up" else (second, first)
     if not faithful:
         return F.silu(gate.double()) * up.double()
-    silu = F.silu(gate.float())
-    if rounding.silu == "bf16":
-        silu = to_bf16(silu).float()
-    return to_bf16(silu * up.float()).double()
+    gate = gate.float()
+    if rounding.silu == "logistic":
+        silu = to_bf16(gate * to_bf16(torch.sigmoid(gate)).float()).float()
+    else:
+        silu = F.silu(gate)
+        if rounding.silu == "bf16":
+            silu = to_bf16(silu).float()
+    a = silu * up.float()
+    return to_bf16(a).double() if rounding.a == "bf16" else a.double()
 
 
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, *, faithful: bool,
@@ -43,9 +57,8 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor
     """out[t] = sum over local slots k of weights[t, k] * y[t, k] (y [M, k, H]) -> float32 [M, H].
 
     local_ids [M, k]: the slot's local expert, -1 where not local: such slots contribute nothing, whatever their
-    weight or y. Faithful: as `rounding` says (reference/rounding.py): y is the bf16 output of the down GEMM, or
-    for slot == "epilogue" its exact value (the GEMM's accumulator); production adds weight * y in fp32 in slot order
-    and stores bf16."""
+    weight or y. Faithful: as `rounding` says (reference/rounding.py), y being the down GEMM's output as stored
+    (bf16, or its fp32 accumulator); production adds weight * y in fp32 in slot order and stores bf16."""
     is_local = local_ids >= 0
     if not faithful:
         w = torch.where(is_local, weights.double(), 0.0)
@@ -54,8 +67,8 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor
     w = weights.float()
     if rounding.weights == "bf16":
         w = to_bf16(w).float()
-    terms = w.unsqueeze(-1) * y.float()  # fp32 products (of the fp32 accumulator, for "epilogue")
-    if rounding.slot != "fp32":
+    terms = w.unsqueeze(-1) * y.float()  # fp32 products
+    if rounding.slot == "bf16":
         terms = to_bf16(terms).float()
     if rounding.order == "expert":  # expert by expert (ascending local id, then slot), remote slots last
         expert = torch.where(is_local, local_ids.long(), 1 << 40)

@@ -34,7 +34,8 @@ class Check(enum.Enum):
     LAYOUT = "layout"  # the scatter broke the layout contract
     LAYOUT_CHOICE = "layout-choice"  # layout="auto" broke the threshold rule
     EQUIVALENT = "equivalent-inputs"  # the same inputs presented otherwise (strides, id dtype, gate/up order) fail
-    ROUNDING = "rounding"  # only faithful bands fail: which bands passed, which rounding profile came closest
+    ROUNDING = "rounding"  # which rounding convention judged the row, or why none did
+    ERROR_MODEL = "error-model"  # the error model of the stage: honest rounding or structure (verify/errormodel.py)
     DISPATCH = "dispatch"  # verify.dist: a token at the wrong rank, twice, missing, or altered on the wire
 
     def __str__(self) -> str:
@@ -52,6 +53,7 @@ class Finding:
     value: float | None = None  # its value, raw (as measured; any widening is in `limit`)
     limit: float | None = None  # the bound that decided: FAIL's bound when it failed, else PASS's bound
     expert: int | None = None  # per-expert band: the LOCAL expert closest to (or furthest over) its bound
+    evidence: dict | None = None  # error-model findings: the test, its part of the output, statistic and bound
 
     @property
     def kind(self) -> str:

@@ -140,7 +140,7 @@ class FuzzCase:
         return view, w13, w2
 
 
-def trial_of(case: FuzzCase, impl: Implementation, device: str, rounding: Rounding) -> Trial:
+def trial_of(case: FuzzCase, impl: Implementation, device: str, rounding: Rounding, declared: bool = True) -> Trial:
     """The case as a sweep trial. An implementation that takes no layout or no gate_up_order gets the same
     computation without them (w13's halves swapped in place of gate_up_order="up_gate")."""
     view, w13, w2 = case.build(device)
@@ -151,7 +151,8 @@ def trial_of(case: FuzzCase, impl: Implementation, device: str, rounding: Roundi
                                      ep_rank=case.rank, num_experts=case.num_experts, gate_up_order=gate_up_order,
                                      mode=mode, rounding=rounding) for mode in ("faithful", "exact"))
     return Trial(impl, view, w13, w2, case.layout if impl.has_layouts else None, case.seed, references=references,
-                 table=bands.bands_for(case.hidden, case.inter), gate_up_order=gate_up_order, rounding=rounding)
+                 table=bands.bands_for(case.hidden, case.inter), gate_up_order=gate_up_order, rounding=rounding,
+                 declared=declared)
 
 
 def choose_rounding(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu",
@@ -172,7 +173,7 @@ def run_case(case: FuzzCase, impl: Callable | Implementation, device: str = "cpu
     profile "auto" finds), then every probe (up to the first failure, with `until_failure`)."""
     impl = implementation(impl)
     choice = choose_rounding(case, impl, device, rounding)
-    trial = trial_of(case, impl, device, choice.profile)
+    trial = trial_of(case, impl, device, choice.profile, choice.declared)
     row = Row("fuzz", case.ep_size, case.rank, trial.layout, case.num_tokens, case.view)
     row.add(choice.findings())
     judge_rank(row, trial, until_failure=until_failure)

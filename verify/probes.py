@@ -22,7 +22,7 @@ from kernels.dispatch import M_ALIGNMENT, Dispatch, Layout
 from reference import moe_reference
 from reference.rounding import PRODUCTION, Rounding
 from reference.routing import RankView, ViewKind
-from verify import bands, checks
+from verify import bands, checks, errormodel
 from verify.findings import Check, Finding, Verdict, failure
 from verify.impls import Implementation
 from verify.metrics import compare
@@ -44,7 +44,10 @@ class Seen:
 @dataclasses.dataclass
 class Trial:
     """One rank row: the implementation, the rank view it runs on, that view's weights, its references and the bands
-    it is held to. Inputs are saved on creation; `inputs_modified` compares them bit for bit and puts them back."""
+    it is held to. Inputs are saved on creation; `inputs_modified` compares them bit for bit and puts them back.
+
+    `declared`: the rounding was declared (the bands against its faithful reference decide), or found by `auto`
+    (where those bands fail, the error model decides: `verdicts`)."""
 
     impl: Implementation
     view: RankView
@@ -55,10 +58,13 @@ class Trial:
     references: tuple[torch.Tensor, torch.Tensor] = ()  # (faithful, exact) for this view
     table: tuple = ()  # the verify.bands.Band table this row is judged by
     gate_up_order: str = "gate_up"
-    rounding: Rounding = PRODUCTION  # the profile the faithful reference follows
+    rounding: Rounding = PRODUCTION  # the placement the faithful reference follows
+    declared: bool = True
+    budget_of: Callable[[], errormodel.Budget] | None = None  # the error model's budget, when someone keeps it
 
     def __post_init__(self):
         self._saved = [t.clone() for t in self.inputs]
+        self._budget = None
 
     @property
     def inputs(self) -> tuple[torch.Tensor, ...]:
@@ -87,9 +93,22 @@ class Trial:
         return moe_reference(*self.inputs, ep_size=v.ep_size, ep_rank=v.rank, num_experts=v.num_experts,
                              gate_up_order=self.gate_up_order, mode="faithful", rounding=rounding)
 
+    def budget(self) -> errormodel.Budget:
+        """What honest rounding may do to this view's output (verify/errormodel.py)."""
+        if self._budget is None:
+            self._budget = (self.budget_of() if self.budget_of else
+                            errormodel.budget_of_view(self.view, self.w13, self.w2, self.gate_up_order))
+        return self._budget
+
     def judge(self, out: torch.Tensor) -> list[Finding]:
-        """The bands' findings for an output of this view."""
-        return bands.judge(compare(out.float(), *self.references, self.view.local_ids()), self.table)
+        """The findings for an output of this view: the bands', as `verdicts` applies them."""
+        return self.verdicts(out, bands.judge(compare(out.float(), *self.references, self.view.local_ids()),
+                                              self.table))
+
+    def verdicts(self, out: torch.Tensor, findings: list[Finding]) -> list[Finding]:
+        """The band findings as they judge: all of them for a declared rounding, or where the faithful bands pass;
+        otherwise (auto, no convention holds) the error model's findings in place of the rounding bands'."""
+        return tiered(findings, self.table, self.declared, lambda: errormodel.judge(out, self.budget()))
 
     def call_hooked(self, transform: Callable[[Dispatch], Dispatch] = lambda d: d, **options):
         """(output, Seen) of a run with every buffer poisoned, padding rows poisoned after the scatter, the layout
@@ -111,6 +130,21 @@ class Trial:
         if modified:
             checks.restore(self.inputs, self._saved)
         return modified
+
+
+def tiered(findings: list[Finding], table, declared: bool, error_model: Callable[[], list[Finding]]) -> list[Finding]:
+    """The convention tier (the bands against the faithful reference of the rounding found) where it holds, else the
+    error model's tier: the bands that assume a convention (against the faithful or the exact reference) are set
+    aside (kept as PASS, marked so) and the error model's findings judge instead (docs/error-model.md)."""
+    rounding_bands = {b.metric for b in table if b.against != "-"}
+    missed = [f for f in findings if f.metric in rounding_bands and f.verdict is not Verdict.PASS]
+    if declared or not missed:
+        return findings
+    aside = [dataclasses.replace(f, verdict=Verdict.PASS, message=f"{f.message} [set aside: no known convention]")
+             if f in missed else f for f in findings]
+    note = Finding(Check.ROUNDING, Verdict.PASS, "no known convention holds here ("
+                   + ", ".join(f.metric for f in missed) + " against the closest): judged by the error model")
+    return aside + [note] + error_model()
 
 
 @dataclasses.dataclass(frozen=True)

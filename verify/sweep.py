@@ -19,14 +19,15 @@ import torch
 
 from kernels.dispatch import LAYOUTS, Layout
 from reference import moe_reference
+from reference.moe import faithful_space
 from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile
 from reference.routing import RankView, ViewKind, combine
-from verify import bands
+from verify import bands, errormodel
 from verify.cases import Case, Problem, make_problem
 from verify.findings import Check, Finding, Verdict, failure, worst
 from verify.impls import Implementation, implementation
 from verify.metrics import Metrics, compare, rel_l2
-from verify.probes import PROBES, Probe, Trial
+from verify.probes import PROBES, Probe, Trial, tiered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +158,9 @@ def judge_rank(row: Row, trial: Trial, probes: tuple[Probe, ...] = PROBES,
         row.add([failure(Check.OUTPUT, f"output must be bf16 {tuple(view.x.shape)}, got "
                          f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")])
         return None
-    judge(row, compare(out.float(), *trial.references, view.local_ids()), trial.table, view.token_index,
-          view.topk_ids, expert_offset=view.rank * view.num_local_experts)
+    metrics = compare(out.float(), *trial.references, view.local_ids())
+    judge(row, metrics, trial.verdicts(out, bands.judge(metrics, trial.table)), view.token_index, view.topk_ids,
+          expert_offset=view.rank * view.num_local_experts)
     row.add(explain_rounding(row, trial, out))
     for probe in probes:
         if until_failure and row.verdict is Verdict.FAIL:
@@ -172,7 +174,7 @@ def explain_rounding(row: Row, trial: Trial, out: torch.Tensor) -> list[Finding]
     the output came closest to: the difference between "rounds elsewhere" and "broken" in one line."""
     failed = [f for f in row.findings if f.verdict is Verdict.FAIL and f.check is Check.BAND]
     against = {b.metric: b.against for b in trial.table}
-    if not failed or any(against[f.metric] != "faithful" for f in failed):
+    if not trial.declared or not failed or any(against[f.metric] != "faithful" for f in failed):
         return []
     routed = (trial.view.local_ids() >= 0).any(dim=1)
     errors = {name: rel_l2(out.float()[routed].double(), trial.faithful(profile)[routed].double())
@@ -183,10 +185,10 @@ def explain_rounding(row: Row, trial: Trial, out: torch.Tensor) -> list[Finding]
                     f"passed: {passed}; closest profile {closest} (l2 {errors[closest] / bands.U_BF16:.2f}u)")]
 
 
-def judge(row: Row, metrics: Metrics, table, token_index, global_ids, expert_offset: int) -> None:
-    """The bands' findings for `metrics`, and where the worst row is."""
+def judge(row: Row, metrics: Metrics, findings: list[Finding], token_index, global_ids, expert_offset: int) -> None:
+    """The row's metrics and findings, and where the worst row is."""
     row.metrics = metrics
-    row.add(bands.judge(metrics, table))
+    row.add(findings)
     if metrics.worst_row >= 0:
         experts = global_ids[metrics.worst_row]
         expert = row.band("expert_err").expert
@@ -196,17 +198,20 @@ def judge(row: Row, metrics: Metrics, table, token_index, global_ids, expert_off
 
 @dataclasses.dataclass(frozen=True)
 class RoundingChoice:
-    """The profile a sweep judges by: declared, or found by `auto` (with every profile's error on the probe run)."""
+    """The placement a sweep judges by: declared, or found by `auto`, which searches the whole space of placements
+    (reference.rounding.SPACE) for the one whose faithful reference one run of the implementation matches best."""
 
     profile: Rounding
     declared: bool
-    faithful_l2: dict[str, float] = dataclasses.field(default_factory=dict)  # auto: profile -> rel L2 of the probe run
-    exact_l2: float | None = None  # auto: the probe run's rel L2 against the exact reference
-    crash: str | None = None  # auto: how the probe run raised (then production; a row reports it)
+    matched: bool = True  # auto: the placement found passes the faithful bands on that run (a convention holds)
+    faithful_l2: dict[str, float] = dataclasses.field(default_factory=dict)  # auto: the named profiles' and the best
+    exact_l2: float | None = None  # auto: the run's rel L2 against the exact reference
+    production_exact_l2: float | None = None  # auto: production's (its faithful reference's) on the same inputs
+    crash: str | None = None  # auto: how the run raised (then production; a row reports it)
 
     def findings(self) -> list[Finding]:
-        """The probe run's crash, for a row to report: an implementation that raises once is broken, even when the
-        calls the rows judge succeed."""
+        """The detection run's crash, for a row to report: an implementation that raises once is broken, even when
+        the calls the rows judge succeed."""
         return [] if self.crash is None else [failure(Check.CRASH, f"the rounding detection's run {self.crash}")]
 
     def describe(self) -> str:
@@ -214,20 +219,28 @@ class RoundingChoice:
             return f"rounding {self.profile.name} (declared)"
         if self.crash is not None:
             return f"rounding auto -> {self.profile.name} (the detection's run {self.crash})"
-        errors = ", ".join(f"{name} {value / bands.U_BF16:.2f}u" for name, value in self.faithful_l2.items())
-        exact = "-" if self.exact_l2 is None else f"{self.exact_l2 / bands.U_BF16:.2f}u"
-        return (f"rounding auto -> {self.profile.name} (faithful l2 of one run against each profile: {errors}; "
-                f"against the exact reference: {exact})")
+        accuracy = (f"against the exact reference {_u(self.exact_l2)}, production's on the same inputs "
+                    f"{_u(self.production_exact_l2)}")
+        if self.matched:
+            return f"rounding auto -> convention {self.profile.describe()}; {accuracy}"
+        return (f"rounding auto -> no known convention: judged by the error model (docs/error-model.md), the closest "
+                f"placement {self.profile.name} at {_u(self.faithful_l2.get(self.profile.name))}; {accuracy}")
 
     def as_dict(self) -> dict:
-        return dict(profile=self.profile.name, declared=self.declared, faithful_l2=self.faithful_l2,
-                    exact_l2=self.exact_l2, crash=self.crash)
+        return dict(profile=self.profile.name, words=self.profile.words(), declared=self.declared,
+                    matched=self.matched, faithful_l2=self.faithful_l2, exact_l2=self.exact_l2,
+                    production_exact_l2=self.production_exact_l2, crash=self.crash)
+
+
+def _u(value: float | None) -> str:
+    return "-" if value is None else f"{value / bands.U_BF16:.2f}u"
 
 
 def detect_rounding(trial: Trial) -> RoundingChoice:
-    """The profile whose faithful reference one run of the trial's implementation matches best (ties: the first in
-    reference.rounding.PROFILES, production first); production when the run fails (a raise is kept as `crash`, for
-    a row to report; a wrong output is judged by the rows)."""
+    """The placement of the whole space whose faithful reference one run of the trial's implementation matches best
+    (ties: the first in reference.rounding.SPACE, the named profiles first), and whether it holds (the faithful
+    bands pass on that run); production when the run fails (a raise is kept as `crash`, for a row to report; a wrong
+    output is judged by the rows)."""
     try:
         out = trial.call()
     except torch.OutOfMemoryError:
@@ -238,18 +251,31 @@ def detect_rounding(trial: Trial) -> RoundingChoice:
         trial.inputs_modified()
     if not isinstance(out, torch.Tensor) or out.shape != trial.view.x.shape:
         return RoundingChoice(PRODUCTION, declared=False)
-    routed = (trial.view.local_ids() >= 0).any(dim=1)
-    out = out.double()[routed]
-    errors = {name: rel_l2(out, trial.faithful(profile).double()[routed]) for name, profile in PROFILES.items()}
-    exact = rel_l2(out, trial.references[1].double()[routed])
-    return RoundingChoice(PROFILES[min(errors, key=errors.get)], False, errors, exact)
+    v = trial.view
+    routed = (v.local_ids() >= 0).any(dim=1)
+    rows = out.double()[routed]
+    errors, best, best_ref = {}, None, None
+    for point, ref in faithful_space(*trial.inputs, ep_size=v.ep_size, ep_rank=v.rank, num_experts=v.num_experts,
+                                     gate_up_order=trial.gate_up_order):
+        error = rel_l2(rows, ref.double()[routed])
+        if best is None or error < errors[best.name]:
+            best, best_ref = point, ref
+        if point.name in PROFILES or point is best:
+            errors[point.name] = error
+    exact = trial.references[1]
+    matched = all(f.verdict is not Verdict.FAIL for f in bands.judge(
+        compare(out.float(), best_ref, exact, v.local_ids()), trial.table))
+    return RoundingChoice(best, False, matched, {n: e for n, e in errors.items() if n in PROFILES or n == best.name},
+                          rel_l2(rows, exact.double()[routed]),
+                          rel_l2(trial.faithful(PRODUCTION).double()[routed], exact.double()[routed]))
 
 
 class Sweep:
     """Runs rows of one case for one implementation; rank views and references are built once and shared.
 
-    rounding: a profile (reference/rounding.py) or its name, declared; or "auto": the profile whose faithful reference
-    one run of the implementation matches best (the ep_size = 1 view when the case has it, or rank 0's)."""
+    rounding: a placement (reference/rounding.py) or its name, declared; or "auto": the placement whose faithful
+    reference one run of the implementation matches best (the ep_size = 1 view when the case has it, or rank 0's),
+    the error model judging where it does not hold (verify/errormodel.py)."""
 
     def __init__(self, case: Case, impl: Callable | Implementation, *, seed: int = 0, device: str = "cpu",
                  scale: str | None = None, probes: tuple[Probe, ...] = PROBES, rounding: Rounding | str = PRODUCTION):
@@ -260,6 +286,7 @@ class Sweep:
         self._views: dict[tuple[int, int, ViewKind], RankView] = {}
         self._refs: dict[tuple[int, int, ViewKind], tuple[torch.Tensor, torch.Tensor]] = {}
         self._outputs: dict[Target, torch.Tensor] = {}
+        self._budgets: dict[tuple[int, int, ViewKind], errormodel.Budget] = {}
         self.rounding = (self._detect() if rounding == "auto" else
                          RoundingChoice(rounding_profile(rounding), declared=True))
         self._unreported = self.rounding.findings()
@@ -293,6 +320,14 @@ class Sweep:
                 for mode in ("faithful", "exact"))
         return self._refs[key]
 
+    def budget(self, ep_size: int, rank: int, kind: ViewKind = ViewKind.DEEPEP) -> errormodel.Budget:
+        """The error model's budget of one rank view."""
+        key = (ep_size, rank, kind)
+        if key not in self._budgets:
+            self._budgets[key] = errormodel.budget_of_view(self.view(ep_size, rank, kind),
+                                                           *self.problem.rank_weights(ep_size, rank))
+        return self._budgets[key]
+
     def run(self, target: Target) -> Row:
         row = self._run_combine(target) if target.rank is None else self._run_rank(target)
         row.add(self._unreported)  # the rounding detection's crash, on the first row run
@@ -304,7 +339,9 @@ class Sweep:
         view = self.view(target.ep_size, target.rank, target.view)
         return Trial(self.impl, view, *self.problem.rank_weights(target.ep_size, target.rank), target.layout,
                      self.seed, references=self.references(target.ep_size, target.rank, target.view, rounding),
-                     table=bands.bands_for(*self._hidden_inter()), rounding=rounding)
+                     table=bands.bands_for(*self._hidden_inter()), rounding=rounding,
+                     declared=getattr(self, "rounding", None) is None or self.rounding.declared,
+                     budget_of=lambda: self.budget(target.ep_size, target.rank, target.view))
 
     def _run_rank(self, target: Target) -> Row:
         trial = self._trial(target)
@@ -342,7 +379,13 @@ class Sweep:
         exact = moe_reference(self.problem.x, self.problem.routing.topk_ids, self.problem.routing.topk_weights,
                               self.problem.w13, self.problem.w2, mode="exact")
         ids = self.problem.routing.topk_ids.to(out.device)
-        judge(row, compare(out, faithful, exact, ids), bands.combine_bands(*self._hidden_inter()),
+        metrics, table = compare(out, faithful, exact, ids), bands.combine_bands(*self._hidden_inter())
+
+        def error_model():
+            budgets = [self.budget(ep, r, kind) for r in range(ep)]
+            return errormodel.judge(out, errormodel.combine(budgets, [v.token_index for v in views], total))
+
+        judge(row, metrics, tiered(bands.judge(metrics, table), table, self.rounding.declared, error_model),
               torch.arange(total), ids, expert_offset=0)
         return row
 

@@ -6,8 +6,8 @@ functions); `python -c "import verify.adapters.hf as h; print(h.ADAPTERS)"` list
 experts module for the rank's local experts, loads w13 / w2 into it (gate_up_proj / down_proj, transposed where the
 class stores them so), and calls it as transformers' own expert parallelism does (`AllReduceEP`): every id that is
 not on this rank (-1 included) becomes the sentinel `num_local_experts` with weight 0, the module is marked
-expert-parallel, the ids are int64 and the router weights are cast to the hidden dtype, as transformers' routers
-give them. What the module
+expert-parallel, the ids are int64 and the router weights are cast to the hidden dtype, as Qwen3-MoE's router gives
+them (`NAME_fp32_weights`: left in fp32, as the Mixtral and DeepSeek-V3 routers hand them over). What the module
 raises is raised (the tester reports it as a failing row). Modules are cached per weights, so the bench times the
 forward, not the load.
 """
@@ -88,7 +88,7 @@ def _experts(family: Family, implementation: str, w13: torch.Tensor, w2: torch.T
     return _MODULES[key]
 
 
-def _adapter(name: str, family: Family, implementation: str):
+def _adapter(name: str, family: Family, implementation: str, weights_dtype: torch.dtype | None = None):
     def forward(x, topk_ids, topk_weights, w13, w2, *, ep_size=1, ep_rank=0, num_experts=None,
                 gate_up_order="gate_up"):
         experts = _experts(family, implementation, w13, w2, gate_up_order)
@@ -97,7 +97,7 @@ def _adapter(name: str, family: Family, implementation: str):
         ids = topk_ids.long()  # as transformers' routers give them (torch.topk's indices)
         off_rank = (ids // num_local_experts) != ep_rank
         local = torch.where(off_rank, num_local_experts, ids % num_local_experts)
-        weights = topk_weights.masked_fill(off_rank, 0.0).to(x.dtype)
+        weights = topk_weights.masked_fill(off_rank, 0.0).to(weights_dtype or x.dtype)
         with torch.no_grad():
             return experts(x, local, weights)
 
@@ -107,4 +107,6 @@ def _adapter(name: str, family: Family, implementation: str):
 
 
 ADAPTERS = {f"{f}_{i}": _adapter(f"{f}_{i}", family, i) for f, family in FAMILIES.items() for i in IMPLEMENTATIONS}
+ADAPTERS.update({f"{f}_{i}_fp32_weights": _adapter(f"{f}_{i}_fp32_weights", family, i, torch.float32)
+                 for f, family in FAMILIES.items() for i in IMPLEMENTATIONS})
 globals().update(ADAPTERS)  # --impl verify.adapters.hf:qwen3_moe_grouped_mm, ...

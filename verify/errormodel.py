@@ -1,0 +1,296 @@
+"""The error model of the expert stage: what honest bf16 rounding can do to an output, and the tests that tell it from
+a bug (docs/error-model.md).
+
+Honest rounding is noise: small, unbiased, spread over every element, and bounded by how many roundings the stage can
+hold and where. A bug is structure: biased (error along the output, a scale error), concentrated on one expert, slot
+position, rank or row, or too large for any placement of roundings.
+
+The budget. For every output element the model adds up the variance of each rounding that an honest implementation
+MAY make, weighed by the exact intermediates of these very inputs (reference.moe.exact_trace): the least accurate
+placement of all. Rounding v to bf16 (round to nearest even) errs uniformly within half an ulp: variance ulp(v)²/12.
+- a-level, per slot (reaching the output through w2[e], so shared by a row's elements): h's gate and up values
+  (through d a / d gate, d a / d up), the logistic, silu, a itself, and the router weight times a (a weight applied
+  before the down GEMM);
+- per element: y, the weighted slot, every partial sum of the slots (the larger of both orders), the output, and a
+  floor of (u/32)² of the row's mean square for the fp32 accumulations;
+- per slot, shared by its row: the router weight rounded to bf16.
+An implementation that keeps an intermediate wider has less error than the budget; none honest has more.
+
+The tests, for one output against its exact reference (e = out - exact; every routed row):
+- magnitude: sum e² / sum budget, per row, per expert's rows, per rank (combined outputs) and over all rows, must stay
+  under chi2.isf(alpha, d) / d, d the independent samples (Satterthwaite's count, capped per row by min(H, k_t I)
+  since a row's a-level errors live in k_t I dimensions);
+- bias: the error projected on each part's exact contribution (each expert's, each slot position's, each rank's and
+  the whole output) is a scale error s = sum e c / sum c²; its z = sum e c / sd, sd from the budget's covariance
+  (a-level terms through w2 exactly, per slot and per row). FAIL when |z| > z_alpha and |s| > SCALE_FLOOR: a scale
+  below u/4 is not called a bug (rounding's own second-order bias is of order u²).
+alpha = ALPHA per output, split over its tests (Bonferroni): an honest output fails with probability <= ALPHA,
+the measured rate is far lower (docs/error-model.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from scipy import stats
+
+from reference.moe import Trace, exact_trace
+from reference.routing import RankView
+from verify.findings import Check, Finding, Verdict
+
+U = 2.0**-8
+ALPHA = 1e-6  # the false-alarm probability allowed to one judged output, all of its tests together
+SCALE_FLOOR = U / 4  # a scale error smaller than this is not called a bug, however significant
+ROW_FLOOR = U / 32  # the rms floor of an element's budget, relative to its row (fp32 accumulation)
+
+
+def rounding_variance(v: torch.Tensor) -> torch.Tensor:
+    """Variance of the error of rounding v to bf16 (round to nearest even): ulp(v)² / 12, 0 where v is 0."""
+    _, exponent = torch.frexp(v)  # v = m 2^exponent, 0.5 <= |m| < 1: ulp = 2^(exponent - 8)
+    ulp = torch.ldexp(torch.ones_like(v), exponent - 8)
+    return torch.where(v != 0, ulp * ulp / 12, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What honest rounding may add to each element of an output [M, H], per slot and per element (see the module
+    docstring). Slots may come from several ranks (`combine`): `expert` then indexes the stacked w2 of all."""
+
+    exact: torch.Tensor  # float64 [M, H]
+    element: torch.Tensor  # float64 [M, H]: the per-element independent variance
+    token: torch.Tensor  # int64 [n]: each slot's output row
+    slot: torch.Tensor  # int64 [n]: its position k
+    expert: torch.Tensor  # int64 [n]: its expert, an index into w2
+    part: torch.Tensor  # int64 [n]: the rank it ran on (0 for one rank)
+    contribution: torch.Tensor  # float64 [n, H]: weight * y, exact
+    y: torch.Tensor  # float64 [n, H]
+    var_a: torch.Tensor  # float64 [n, I]: a-level variance of the slot, times weight²
+    var_weight: torch.Tensor  # float64 [n]: the router weight's rounding
+    w2: torch.Tensor  # float64 [E, H, I]
+    expert_offset: int = 0  # global id of expert index 0 (for messages)
+
+    @property
+    def routed(self) -> torch.Tensor:
+        """Bool [M]: rows with at least one slot."""
+        return torch.zeros(self.exact.shape[0], dtype=torch.bool, device=self.exact.device).index_fill_(
+            0, self.token, True)
+
+    def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the marginal variance of every element [M, H], the sum of the squared eigenvalues of each row's
+        covariance [M]): a row's error is a sum of independent parts, each slot's a-level errors through w2[e] and
+        its weight's along y (correlated over the row), and the per-element ones; the second gives the independent
+        samples a row's squared error sums (Satterthwaite: d = (sum variance)^2 / sum eigenvalue^2)."""
+        through_w2 = torch.zeros_like(self.y)
+        eigen_sq = self.var_weight**2 * (self.y**2).sum(dim=1) ** 2  # the weight's rounding: rank one per slot
+        for e in self.expert.unique().tolist():
+            mine = (self.expert == e).nonzero(as_tuple=True)[0]
+            w2 = self.w2[e]
+            through_w2[mine] = self.var_a[mine] @ (w2**2).T
+            gram_sq = (w2.T @ w2) ** 2  # ||w2 D w2^T||_F^2 = d^T (G o G) d, G = w2^T w2
+            eigen_sq[mine] += ((self.var_a[mine] @ gram_sq) * self.var_a[mine]).sum(dim=1)
+        per_slot = through_w2 + self.var_weight[:, None] * self.y**2
+        variance = self.element.clone().index_add_(0, self.token, per_slot)
+        row_eigen_sq = (self.element**2).sum(dim=1).index_add_(0, self.token, eigen_sq)
+        return variance, row_eigen_sq
+
+    def projection_variance(self, slots: torch.Tensor) -> torch.Tensor:
+        """Variance of sum(e * c) per row [M], c the exact contribution of the slots `slots` (bool [n]): the budget's
+        covariance projected on c, exactly (a-level errors through w2, the weight's along its y)."""
+        c = torch.zeros_like(self.exact).index_add_(0, self.token[slots], self.contribution[slots])
+        total = (c * c * self.element).sum(dim=1)
+        rows = torch.zeros(c.shape[0], dtype=torch.bool, device=c.device).index_fill_(0, self.token[slots], True)
+        sources = rows[self.token]  # slots whose errors reach a row of c
+        for e in self.expert[sources].unique().tolist():
+            mine = (sources & (self.expert == e)).nonzero(as_tuple=True)[0]
+            along = c[self.token[mine]]  # [n_e, H]
+            projected = along @ self.w2[e]  # w2[e]^T c, [n_e, I]
+            term = (projected**2 * self.var_a[mine]).sum(dim=1) + self.var_weight[mine] * (along * self.y[mine]).sum(
+                dim=1) ** 2
+            total.index_add_(0, self.token[mine], term)
+        return total
+
+
+def budget(trace: Trace, w2: torch.Tensor, expert_offset: int = 0) -> Budget:
+    """The budget of one rank's output, from its exact trace and its experts' w2 [E_local, H, I]."""
+    g, up, w = trace.gate, trace.up, trace.weight
+    sigma = torch.sigmoid(g)
+    silu = g * sigma
+    a = silu * up
+    d_gate = up * sigma * (1 + g * (1 - sigma))
+    var_a = (d_gate**2 * rounding_variance(g) + silu**2 * rounding_variance(up)  # h
+             + (g * up) ** 2 * rounding_variance(sigma)  # the logistic
+             + up**2 * rounding_variance(silu)  # silu
+             + rounding_variance(a)  # a
+             + rounding_variance(w[:, None] * a) / torch.where(w != 0, w * w, 1.0)[:, None])  # weight * a
+    contribution = w[:, None] * trace.y
+    element = torch.zeros_like(trace.out).index_add_(
+        0, trace.token, w[:, None] ** 2 * rounding_variance(trace.y) + rounding_variance(contribution))
+    element += torch.maximum(*(_partial_sums_variance(trace, contribution, order) for order in ("slot", "expert")))
+    element += rounding_variance(trace.out)
+    mean_square = (trace.out**2).mean(dim=1, keepdim=True)
+    element += (ROW_FLOOR**2) * mean_square + 1e-300
+    return Budget(trace.out, element, trace.token, trace.slot, trace.expert, torch.zeros_like(trace.token),
+                  contribution, trace.y, var_a * (w * w)[:, None], rounding_variance(w.float().double()), w2.double(),
+                  expert_offset)
+
+
+def budget_of_view(view: RankView, w13: torch.Tensor, w2: torch.Tensor, gate_up_order: str = "gate_up") -> Budget:
+    """The budget of a rank view's output, its experts' weights given."""
+    trace = exact_trace(view.x, view.topk_ids, view.topk_weights, w13, w2, ep_size=view.ep_size, ep_rank=view.rank,
+                        num_experts=view.num_experts, gate_up_order=gate_up_order)
+    return budget(trace, w2, view.rank * view.num_local_experts)
+
+
+def _partial_sums_variance(trace: Trace, contribution: torch.Tensor, order: str) -> torch.Tensor:
+    """Sum over a row's partial sums (from its second local slot on) of their rounding variance, the slots added in
+    `order` ("slot": k = 0, 1, ...; "expert": ascending local expert, then slot)."""
+    num_rows, k = trace.local_ids.shape
+    terms = torch.zeros(num_rows, k, trace.out.shape[1], dtype=torch.float64, device=trace.out.device)
+    terms[trace.token, trace.slot] = contribution
+    local = trace.local_ids >= 0
+    if order == "expert":
+        key = torch.where(local, trace.local_ids, 1 << 30) * k + torch.arange(
+            k, device=local.device)
+        order_of = torch.argsort(key, dim=1)
+        terms = torch.gather(terms, 1, order_of[..., None].expand_as(terms))
+        local = torch.gather(local, 1, order_of)
+    rounded = local & (torch.cumsum(local.long(), dim=1) >= 2)  # a partial sum is rounded when a slot joins it
+    return (rounding_variance(torch.cumsum(terms, dim=1)) * rounded[..., None]).sum(dim=1)
+
+
+def combine(budgets: list[Budget], token_index: list[torch.Tensor], num_tokens: int) -> Budget:
+    """The budget of the combined output [num_tokens, H]: rank r's rows added at token_index[r] (-1: padding), its
+    slots and experts kept apart (the ranks' w2 stacked)."""
+    rows = [b.token for b in budgets]
+    first = budgets[0]
+    exact = torch.zeros(num_tokens, first.exact.shape[1], dtype=torch.float64, device=first.exact.device)
+    element = exact.clone()
+    offsets, offset = [], 0
+    for b, index in zip(budgets, token_index, strict=True):
+        real = index >= 0
+        exact.index_add_(0, index[real], b.exact[real])
+        element.index_add_(0, index[real], b.element[real])
+        offsets.append(offset)
+        offset += b.w2.shape[0]
+    return Budget(
+        exact, element,
+        torch.cat([index[r] for index, r in zip(token_index, rows, strict=True)]),
+        torch.cat([b.slot for b in budgets]),
+        torch.cat([b.expert + o for b, o in zip(budgets, offsets, strict=True)]),
+        torch.cat([torch.full_like(b.token, r) for r, b in enumerate(budgets)]),
+        torch.cat([b.contribution for b in budgets]), torch.cat([b.y for b in budgets]),
+        torch.cat([b.var_a for b in budgets]), torch.cat([b.var_weight for b in budgets]),
+        torch.cat([b.w2 for b in budgets]), first.expert_offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class Test:
+    """One test of the model on one part of the output, as data (a finding's evidence)."""
+
+    kind: str  # "magnitude" or "bias"
+    part: str  # "row", "expert", "slot", "rank", "all"
+    index: int | None  # the row, expert (global id), slot position or rank; None for "all"
+    statistic: float  # magnitude: sum e² / sum budget; bias: z
+    limit: float  # the statistic's bound at this test's alpha
+    scale: float | None = None  # bias: the scale error s
+    dof: float | None = None  # magnitude: the independent samples d
+
+    @property
+    def fails(self) -> bool:
+        if self.kind == "magnitude":
+            return not self.statistic <= self.limit  # NaN fails
+        return abs(self.statistic) > self.limit and abs(self.scale) > SCALE_FLOOR
+
+    @property
+    def closeness(self) -> float:
+        """How near the test is to failing (1: at its bound)."""
+        if math.isnan(self.statistic):
+            return math.inf
+        if self.kind == "magnitude":
+            return self.statistic / self.limit
+        return min(abs(self.statistic) / self.limit, abs(self.scale) / SCALE_FLOOR)
+
+    def where(self) -> str:
+        names = {"row": "row", "expert": "expert", "slot": "slot position", "rank": "rank", "all": "all rows"}
+        return names[self.part] if self.index is None else f"{names[self.part]} {self.index}"
+
+    def describe(self) -> str:
+        if self.kind == "magnitude":
+            return (f"{self.where()}: error {math.sqrt(max(self.statistic, 0.0)):.2f}x the rms the least accurate "
+                    f"honest rounding allows (bound {math.sqrt(self.limit):.2f}x over {self.dof:.0f} samples)")
+        return (f"{self.where()}: error along its output, a scale error of {self.scale:+.2e} "
+                f"({self.scale / U:+.2f}u, z = {self.statistic:+.1f}; rounding: |z| <= {self.limit:.1f} or |scale| "
+                f"<= {SCALE_FLOOR / U:.2f}u)")
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), fails=self.fails, closeness=self.closeness)
+
+
+def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
+    """Every test of output `out` [M, H] against its budget: magnitude per row, expert, rank and overall; bias per
+    expert, slot position, rank and overall. Their alpha is `alpha` shared out equally."""
+    out = out.double()
+    error = out - b.exact
+    routed = b.routed
+    variance, eigen_sq = b.spread()
+    expert_slots = {int(e): b.expert == e for e in b.expert.unique()}
+    slot_slots = {int(k): b.slot == k for k in b.slot.unique()}
+    rank_slots = {int(r): b.part == r for r in b.part.unique()} if bool((b.part > 0).any()) else {}
+    rows = routed.nonzero(as_tuple=True)[0]
+    magnitudes = len(rows) + len(expert_slots) + len(rank_slots) + 1
+    biases = len(expert_slots) + len(slot_slots) + len(rank_slots) + 1
+    each = alpha / (magnitudes + biases)
+    z_limit = float(stats.norm.isf(each / 2))
+    found: list[Test] = []
+
+    def magnitude(part, index, row_mask):
+        v, e2 = variance[row_mask], error[row_mask] ** 2
+        dof = max(1.0, float(v.sum() ** 2 / eigen_sq[row_mask].sum().clamp_min(1e-300)))
+        statistic = float(e2.sum() / v.sum()) if torch.isfinite(e2).all() else math.nan
+        found.append(Test("magnitude", part, index, statistic, float(stats.chi2.isf(each, dof)) / dof, dof=dof))
+
+    def bias(part, index, slots):
+        c = torch.zeros_like(b.exact).index_add_(0, b.token[slots], b.contribution[slots])
+        along = float((error * c).sum())
+        sd = math.sqrt(float(b.projection_variance(slots).sum()))
+        scale = along / float((c * c).sum()) if float((c * c).sum()) > 0 else 0.0
+        z = along / sd if sd > 0 else (0.0 if along == 0 else math.copysign(math.inf, along))
+        found.append(Test("bias", part, index, z if math.isfinite(along) else math.nan, z_limit, scale=scale))
+
+    def rows_of(slots):
+        return torch.zeros_like(routed).index_fill_(0, b.token[slots], True)
+
+    v_row, e2_row = variance.sum(dim=1), (error**2).sum(dim=1)
+    dof_row = (v_row**2 / eigen_sq.clamp_min(1e-300)).clamp(min=1.0)
+    limits = stats.chi2.isf(each, dof_row[rows].cpu().numpy()) / dof_row[rows].cpu().numpy()
+    statistic_row = torch.where(torch.isfinite(e2_row), e2_row / v_row.clamp_min(1e-300), math.nan)
+    for t, statistic, limit, dof in zip(rows.tolist(), statistic_row[rows].tolist(), limits.tolist(),
+                                        dof_row[rows].tolist(), strict=True):
+        found.append(Test("magnitude", "row", t, statistic, limit, dof=dof))
+    for e, slots in expert_slots.items():
+        magnitude("expert", e + b.expert_offset, rows_of(slots))
+        bias("expert", e + b.expert_offset, slots)
+    for k, slots in slot_slots.items():
+        bias("slot", k, slots)
+    for r, slots in rank_slots.items():
+        magnitude("rank", r, rows_of(slots))
+        bias("rank", r, slots)
+    magnitude("all", None, routed)
+    bias("all", None, torch.ones_like(b.token, dtype=torch.bool))
+    return found
+
+
+def judge(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Finding]:
+    """The error model's findings: one FAIL per failing test (bias first, the most significant first), or one PASS
+    naming the test closest to its bound."""
+    found = tests(out, b, alpha)
+    failed = sorted((t for t in found if t.fails), key=lambda t: (t.kind != "bias", -t.closeness))
+    if failed:
+        return [Finding(Check.ERROR_MODEL, Verdict.FAIL, f"not rounding: {t.describe()}", metric=t.kind,
+                        value=t.statistic, limit=t.limit, evidence=t.as_dict()) for t in failed[:4]]
+    closest = max(found, key=lambda t: t.closeness)
+    return [Finding(Check.ERROR_MODEL, Verdict.PASS, f"honest by the error model ({len(found)} tests at alpha "
+                    f"{alpha:g}; closest: {closest.describe()})", metric=closest.kind, value=closest.statistic,
+                    limit=closest.limit, evidence=closest.as_dict())]
