@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import types
-from pathlib import Path
 
 import torch
+
+from verify.impls import guard_hub_kernels
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -41,34 +41,11 @@ FAMILIES = {
 _MODULES: dict[tuple, torch.nn.Module] = {}
 
 
-def without_hub_kernels() -> None:
-    """Tells transformers that Hugging Face's `kernels` package (hub kernels; a dependency of transformers 5.25, where
-    this was met) is unavailable when the `kernels` this process imports is this project's: the two share one import
-    name, and transformers, finding it, imports its hub-kernel API from ours at the first model import and fails
-    (ImportError: cannot import name 'CUDAProperties' from 'kernels'). Hub kernels would replace a layer's forward only
-    when asked (`use_kernels=True`); these adapters build the experts classes directly and test their own torch
-    forward, so nothing that runs changes. Call it before the first transformers model is imported (modules imported
-    later find the answer where they import it from)."""
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or spec.origin is None or Path(spec.origin).resolve() != _OURS:
-        return
-    import transformers.utils
-    import transformers.utils.import_utils
-
-    def unavailable(*args, **kwargs) -> bool:
-        return False
-
-    transformers.utils.is_kernels_available = transformers.utils.import_utils.is_kernels_available = unavailable
-
-
-_OURS = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
-
-
 def _experts(family: Family, implementation: str, w13: torch.Tensor, w2: torch.Tensor, gate_up_order: str):
     key = (family.experts, implementation, gate_up_order, w13.data_ptr(), w2.data_ptr(), tuple(w13.shape),
            w13.device, w13._version, w2._version)
     if key not in _MODULES:
-        without_hub_kernels()
+        guard_hub_kernels()
         modeling = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
         num_local_experts, two_inter, hidden = w13.shape
         # every name these classes read their sizes under, across transformers versions

@@ -9,7 +9,9 @@ implementations they stand for round:
 - vllm_like: vLLM's fused_moe numerics as its code reads: silu rounded to bf16 before the multiply, the router weight
   on the down GEMM's fp32 accumulator, the k rows summed in bf16 for k = 2..4 and in fp32 otherwise (moe_sum);
 - jax_logistic: a JAX-style bf16 silu (the logistic and gate * logistic each rounded), otherwise fused;
-- torchtitan_like: silu rounded to bf16, router weights in fp32, the weighted rows summed in fp32 (a bmm combine).
+- torchtitan_like: silu rounded to bf16, router weights in fp32, the weighted rows summed in fp32 (a bmm combine);
+- mixed: no convention at all: each expert rounds its own way (three placements in turn), the router weight scales a
+  before the down GEMM, the slots are summed as a tree; honest, and judged by the error model.
 Each has planted variants, NAME_expert_off (one local expert's output 1.5% off), NAME_last_slot_dropped and
 NAME_weight_on_input (the router weight applied to the input before the experts): structural bugs the error model
 must catch whatever convention an implementation follows.
@@ -45,6 +47,9 @@ class ByTopk:
 
 
 def _build(name: str, planted: str):
+    if name == "mixed":
+        points = tuple(rounding_profile(s) for s in ("h=fp32", "silu=bf16,a=fp32", "silu=logistic,y=fp32"))
+        return Honest(Placement(points, weight_on_a=True, sums="tree"), planted)
     if name == "vllm_like":
         return ByTopk(Honest(_placement("vllm_fused_moe"), planted),
                       Honest(_placement("silu=bf16,y=fp32,slot=bf16"), planted))
@@ -53,7 +58,7 @@ def _build(name: str, planted: str):
     return Honest(_placement(spec), planted)
 
 
-NAMES = ("fused_epilogue", "all_fp32", "vllm_like", "jax_logistic", "torchtitan_like")
+NAMES = ("fused_epilogue", "all_fp32", "vllm_like", "jax_logistic", "torchtitan_like", "mixed")
 ADAPTERS = {name if planted == "none" else f"{name}_{planted}": _build(name, planted)
             for name in NAMES for planted in PLANTED}
 globals().update(ADAPTERS)  # --impl verify.adapters.outside:fused_epilogue, ...

@@ -29,12 +29,23 @@ def run(capsys, tmp_path, *argv):
     return code, capsys.readouterr().out, json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("name", list(hf.ADAPTERS))
-def test_a_transformers_experts_class_passes_under_the_profile_it_rounds_by(capsys, tmp_path, name):
+# fed fp32 router weights (as the Mixtral and DeepSeek-V3 routers hand them over), the weights stay fp32 and the
+# weighted slots are not rounded: conventions of the space that no profile names
+FP32_WEIGHTS = {"eager": "silu=bf16,slot=bf16,accumulator=bf16,order=expert", "grouped_mm": "silu=bf16",
+                "batched_mm": "silu=bf16"}
+
+
+@pytest.mark.parametrize("name", [n for n in hf.ADAPTERS if not n.endswith("_fp32_weights")]
+                         + [f"qwen3_moe_{i}_fp32_weights" for i in hf.IMPLEMENTATIONS])
+def test_a_transformers_experts_class_passes_under_the_convention_it_rounds_by(capsys, tmp_path, name):
     code, out, result = run(capsys, tmp_path, "--case", "skewed", "--ep-size", "2", "--impl",
                             f"verify.adapters.hf:{name}")
     assert code == 0, out
-    assert result["rounding"]["profile"] == ("hf_eager" if name.endswith("_eager") else "hf_grouped")
+    if name.endswith("_fp32_weights"):
+        want = FP32_WEIGHTS[name.removesuffix("_fp32_weights").removeprefix("qwen3_moe_")]
+    else:
+        want = "hf_eager" if name.endswith("_eager") else "hf_grouped"
+    assert result["rounding"]["profile"] == want and result["rounding"]["matched"], out
     assert all(r["id"].count("-") == 2 or r["id"].endswith("-raw") for r in result["rows"])  # no layout rows
 
 
@@ -78,3 +89,41 @@ def test_the_framework_is_detected_and_only_accepted_keywords_are_passed():
     x = torch.zeros(2, 4, dtype=torch.bfloat16)
     plain(x, None, None, None, None, ep_rank=3, layout="masked", gemm="auto")
     assert seen == {"ep_rank": 3}
+
+
+def test_a_jax_function_behind_a_thin_python_wrapper_is_recognised():
+    import jax
+
+    core = jax.jit(lambda x: x)
+
+    def closure():
+        inner = core
+        return lambda x, topk_ids, topk_weights, w13, w2: inner(x)
+
+    def calls(x, topk_ids, topk_weights, w13, w2):
+        return closure()(x, topk_ids, topk_weights, w13, w2)
+
+    def declared(x, topk_ids, topk_weights, w13, w2):
+        return x
+
+    declared.framework = "jax"
+    assert [implementation(f).framework for f in (closure(), calls, declared)] == ["jax"] * 3
+
+
+def test_an_implementation_that_imports_transformers_models_loads_with_nothing_to_call(tmp_path):
+    """This project's kernels/ shares its import name with Hugging Face's hub-kernels package: transformers, finding
+    ours, fails at its first model import, unless --impl's loading has told it that hub kernels are unavailable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "userimpl.py").write_text("from transformers.models.qwen3_moe import modeling_qwen3_moe  # noqa\n"
+                                          "def forward(x, topk_ids, topk_weights, w13, w2):\n    return x\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {"PYTHONPATH": f"{tmp_path}:{root}", "PATH": "/usr/bin:/bin"}
+    plain = subprocess.run([sys.executable, "-c", "import kernels, userimpl"], env=env, capture_output=True,
+                           text=True)
+    assert plain.returncode != 0 and "CUDAProperties" in plain.stderr  # the clash, shown
+    loaded = subprocess.run([sys.executable, "-c", "import kernels; from verify.impls import load; "
+                             "print(load('userimpl:forward').name)"], env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0 and "userimpl:forward" in loaded.stdout, loaded.stderr
