@@ -50,8 +50,8 @@ def test_the_rounding_variance_is_what_rounding_to_bf16_does():
     assert float(errormodel.rounding_variance(torch.zeros(1, dtype=torch.float64))) == 0.0
 
 
-def _judged(impl, seed=0, case_sizes=Sizes(96, 128, 64, 8, 4), routing="skewed"):
-    p = random_problem(case_sizes, routing, seed)
+def _judged(impl, seed=0):
+    p = random_problem(Sizes(96, 128, 64, 8, 4), "skewed", seed)
     args = (p.x, p.routing.topk_ids, p.routing.topk_weights, p.w13, p.w2)
     budget = errormodel.budget(exact_trace(*args), p.w2)
     return errormodel.tests(impl(*args).float(), budget)
