@@ -278,7 +278,8 @@ def _combined_row(name: str, problem: Problem, world: int, layout, total: torch.
     exact = moe_reference(problem.x, problem.routing.topk_ids, problem.routing.topk_weights, problem.w13, problem.w2,
                           mode="exact")
     ids = problem.routing.topk_ids
-    judge(row, compare(total, faithful, exact, ids), bands.combine_bands(problem.sizes.hidden, problem.sizes.inter),
+    metrics = compare(total, faithful, exact, ids)
+    judge(row, metrics, bands.judge(metrics, bands.combine_bands(problem.sizes.hidden, problem.sizes.inter)),
           torch.arange(problem.routing.num_tokens), ids, expert_offset=0)
     return row
 
