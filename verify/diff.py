@@ -27,7 +27,7 @@ configure_triton()  # before anything imports triton
 import torch  # noqa: E402
 
 from kernels.dispatch import LAYOUTS  # noqa: E402
-from reference.rounding import PROFILES  # noqa: E402
+from reference.rounding import PROFILES, rounding_profile  # noqa: E402
 from reference.routing import ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import CASES, CASES_BY_NAME, Sizes  # noqa: E402
@@ -60,10 +60,21 @@ def parse_args(argv):
                    "exact side by side (PNG)")
     p.add_argument("--list", action="store_true", help="print the case catalogue and exit")
     p.add_argument("--replay", metavar="TOKEN", help="rerun exactly the case a `python -m verify.fuzz` token encodes")
-    p.add_argument("--rounding", choices=["auto", *PROFILES], help="the rounding profile of the faithful reference "
-                   "(reference/rounding.py); default: production for kernels.moe_expert_forward, auto for any other "
-                   "--impl (the profile one run matches best, named in the header)")
+    p.add_argument("--rounding", type=rounding_option, help="the rounding placement of the faithful reference: a "
+                   f"profile ({', '.join(PROFILES)}), field=value,... (reference/rounding.py), or auto; default: "
+                   "production for kernels.moe_expert_forward, auto for any other --impl (the placement one run "
+                   "matches best, named in the header; the error model judges where none holds)")
     return p.parse_args(argv)
+
+
+def rounding_option(text: str) -> str:
+    """--rounding's value, checked: "auto" or a placement reference.rounding knows."""
+    if text != "auto":
+        try:
+            rounding_profile(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _u(value: float) -> str:

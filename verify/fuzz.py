@@ -39,7 +39,7 @@ from hypothesis.errors import NoSuchExample  # noqa: E402
 from kernels.dispatch import LAYOUTS, M_ALIGNMENT, Layout  # noqa: E402
 from reference import moe_reference  # noqa: E402
 from reference.layouts import expert_counts, local_expert_ids  # noqa: E402
-from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile  # noqa: E402
+from reference.rounding import PRODUCTION, Rounding, rounding_profile  # noqa: E402
 from reference.routing import RankView, ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal  # noqa: E402
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from verify.diff import DEFAULT_IMPL, format_table
+    from verify.diff import DEFAULT_IMPL, format_table, rounding_option
     from verify.power.mutants import MUTANTS
 
     p = argparse.ArgumentParser(prog="python -m verify.fuzz", description=__doc__.split("\n\n")[1].split(".")[0])
@@ -275,8 +275,9 @@ def _main(argv) -> int:
     p.add_argument("--max-examples", type=int, default=200, help="cases to try before shrinking (default 200)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed: the same seed tries the same cases")
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
-    p.add_argument("--rounding", choices=["auto", *PROFILES], help="the faithful reference's rounding profile; "
-                   "default: production for kernels.moe_expert_forward and the mutants, auto (per case) otherwise")
+    p.add_argument("--rounding", type=rounding_option, help="the faithful reference's rounding placement (a profile, "
+                   "field=value,..., or auto); default: production for kernels.moe_expert_forward and the mutants, "
+                   "auto (per case) otherwise")
     p.add_argument("--json", help="also write the result(s) here")
     args = p.parse_args(argv)
     try:
