@@ -31,7 +31,7 @@ from reference.rounding import PROFILES, rounding_profile  # noqa: E402
 from reference.routing import ViewKind  # noqa: E402
 from verify import bands  # noqa: E402
 from verify.cases import CASES, CASES_BY_NAME, Sizes  # noqa: E402
-from verify.findings import Verdict  # noqa: E402
+from verify.findings import Check, Verdict  # noqa: E402
 from verify.impls import UsageError, load, no_verdict  # noqa: E402
 from verify.sweep import RoundingChoice, Row, Sweep, default_scale  # noqa: E402
 
@@ -82,7 +82,7 @@ def _u(value: float) -> str:
 
 
 COLUMNS = ("case", "ep", "rank", "layout", "view", "M", "row/u", "expert/u", "l2/u", "exact_l2/u", "calc_diff",
-           "verdict")
+           "judged by", "verdict")
 
 
 def _cells(row: Row) -> list[str]:
@@ -91,7 +91,9 @@ def _cells(row: Row) -> list[str]:
                                           _u(m.exact_rel_l2), f"{m.calc_diff:.1e}"]
     rank = "all" if row.rank is None else str(row.rank)
     layout = "-" if row.layout is None else str(row.layout)
-    return [row.case, str(row.ep_size), rank, layout, str(row.view), str(row.num_tokens), *values, str(row.verdict)]
+    judged = "error model" if any(f.check is Check.ERROR_MODEL for f in row.findings) else "bands"
+    return [row.case, str(row.ep_size), rank, layout, str(row.view), str(row.num_tokens), *values, judged,
+            str(row.verdict)]
 
 
 def format_table(rows: list[Row]) -> str:
