@@ -112,7 +112,7 @@ def _fused_moe(x, topk_ids, topk_weights, w13, w2, *, ep_size=1, ep_rank=0, num_
     y = torch.empty(num_tokens * topk, x.shape[1], dtype=torch.bfloat16, device=x.device)
     if expert_ids.numel():
         _gemm(a, w2, y, weights, sorted_ids, expert_ids, num_tokens * topk, 1, True)
-    y = y.view(num_tokens, topk, -1)
+    y = y.view(num_tokens, topk, x.shape[1])
     if topk in (2, 3, 4):
         out = y[:, 0]
         for k in range(1, topk):

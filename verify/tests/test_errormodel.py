@@ -144,3 +144,17 @@ def test_the_faithful_reference_of_any_point_is_honest_by_the_error_model(seed):
     for point in itertools.islice(SPACE, 0, None, 37):
         out = moe_reference(*args, mode="faithful", rounding=point).to(torch.bfloat16)
         assert not [t for t in errormodel.tests(out.float(), budget) if t.fails], point.name
+
+
+def test_the_fuzzer_judges_by_the_same_two_tiers():
+    from verify.adapters.outside import ADAPTERS
+    from verify.fuzz import FuzzCase, run_case
+
+    case = FuzzCase(num_tokens=64, hidden=64, inter=32, num_local_experts=4, ep_size=2, rank=1, topk=2,
+                    counts=(32, 32, 32, 32), drop=0.0)
+    honest_row = run_case(case, ADAPTERS["mixed"], rounding="auto")
+    assert honest_row.verdict is Verdict.PASS
+    assert any(f.check is Check.ERROR_MODEL for f in honest_row.findings)
+    bugged = run_case(case, ADAPTERS["mixed_expert_off"], rounding="auto")
+    failing = [f for f in bugged.findings if f.verdict is Verdict.FAIL]
+    assert failing[0].check is Check.ERROR_MODEL and failing[0].evidence["index"] == 4 + 2, failing
