@@ -119,21 +119,21 @@ def budget(trace: Trace, w2: torch.Tensor, expert_offset: int = 0) -> Budget:
     silu = g * sigma
     a = silu * up
     d_gate = up * sigma * (1 + g * (1 - sigma))
-    var_a = (d_gate**2 * rounding_variance(g) + silu**2 * rounding_variance(up)  # h
-             + (g * up) ** 2 * rounding_variance(sigma)  # the logistic
-             + up**2 * rounding_variance(silu)  # silu
-             + rounding_variance(a)  # a
-             + rounding_variance(w[:, None] * a) / torch.where(w != 0, w * w, 1.0)[:, None])  # weight * a
-    contribution = w[:, None] * trace.y
+    weight = w[:, None]
+    var_a = (weight**2 * (d_gate**2 * rounding_variance(g) + silu**2 * rounding_variance(up)  # h
+                          + (g * up) ** 2 * rounding_variance(sigma)  # the logistic
+                          + up**2 * rounding_variance(silu)  # silu
+                          + rounding_variance(a))  # a
+             + rounding_variance(weight * a))  # the weight applied to a before the down GEMM
+    contribution = weight * trace.y
     element = torch.zeros_like(trace.out).index_add_(
-        0, trace.token, w[:, None] ** 2 * rounding_variance(trace.y) + rounding_variance(contribution))
+        0, trace.token, weight**2 * rounding_variance(trace.y) + rounding_variance(contribution))
     element += torch.maximum(*(_partial_sums_variance(trace, contribution, order) for order in ("slot", "expert")))
     element += rounding_variance(trace.out)
     mean_square = (trace.out**2).mean(dim=1, keepdim=True)
     element += (ROW_FLOOR**2) * mean_square + 1e-300
     return Budget(trace.out, element, trace.token, trace.slot, trace.expert, torch.zeros_like(trace.token),
-                  contribution, trace.y, var_a * (w * w)[:, None], rounding_variance(w.float().double()), w2.double(),
-                  expert_offset)
+                  contribution, trace.y, var_a, rounding_variance(w), w2.double(), expert_offset)
 
 
 def budget_of_view(view: RankView, w13: torch.Tensor, w2: torch.Tensor, gate_up_order: str = "gate_up") -> Budget:
