@@ -119,15 +119,24 @@ def budget(trace: Trace, w2: torch.Tensor, expert_offset: int = 0) -> Budget:
     silu = g * sigma
     a = silu * up
     d_gate = up * sigma * (1 + g * (1 - sigma))
+    # Slots of one token that name one expert twice share x, so h, silu, a and y and their roundings: such a group
+    # counts its shared roundings once, with the group's summed weight, on its first slot.
+    key = trace.token * (int(trace.expert.max()) + 1 if trace.expert.numel() else 1) + trace.expert
+    _, group = torch.unique(key, return_inverse=True)
+    groups, position = int(group.max()) + 1 if group.numel() else 0, torch.arange(group.numel(), device=w.device)
+    group_weight = torch.zeros(groups, dtype=w.dtype, device=w.device).index_add_(0, group, w)
+    first = torch.full((groups,), group.numel(), device=w.device).scatter_reduce_(0, group, position, reduce="amin")
+    first = torch.zeros_like(group, dtype=torch.bool).index_fill_(0, first, True)
+    shared = torch.where(first, group_weight[group], 0.0)[:, None]
     weight = w[:, None]
-    var_a = (weight**2 * (d_gate**2 * rounding_variance(g) + silu**2 * rounding_variance(up)  # h
+    var_a = (shared**2 * (d_gate**2 * rounding_variance(g) + silu**2 * rounding_variance(up)  # h
                           + (g * up) ** 2 * rounding_variance(sigma)  # the logistic
                           + up**2 * rounding_variance(silu)  # silu
                           + rounding_variance(a))  # a
              + rounding_variance(weight * a))  # the weight applied to a before the down GEMM
     contribution = weight * trace.y
     element = torch.zeros_like(trace.out).index_add_(
-        0, trace.token, weight**2 * rounding_variance(trace.y) + rounding_variance(contribution))
+        0, trace.token, shared**2 * rounding_variance(trace.y) + rounding_variance(contribution))
     element += torch.maximum(*(_partial_sums_variance(trace, contribution, order) for order in ("slot", "expert")))
     element += rounding_variance(trace.out)
     mean_square = (trace.out**2).mean(dim=1, keepdim=True)

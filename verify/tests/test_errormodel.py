@@ -158,3 +158,15 @@ def test_the_fuzzer_judges_by_the_same_two_tiers():
     bugged = run_case(case, ADAPTERS["mixed_expert_off"], rounding="auto")
     failing = [f for f in bugged.findings if f.verdict is Verdict.FAIL]
     assert failing[0].check is Check.ERROR_MODEL and failing[0].evidence["index"] == 4 + 2, failing
+
+
+def test_a_token_naming_one_expert_twice_shares_its_roundings_and_stays_honest():
+    """Both slots see the same x, so the same h, silu, a and y and the same rounding errors: the budget counts them
+    once with the summed weight (the fuzzer found the first budget, which counted them as independent, too small)."""
+    from verify.adapters.outside import ADAPTERS
+    from verify.fuzz import FuzzCase, run_case
+
+    case = FuzzCase(num_tokens=127, hidden=256, inter=64, num_local_experts=8, ep_size=1, rank=0, topk=4,
+                    counts=(0, 66, 0, 0, 0, 0, 0, 0), drop=0.0, duplicates=True, seed=7)
+    row = run_case(case, ADAPTERS["mixed"], rounding="auto")
+    assert row.verdict is Verdict.PASS, [f.message for f in row.problems]
