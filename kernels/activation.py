@@ -57,7 +57,7 @@ def _config(dispatch: Dispatch, inter: int) -> dict:
     rows would give more than _MAX_IDLE_PROGRAMS programs that only read masked_m and leave (the decode path's M-row
     blocks, skewed blocks): there four rows per program (one row each: the graphed Qwen3-like M = 4096 stage 1.11x
     slower, 65536 rows for ~6100 tokens):
-    docs/gpu-h200.md, "Thirteenth session: silu per row, the gather's variants, the synced gap (NVIDIA H200)"."""
+    docs/gpu-h200.md, "Silu per row, the gather's variants, the synced gap (NVIDIA H200)"."""
     columns = min(next_power_of_2(inter), 1024)
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
         return dict(BLOCK_R=1024, BLOCK_I=columns)

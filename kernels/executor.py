@@ -53,7 +53,7 @@ SYNCS = ("before", "after", "never")
 GEMMS = ("auto", *BACKENDS)
 GATE_UP_ORDERS = activation.GATE_UP_ORDERS
 
-# Layout rule used when `masked_max_tokens` is not given (README.md, "Choosing the layout"), fitted by
+# Layout rule used when `masked_max_tokens` is not given (docs/design.md, "Choosing the layout"), fitted by
 # verify.perf.report.fit_layout_rule to the bench run in docs/bench-h200.json (NVIDIA H200, DeepGEMM, 62 points: 7
 # shapes x uniform and skewed routings, M = 1..16384): masked was the faster layout wherever its block fitted the
 # budget, up to the largest mean measured (2250 rows per active expert), so the fitted bound sits at twice that.
@@ -66,7 +66,7 @@ MASKED_BLOCK_BUDGET_BYTES = 2 << 30
 def choose_layout(
     counts: Sequence[int], num_tokens: int, hidden: int, inter: int, alignment: int, masked_max_tokens: int | None
 ) -> Layout:
-    """The layout for this routing. With masked_max_tokens: masked iff M <= it (the seed's rule)."""
+    """The layout for this routing. With masked_max_tokens: masked iff M <= it."""
     if masked_max_tokens is not None:
         return Layout.MASKED if num_tokens <= masked_max_tokens else Layout.CONTIGUOUS
     active = [c for c in counts if c]
@@ -264,7 +264,7 @@ def _early_rows(num_tokens, topk, num_experts, num_local_experts, hidden, inter,
 # counts suited it. A skewed routing keeps its skew from batch to batch (hot experts stay hot): without this, each of
 # its calls paid a wasted scatter and its launch (H200, eager, M = 4096: DeepSeek-like skewed 7% slower, Qwen3-like
 # skewed 28%, than reading first; see
-# docs/gpu-h200.md, "Fourteenth session: the synced call scatters before its read (NVIDIA H200)").
+# docs/gpu-h200.md, "The synced call scatters before its read (NVIDIA H200)").
 # The two ways differ in where the rows sit and how many rows a block has, not in any row's arithmetic: their outputs
 # are bitwise equal wherever compared (verify/tests/test_executor.py on a CPU and a GPU; DeepGEMM and the skinny
 # kernel at ten bench points on an H200).

@@ -263,7 +263,7 @@ PROBES: tuple[Probe, ...] = (
           "(another order GPU atomics could give)", "bit-identical output; the layout contract holds", _permuted,
           views=(ViewKind.DEEPEP,)),
     Probe("auto-threshold", Check.LAYOUT_CHOICE, "layout='auto' with masked_max_tokens = M, then M - 1",
-          "the masked path at M, the contiguous path at M - 1 (the seed's rule); the layout contract holds",
+          "the masked path at M, the contiguous path at M - 1 (the threshold rule); the layout contract holds",
           _auto_threshold, applies=lambda trial: trial.layout is Layout.MASKED and trial.view.num_tokens > 1,
           views=(ViewKind.DEEPEP,)),
     Probe("equivalent-inputs", Check.EQUIVALENT, "the same inputs presented otherwise, all at once: x, topk_ids and "

@@ -239,7 +239,7 @@ def gather_kernel(
     The rows of y are loaded evict_first (H200, kernel spans, M = 4096: Qwen3-like 14.02 -> 13.55 us, gpt-oss-like
     16.02 -> 15.60, DeepSeek-like 39.97 -> 39.86; Qwen3-like M = 16384 45.41 -> 44.42; outputs bitwise equal; the
     same hint on the index and weights, or streaming stores of out, did not help: docs/gpu-h200.md,
-    "Fourteenth session: the synced call scatters before its read (NVIDIA H200)")."""
+    "The synced call scatters before its read (NVIDIA H200)")."""
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_range = tokens < num_tokens

@@ -67,7 +67,7 @@ def for_dispatch(backend: GroupedGemm, dispatch: Dispatch, hidden: int, inter: i
     """gemm="auto" once the Dispatch is built: `backend` (what `select` chose for the shapes), except that on a GPU a
     masked block whose fullest expert is expected to hold few rows (decode: `triton.TritonGroupedGemm.runs_skinny`)
     goes to the Triton skinny kernel, faster there than DeepGEMM's masked GEMMs + silu and bitwise equal to them where
-    measured (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)")."""
+    measured (docs/gpu-h200.md, "The skinny GEMM, silu fused into it (NVIDIA H200)")."""
     if _skinny_may_serve(dispatch.rows.device, hidden, inter) and triton.BACKEND.runs_skinny(dispatch):
         return triton.BACKEND
     return backend

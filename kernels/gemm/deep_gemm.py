@@ -1,6 +1,6 @@
 """`deep_gemm`: DeepGEMM's bf16 m-grouped GEMMs (SM90 / SM100 only), imported lazily and only when present.
 
-Semantics kept from the seed (rtp-llm #1111):
+Semantics kept from rtp-llm's DeepGEMM wrapper:
 - `has_deep_gemm()` re-checks until the first successful import, then caches True (a spawned process whose
   sys.path is set up after this module was imported still finds it);
 - symbols are resolved at first use, and the bf16 grouped symbols separately and tolerantly, under their current

@@ -25,8 +25,8 @@ _SKINNY = Launcher(masked_gemm_nt_skinny_kernel)
 # SKINNY_TILE_ROWS[1]. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200: 16-row tiles 0.91-0.94x at up to
 # 11 rows in the fullest expert (M = 64), where 32-row tiles gave 0.93-0.97x; 32-row tiles 0.93-0.96x at 18-38 rows
 # (M = 256), where 16-row tiles gave 0.96-1.03x; from 61 rows up 16-row tiles were 1.3-2x slower than DeepGEMM
-# (docs/gpu-h200.md, "Tenth session: the skinny GEMM, silu fused into it (NVIDIA H200)";
-# docs/gpu-h200.md, "Eleventh session: the decode hint, 32-row tiles, the stats published (NVIDIA H200)").
+# (docs/gpu-h200.md, "The skinny GEMM, silu fused into it (NVIDIA H200)";
+# docs/gpu-h200.md, "The decode hint, 32-row tiles, the stats published (NVIDIA H200)").
 SKINNY_MAX_ROWS = 40
 SKINNY_TILE_ROWS = (16, 32)
 # Splits per (column tile, expert) when the counts stay on the device (decode): the estimate is a hint, and skewed

@@ -198,8 +198,8 @@ def kernel_span_ms(fn: Callable, device, runs: int = 10) -> float:
     """The median GPU span of the work one call of `fn` queues (its first kernel's start to its last one's end, in the
     profiler's CUPTI trace), L2 flushed before every call: the time of the kernels themselves, without the launch
     that precedes the first one, as DeepGEMM's and DeepEP's `bench_kineto` time kernels. A stage captured alone and
-    replayed pays a graph launch (4.2 us on an H200: docs/gpu-h200.md, "Twelfth session: the scatter per token,
-    bandwidths by kernel spans (NVIDIA H200)") that a pipeline's graph pays once for all its stages: a quarter of a
+    replayed pays a graph launch (4.2 us on an H200: docs/gpu-h200.md, "The scatter per token, bandwidths
+    by kernel spans (NVIDIA H200)") that a pipeline's graph pays once for all its stages: a quarter of a
     4096-token Qwen3-like scatter's replay."""
     flush = torch.empty(64 << 20, dtype=torch.int32, device=device)  # 256 MB, five times an H200's L2
     fn()

@@ -62,7 +62,7 @@ MOVED_BYTES = {  # what the memory-bound stages read + write
 
 def _span_ms(p: dict, stage: str) -> float | None:
     """The stage's kernels' GPU span (verify.perf.bench.kernel_span_ms), None where the run has none (CPU runs, and
-    runs before the twelfth session)."""
+    runs recorded before kernel spans were)."""
     return p["ms"].get(f"kernels/{_key(p, stage)}")
 
 

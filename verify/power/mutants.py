@@ -138,7 +138,7 @@ def _scatter_contiguous_aligned_64(x, routing, *, alignment, empty):
 def _scatter_then_scribble_on_x(scatter):
     def scatter_and_dispose(x, routing, **kwargs):
         dispatch = scatter(x, routing, **kwargs)
-        x[0].zero_()  # "the input is consumed": the seed's executor disposed it in place
+        x[0].zero_()  # "the input is consumed": rtp-llm's executor disposed it in place
         return dispatch
     return scatter_and_dispose
 
@@ -339,7 +339,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("threshold_off_by_one", "executor", "auto takes the masked path only for M < masked_max_tokens",
            "`<` for `<=`", _with(choose_layout=_strict_threshold)),
     Mutant("input_mutated", "executor", "the executor zeroes x[0] after scattering it (disposes its input)",
-           "the seed's in-place disposal", _read_first(scatter_contiguous=_scatter_then_scribble_on_x(
+           "rtp-llm's executor's in-place disposal", _read_first(scatter_contiguous=_scatter_then_scribble_on_x(
                PRODUCTION.scatter_contiguous), scatter_masked=_scatter_then_scribble_on_x(PRODUCTION.scatter_masked))),
     Mutant("nondeterministic", "executor", "an unseeded reduction: reruns differ in one element",
            "DeepEP's run-twice check", _with(gather=_gather_jitter)),

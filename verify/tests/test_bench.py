@@ -69,7 +69,7 @@ def test_targets_are_the_declared_ratios():
     assert same_size["gather_vs_same_size_copy"]["total"] == 1 and same_size["gather_vs_same_size_copy"]["met"] == 0
     assert same_size["gather_vs_same_size_copy"]["rows"][0]["value"] == pytest.approx(0.0209 / 0.03)
     assert same_size["scatter_vs_same_size_copy"]["total"] == 0
-    # a GPU run since the twelfth session: bandwidths by kernel spans, the large copy's included
+    # a GPU run that reads bandwidths by kernel spans, the large copy's included
     spans = _point(tokens=4096, **graphed, **{"copy/gather": 0.021, "kernels/gather/masked": 0.02,
                                               "kernels/copy/gather": 0.018})
     ceil = dict(CEILINGS, copy_kernel_gbps=4100.0)

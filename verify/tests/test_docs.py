@@ -41,3 +41,15 @@ def test_citation_exists(path, section):
     assert target.is_file(), f"{path} is cited but is not a file of the repository"
     if section is not None:
         assert section in headings(target), f'{path} has no section "{section}": {sorted(headings(target))}'
+
+
+# The tree speaks of the stage, its users and its results, never of how it was built (that is git's history).
+HISTORY = re.compile(r"\bsessions?\b|\bissues? #?\d+\b|(?<![\w/])#\d{2,}\b", flags=re.IGNORECASE)
+RUN_LOG = ROOT.joinpath("docs/gpu-h200.md")  # the GPU run log, written run by run: not yet held to it
+
+
+@pytest.mark.parametrize("source", [s for s in SOURCES if s != RUN_LOG], ids=lambda s: str(s.relative_to(ROOT)))
+def test_the_tree_speaks_of_itself_not_of_its_making(source):
+    found = [f"{source.relative_to(ROOT)}:{n}: {line.strip()[:100]}"
+             for n, line in enumerate(source.read_text().splitlines(), 1) if HISTORY.search(line)]
+    assert not found, "\n".join(found)

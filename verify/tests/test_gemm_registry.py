@@ -1,4 +1,4 @@
-"""The GEMM backend registry and the deep_gemm wrapper's semantics (the seed's), tested with a fake deep_gemm module
+"""The GEMM backend registry and the deep_gemm wrapper's semantics (rtp-llm's), tested with a fake deep_gemm module
 on any machine: lazy import retried until it succeeds, tolerant bf16 symbols, compiled_dims, the alignment check."""
 
 from __future__ import annotations
