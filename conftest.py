@@ -29,7 +29,13 @@ MARKERS = {
     "gpu": "needs a CUDA GPU",
     "deep_gemm": "needs deep_gemm with its bf16 grouped GEMMs on an SM90/SM100 GPU",
     "long": "takes tens of seconds on the 2-core CPU: scheduled first, so that it does not make the tail of `-n 8`",
+    "extended": "a wider sweep of a check the default run already makes once (more cases of an outside implementation): "
+                "run with --extended (`tox -e extended`), not by default",
 }
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true", help="also run the tests marked extended")
 
 
 def pytest_configure(config):
@@ -60,6 +66,8 @@ def pytest_collection_modifyitems(config, items):
     # workers around the long ones instead of one long test running alone at the end.
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
     reasons = _skip_reasons()
+    if not config.getoption("--extended"):
+        reasons["extended"] = "an extended sweep: run with --extended"
     for item in items:
         for name, reason in reasons.items():
             if reason and item.get_closest_marker(name):
