@@ -331,7 +331,7 @@ def bench(args, impl, world: int, rank: int, device: str) -> dict | None:
 
 
 def main(argv=None) -> int:
-    from verify.diff import format_table
+    from verify.report import format_table
 
     p = argparse.ArgumentParser(prog="torchrun ... -m verify.dist", description=__doc__.split("\n\n")[1][:200])
     p.add_argument("--case", help="a catalogue case (verify/cases.py)")

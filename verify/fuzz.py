@@ -46,6 +46,7 @@ from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal  #
 from verify.findings import Verdict  # noqa: E402
 from verify.impls import Implementation, UsageError, implementation, load, no_verdict  # noqa: E402
 from verify.probes import Trial  # noqa: E402
+from verify.report import DEFAULT_IMPL, format_table, rounding_option  # noqa: E402
 from verify.sweep import RoundingChoice, Row, detect_rounding, judge_rank  # noqa: E402
 
 GATE_UP_ORDERS = ("gate_up", "up_gate")
@@ -265,7 +266,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from verify.diff import DEFAULT_IMPL, format_table, rounding_option
     from verify.power.mutants import MUTANTS
 
     p = argparse.ArgumentParser(prog="python -m verify.fuzz", description=__doc__.split("\n\n")[1].split(".")[0])
