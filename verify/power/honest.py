@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     import argparse
     import datetime
     import json
+    import os
     import subprocess
     import sys
     import time
@@ -183,12 +184,16 @@ def main(argv=None) -> int:
     p.add_argument("--planted-runs", type=int, default=120, help="runs per planted bug (default %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="case sizes (default: the device's)")
-    p.add_argument("--json", help="write the summary (with the closest honest runs and every miss) here")
+    p.add_argument("--json", help="write the summary (with the closest honest runs and every miss) here, as a result "
+                   "of baselines/results/ (verify/perf/results.py)")
     args = p.parse_args(argv)
     scale = args.scale or ("gpu" if args.device == "cuda" else "cpu")
     start = time.perf_counter()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"command": "python -m verify.power.honest " + " ".join(argv if argv is not None else sys.argv[1:]),
+    card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    result = {"title": "The error model's false alarms and catches (verify.power.honest)", "kind": "honest",
+              "card": card, "command": "python -m verify.power.honest " + " ".join(argv if argv is not None else
+                                                                                sys.argv[1:]),
               "commit": commit, "date": datetime.date.today().isoformat(), "device": args.device, "scale": scale,
               "alpha": ALPHA, "planted": {}}
     for planted in PLANTED:

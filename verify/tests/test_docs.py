@@ -53,3 +53,11 @@ def test_the_tree_speaks_of_itself_not_of_its_making(source):
     found = [f"{source.relative_to(ROOT)}:{n}: {line.strip()[:100]}"
              for n, line in enumerate(source.read_text().splitlines(), 1) if HISTORY.search(line)]
     assert not found, "\n".join(found)
+
+
+def test_the_results_pages_are_what_the_committed_results_give():
+    from verify.perf import results
+
+    assert results.main(["--check"]) == 0, "run `python -m verify.perf.results` and commit docs/results/"
+    assert sorted(p.stem for p in results.PAGES.glob("*.md")) == sorted(
+        d.name for d in results.RESULTS.iterdir() if d.is_dir())
