@@ -14,6 +14,7 @@ placement of all. Rounding v to bf16 (round to nearest even) errs uniformly with
 - per element: y, the weighted slot, every partial sum of the slots (the larger of both orders), the output, and a
   floor of (u/32)² of the row's mean square for the fp32 accumulations;
 - per slot, shared by its row: the router weight rounded to bf16.
+Slots of a token that name one expert twice share x, hence their h to y roundings: counted once, weight summed.
 An implementation that keeps an intermediate wider has less error than the budget; none honest has more.
 
 The tests, for one output against its exact reference (e = out - exact; every routed row):

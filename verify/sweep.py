@@ -287,8 +287,11 @@ class Sweep:
         self._refs: dict[tuple[int, int, ViewKind], tuple[torch.Tensor, torch.Tensor]] = {}
         self._outputs: dict[Target, torch.Tensor] = {}
         self._budgets: dict[tuple[int, int, ViewKind], errormodel.Budget] = {}
-        self.rounding = (self._detect() if rounding == "auto" else
-                         RoundingChoice(rounding_profile(rounding), declared=True))
+        self.rounding = RoundingChoice(PRODUCTION, declared=True)  # what the detection's own run is built with
+        if rounding == "auto":
+            self.rounding = self._detect()
+        else:
+            self.rounding = RoundingChoice(rounding_profile(rounding), declared=True)
         self._unreported = self.rounding.findings()
 
     def targets(self, ep_sizes=None, ranks=None, layouts=LAYOUTS, views=tuple(ViewKind)) -> list[Target]:
@@ -340,7 +343,7 @@ class Sweep:
         return Trial(self.impl, view, *self.problem.rank_weights(target.ep_size, target.rank), target.layout,
                      self.seed, references=self.references(target.ep_size, target.rank, target.view, rounding),
                      table=bands.bands_for(*self._hidden_inter()), rounding=rounding,
-                     declared=getattr(self, "rounding", None) is None or self.rounding.declared,
+                     declared=self.rounding.declared,
                      budget_of=lambda: self.budget(target.ep_size, target.rank, target.view))
 
     def _run_rank(self, target: Target) -> Row:
