@@ -1,7 +1,7 @@
 """Where the Triton kernels run: compiled on a CUDA GPU, or through the Triton interpreter on a CPU-only machine.
 
 TRITON_INTERPRET must be in the environment before `import triton`; every entry point (kernels/__init__, the root
-conftest.py, the verify CLIs) calls `configure_triton()` first. This module itself never imports triton.
+conftest.py, verify/__init__) calls `configure_triton()` first. This module itself never imports triton.
 """
 
 from __future__ import annotations

@@ -19,21 +19,18 @@ import shlex
 import sys
 import time
 
-from kernels._device import configure_triton, default_device
+import torch
 
-configure_triton()  # before anything imports triton
-
-import torch  # noqa: E402
-
-from kernels.dispatch import LAYOUTS  # noqa: E402
-from reference.rounding import PROFILES  # noqa: E402
-from reference.routing import ViewKind  # noqa: E402
-from verify import bands  # noqa: E402
-from verify.cases import CASES, CASES_BY_NAME, Sizes  # noqa: E402
-from verify.findings import Verdict  # noqa: E402
-from verify.impls import UsageError, load, no_verdict  # noqa: E402
-from verify.report import DEFAULT_IMPL, format_table, rounding_option  # noqa: E402
-from verify.sweep import RoundingChoice, Row, Sweep, default_scale  # noqa: E402
+from kernels._device import default_device
+from kernels.dispatch import LAYOUTS
+from reference.rounding import PROFILES
+from reference.routing import ViewKind
+from verify import bands
+from verify.cases import CASES, CASES_BY_NAME, Sizes
+from verify.findings import Verdict
+from verify.impls import UsageError, load, no_verdict
+from verify.report import DEFAULT_IMPL, format_table, rounding_option
+from verify.sweep import RoundingChoice, Row, Sweep, default_scale
 
 
 class _Parser(argparse.ArgumentParser):

@@ -38,10 +38,6 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 
-from kernels._device import configure_triton  # noqa: E402
-
-configure_triton()
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 

@@ -27,27 +27,24 @@ import time
 import zlib
 from collections.abc import Callable
 
-from kernels._device import configure_triton, default_device
+import torch
+from hypothesis import HealthCheck, find, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
-configure_triton()
-
-import torch  # noqa: E402
-from hypothesis import HealthCheck, find, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.errors import NoSuchExample  # noqa: E402
-
-from kernels.dispatch import LAYOUTS, M_ALIGNMENT, Layout  # noqa: E402
-from reference import moe_reference  # noqa: E402
-from reference.layouts import expert_counts, local_expert_ids  # noqa: E402
-from reference.rounding import PRODUCTION, Rounding, rounding_profile  # noqa: E402
-from reference.routing import RankView, ViewKind  # noqa: E402
-from verify import bands  # noqa: E402
-from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal  # noqa: E402
-from verify.findings import Verdict  # noqa: E402
-from verify.impls import Implementation, UsageError, implementation, load, no_verdict  # noqa: E402
-from verify.probes import Trial  # noqa: E402
-from verify.report import DEFAULT_IMPL, format_table, rounding_option  # noqa: E402
-from verify.sweep import RoundingChoice, Row, detect_rounding, judge_rank  # noqa: E402
+from kernels._device import default_device
+from kernels.dispatch import LAYOUTS, M_ALIGNMENT, Layout
+from reference import moe_reference
+from reference.layouts import expert_counts, local_expert_ids
+from reference.rounding import PRODUCTION, Rounding, rounding_profile
+from reference.routing import RankView, ViewKind
+from verify import bands
+from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal
+from verify.findings import Verdict
+from verify.impls import Implementation, UsageError, implementation, load, no_verdict
+from verify.probes import Trial
+from verify.report import DEFAULT_IMPL, format_table, rounding_option
+from verify.sweep import RoundingChoice, Row, detect_rounding, judge_rank
 
 GATE_UP_ORDERS = ("gate_up", "up_gate")
 

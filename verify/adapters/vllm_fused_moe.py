@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from kernels._device import configure_triton, interpreting
-
-configure_triton()
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from kernels._device import interpreting
 
 # vLLM's small-batch tiles on a GPU; whole rows under the interpreter, which pays per program
 BLOCK_M, BLOCK_N, BLOCK_K = (16, 256, 256) if interpreting() else (16, 64, 32)

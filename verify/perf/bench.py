@@ -33,32 +33,28 @@ import sys
 from collections.abc import Callable
 
 import torch
+import triton
 
-from kernels._device import configure_triton, default_device
-
-configure_triton()
-
-import triton  # noqa: E402
-
-from kernels import GraphedExpertStage, activation, gather, moe_expert_forward, scatter  # noqa: E402
-from kernels.dispatch import LAYOUTS, Layout, masked_block_bytes  # noqa: E402
-from kernels.executor import choose_layout  # noqa: E402
-from kernels.gemm import BACKENDS, auto_backends, availability, for_dispatch, select  # noqa: E402
-from kernels.graphs import capture  # noqa: E402
-from reference import moe_reference  # noqa: E402
-from reference.layouts import expert_counts  # noqa: E402
-from reference.rounding import Rounding  # noqa: E402
-from reference.routing import RankView  # noqa: E402
-from verify import bands  # noqa: E402
-from verify.cases import BENCH_CASES, BenchCase, BenchInputs  # noqa: E402
-from verify.findings import worst  # noqa: E402
-from verify.impls import Implementation, UsageError, load  # noqa: E402
-from verify.metrics import compare  # noqa: E402
-from verify.perf import procs, report  # noqa: E402
-from verify.perf.peers import torch_native_forward  # noqa: E402
-from verify.perf.timing import Timers  # noqa: E402
-from verify.probes import Trial  # noqa: E402
-from verify.sweep import detect_rounding  # noqa: E402
+from kernels import GraphedExpertStage, activation, gather, moe_expert_forward, scatter
+from kernels._device import default_device
+from kernels.dispatch import LAYOUTS, Layout, masked_block_bytes
+from kernels.executor import choose_layout
+from kernels.gemm import BACKENDS, auto_backends, availability, for_dispatch, select
+from kernels.graphs import capture
+from reference import moe_reference
+from reference.layouts import expert_counts
+from reference.rounding import Rounding
+from reference.routing import RankView
+from verify import bands
+from verify.cases import BENCH_CASES, BenchCase, BenchInputs
+from verify.findings import worst
+from verify.impls import Implementation, UsageError, load
+from verify.metrics import compare
+from verify.perf import procs, report
+from verify.perf.peers import torch_native_forward
+from verify.perf.timing import Timers
+from verify.probes import Trial
+from verify.sweep import detect_rounding
 
 DECODE_MAX_TOKENS = 1024  # the decode path's M-row blocks: DeepSeek-like ep 8 at M = 1024 holds 1.3 GB
 

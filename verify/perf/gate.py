@@ -72,17 +72,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from scipy import stats
 
-from kernels._device import configure_triton, default_device
-
-configure_triton()
-
-from scipy import stats  # noqa: E402
-
-from verify.cases import CASES, CASES_BY_NAME, GATE_POINTS  # noqa: E402
-from verify.findings import Verdict  # noqa: E402
-from verify.perf import procs  # noqa: E402
-from verify.sweep import Row, Sweep  # noqa: E402
+from kernels._device import default_device
+from verify.cases import CASES, CASES_BY_NAME, GATE_POINTS
+from verify.findings import Verdict
+from verify.perf import procs
+from verify.sweep import Row, Sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALPHA = 0.01

@@ -21,15 +21,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from kernels._device import configure_triton, default_device
-
-configure_triton()
-
-from kernels import moe_expert_forward  # noqa: E402
-from verify.cases import CASES_BY_NAME  # noqa: E402
-from verify.findings import Check, Verdict  # noqa: E402
-from verify.power.mutants import MUTANTS, MUTANTS_BY_NAME  # noqa: E402
-from verify.sweep import Row, Sweep, Target, default_scale, targets  # noqa: E402
+from kernels import moe_expert_forward
+from kernels._device import default_device
+from verify.cases import CASES_BY_NAME
+from verify.findings import Check, Verdict
+from verify.power.mutants import MUTANTS, MUTANTS_BY_NAME
+from verify.sweep import Row, Sweep, Target, default_scale, targets
 
 HUNT_CASES = ("skewed", "padded", "boundary")  # every stage and axis: ep 1/2/4, an empty rank, 127/128/129 rows
 CALC_DIFF_THRESHOLD = 1e-3  # DeepGEMM's tests
