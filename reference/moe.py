@@ -65,9 +65,10 @@ def moe_reference(
 def faithful_space(x, topk_ids, topk_weights, w13, w2, *, ep_size: int = 1, ep_rank: int = 0,
                    num_experts: int | None = None, gate_up_order: str = "gate_up",
                    points: tuple[Rounding, ...] = SPACE) -> Iterator[tuple[Rounding, torch.Tensor]]:
-    """(placement, faithful reference) for every placement of `points`, in their order: what
-    `moe_reference(..., mode="faithful", rounding=point)` gives, with the GEMMs shared between the points that round
-    h, a and y alike (one gate+up GEMM, and one down GEMM per way of forming a)."""
+    """(placement, faithful reference) for every placement of `points`: what `moe_reference(..., mode="faithful",
+    rounding=point)` gives. The GEMMs are shared between the points that round h, a and y alike (one gate+up GEMM,
+    one down GEMM per way of forming a), so the points come group by group, not in the order of `points`, and only
+    one group's intermediates are held at a time."""
     num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order,
                             "faithful")
     local_ids = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts)
@@ -76,18 +77,12 @@ def faithful_space(x, topk_ids, topk_weights, w13, w2, *, ep_size: int = 1, ep_r
     by_stage: dict[tuple[str, str, str], list[Rounding]] = {}
     for point in points:
         by_stage.setdefault((point.h, point.silu, point.a), []).append(point)
-    outputs: dict[tuple[str, ...], torch.Tensor] = {}
     for (h_store, _, _), group in by_stage.items():
-        h = stages.to_bf16(exact_h).double() if h_store == "bf16" else stages.to_fp32(exact_h)
-        a = stages.silu_and_mul(h, gate_up_order, faithful=True, rounding=group[0])
+        a = stages.silu_and_mul(stages.stored(exact_h, h_store), gate_up_order, faithful=True, rounding=group[0])
         exact_y = trace.down(a, w2, False, "fp32")
-        ys = {store: trace.per_slot(stages.to_bf16(exact_y).double() if store == "bf16" else stages.to_fp32(exact_y))
-              for store in FIELDS["y"]}
+        ys = {store: trace.per_slot(stages.stored(exact_y, store)) for store in FIELDS["y"]}
         for point in group:
-            outputs[point.point] = stages.weighted_sum(ys[point.y], topk_weights, local_ids, faithful=True,
-                                                       rounding=point)
-    for point in points:
-        yield point, outputs[point.point]
+            yield point, stages.weighted_sum(ys[point.y], topk_weights, local_ids, faithful=True, rounding=point)
 
 
 @dataclasses.dataclass(frozen=True)

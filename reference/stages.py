@@ -23,13 +23,15 @@ def to_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float().double()
 
 
+def stored(t: torch.Tensor, store: str) -> torch.Tensor:
+    """An exact accumulator as an implementation keeps it, as float64: stored bf16 (store="bf16") or kept fp32."""
+    return to_bf16(t).double() if store == "bf16" else to_fp32(t)
+
+
 def gemm_nt(a: torch.Tensor, b: torch.Tensor, *, faithful: bool, store: str = "bf16") -> torch.Tensor:
-    """a [n, K] · b[N, K]ᵀ, float64. Faithful: accumulated exactly (the ideal fp32 accumulator), then stored as bf16
-    (store="bf16") or kept fp32 (store="fp32")."""
+    """a [n, K] · b[N, K]ᵀ, float64. Faithful: accumulated exactly (the ideal fp32 accumulator), then `stored`."""
     d = a.double() @ b.double().T
-    if not faithful:
-        return d
-    return to_bf16(d).double() if store == "bf16" else to_fp32(d)
+    return stored(d, store) if faithful else d
 
 
 def silu_and_mul(h: torch.Tensor, gate_up_order: str = "gate_up", *, faithful: bool,

@@ -20,7 +20,7 @@ import torch
 from kernels.dispatch import LAYOUTS, Layout
 from reference import moe_reference
 from reference.moe import faithful_space
-from reference.rounding import PRODUCTION, PROFILES, Rounding, rounding_profile
+from reference.rounding import PRODUCTION, PROFILES, SPACE, Rounding, rounding_profile
 from reference.routing import RankView, ViewKind, combine
 from verify import bands, errormodel
 from verify.cases import Case, Problem, make_problem
@@ -254,20 +254,29 @@ def detect_rounding(trial: Trial) -> RoundingChoice:
     v = trial.view
     routed = (v.local_ids() >= 0).any(dim=1)
     rows = out.double()[routed]
-    errors, best, best_ref = {}, None, None
+    errors: dict[str, float] = {}
+    best = best_ref = production_ref = None
     for point, ref in faithful_space(*trial.inputs, ep_size=v.ep_size, ep_rank=v.rank, num_experts=v.num_experts,
                                      gate_up_order=trial.gate_up_order):
-        error = rel_l2(rows, ref.double()[routed])
-        if best is None or error < errors[best.name]:
+        errors[point.name] = rel_l2(rows, ref.double()[routed])
+        if point is PRODUCTION:
+            production_ref = ref
+        if best is None or _rank(point, errors) < _rank(best, errors):
             best, best_ref = point, ref
-        if point.name in PROFILES or point is best:
-            errors[point.name] = error
     exact = trial.references[1]
     matched = all(f.verdict is not Verdict.FAIL for f in bands.judge(
         compare(out.float(), best_ref, exact, v.local_ids()), trial.table))
     return RoundingChoice(best, False, matched, {n: e for n, e in errors.items() if n in PROFILES or n == best.name},
                           rel_l2(rows, exact.double()[routed]),
-                          rel_l2(trial.faithful(PRODUCTION).double()[routed], exact.double()[routed]))
+                          rel_l2(production_ref.double()[routed], exact.double()[routed]))
+
+
+_SPACE_INDEX = {point.name: i for i, point in enumerate(SPACE)}
+
+
+def _rank(point: Rounding, errors: dict[str, float]) -> tuple[float, int]:
+    """The smaller error first, then the earlier point of SPACE (the named profiles first)."""
+    return errors[point.name], _SPACE_INDEX[point.name]
 
 
 class Sweep:
