@@ -19,8 +19,9 @@ An implementation that keeps an intermediate wider has less error than the budge
 
 The tests, for one output against its exact reference (e = out - exact; every routed row):
 - magnitude: sum e² / sum budget, per row, per expert's rows, per rank (combined outputs) and over all rows, must stay
-  under chi2.isf(alpha, d) / d, d the independent samples (Satterthwaite's count, capped per row by min(H, k_t I)
-  since a row's a-level errors live in k_t I dimensions);
+  under chi2.isf(alpha, d) / d, d the independent samples: Satterthwaite's (sum of variances)² / (sum of the
+  squared eigenvalues of the budget's covariance), a slot's a-level errors through w2 and its weight's along y being
+  correlated over its row;
 - bias: the error projected on each part's exact contribution (each expert's, each slot position's, each rank's and
   the whole output) is a scale error s = sum e c / sum c²; its z = sum e c / sd, sd from the budget's covariance
   (a-level terms through w2 exactly, per slot and per row). FAIL when |z| > z_alpha and |s| > SCALE_FLOOR: a scale
@@ -39,9 +40,9 @@ from scipy import stats
 
 from reference.moe import Trace, exact_trace
 from reference.routing import RankView
+from verify.bands import U_BF16 as U
 from verify.findings import Check, Finding, Verdict
 
-U = 2.0**-8
 ALPHA = 1e-6  # the false-alarm probability allowed to one judged output, all of its tests together
 SCALE_FLOOR = U / 4  # a scale error smaller than this is not called a bug, however significant
 ROW_FLOOR = U / 32  # the rms floor of an element's budget, relative to its row (fp32 accumulation)
@@ -72,11 +73,14 @@ class Budget:
     w2: torch.Tensor  # float64 [E, H, I]
     expert_offset: int = 0  # global id of expert index 0 (for messages)
 
-    @property
-    def routed(self) -> torch.Tensor:
-        """Bool [M]: rows with at least one slot."""
-        return torch.zeros(self.exact.shape[0], dtype=torch.bool, device=self.exact.device).index_fill_(
-            0, self.token, True)
+    def rows_of(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool [M]: the rows that hold one of `slots` (bool [n]; all slots: the routed rows)."""
+        token = self.token if slots is None else self.token[slots]
+        return torch.zeros(self.exact.shape[0], dtype=torch.bool, device=self.exact.device).index_fill_(0, token, True)
+
+    def contribution_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """[M, H]: the exact contribution of `slots` (bool [n]) to the output."""
+        return torch.zeros_like(self.exact).index_add_(0, self.token[slots], self.contribution[slots])
 
     def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the marginal variance of every element [M, H], the sum of the squared eigenvalues of each row's
@@ -96,12 +100,10 @@ class Budget:
         row_eigen_sq = (self.element**2).sum(dim=1).index_add_(0, self.token, eigen_sq)
         return variance, row_eigen_sq
 
-    def projection_variance(self, slots: torch.Tensor) -> torch.Tensor:
-        """Variance of sum(e * c) per row [M], c the exact contribution of the slots `slots` (bool [n]): the budget's
-        covariance projected on c, exactly (a-level errors through w2, the weight's along its y)."""
-        c = torch.zeros_like(self.exact).index_add_(0, self.token[slots], self.contribution[slots])
+    def projection_variance(self, c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Variance of sum(e * c) per row [M], c [M, H] nonzero on `rows` only (bool [M]): the budget's covariance
+        projected on c, exactly (a-level errors through w2, the weight's along its y)."""
         total = (c * c * self.element).sum(dim=1)
-        rows = torch.zeros(c.shape[0], dtype=torch.bool, device=c.device).index_fill_(0, self.token[slots], True)
         sources = rows[self.token]  # slots whose errors reach a row of c
         for e in self.expert[sources].unique().tolist():
             mine = (sources & (self.expert == e)).nonzero(as_tuple=True)[0]
@@ -243,7 +245,7 @@ def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
     expert, slot position, rank and overall. Their alpha is `alpha` shared out equally."""
     out = out.double()
     error = out - b.exact
-    routed = b.routed
+    routed = b.rows_of()
     variance, eigen_sq = b.spread()
     expert_slots = {int(e): b.expert == e for e in b.expert.unique()}
     slot_slots = {int(k): b.slot == k for k in b.slot.unique()}
@@ -262,15 +264,12 @@ def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
         found.append(Test("magnitude", part, index, statistic, float(stats.chi2.isf(each, dof)) / dof, dof=dof))
 
     def bias(part, index, slots):
-        c = torch.zeros_like(b.exact).index_add_(0, b.token[slots], b.contribution[slots])
+        c = b.contribution_of(slots)
         along = float((error * c).sum())
-        sd = math.sqrt(float(b.projection_variance(slots).sum()))
+        sd = math.sqrt(float(b.projection_variance(c, b.rows_of(slots)).sum()))
         scale = along / float((c * c).sum()) if float((c * c).sum()) > 0 else 0.0
         z = along / sd if sd > 0 else (0.0 if along == 0 else math.copysign(math.inf, along))
         found.append(Test("bias", part, index, z if math.isfinite(along) else math.nan, z_limit, scale=scale))
-
-    def rows_of(slots):
-        return torch.zeros_like(routed).index_fill_(0, b.token[slots], True)
 
     v_row, e2_row = variance.sum(dim=1), (error**2).sum(dim=1)
     dof_row = (v_row**2 / eigen_sq.clamp_min(1e-300)).clamp(min=1.0)
@@ -280,12 +279,12 @@ def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
                                         dof_row[rows].tolist(), strict=True):
         found.append(Test("magnitude", "row", t, statistic, limit, dof=dof))
     for e, slots in expert_slots.items():
-        magnitude("expert", e + b.expert_offset, rows_of(slots))
+        magnitude("expert", e + b.expert_offset, b.rows_of(slots))
         bias("expert", e + b.expert_offset, slots)
     for k, slots in slot_slots.items():
         bias("slot", k, slots)
     for r, slots in rank_slots.items():
-        magnitude("rank", r, rows_of(slots))
+        magnitude("rank", r, b.rows_of(slots))
         bias("rank", r, slots)
     magnitude("all", None, routed)
     bias("all", None, torch.ones_like(b.token, dtype=torch.bool))
