@@ -40,7 +40,7 @@ def _impls(data: dict) -> list[str]:
         p["passed"] += r["passed"] == r["rows"]
         p["rows"] += r["rows"]
         p["ok_rows"] += r["passed"]
-        p["placements"].add(r.get("rounding") or r.get("convention"))
+        p["placements"].add(r["rounding"])
     lines = ["| --impl | cases passed | rows passed | placements found |", "|---|---|---|---|"]
     for impl, p in per.items():
         lines.append(f"| {impl} | {p['passed']}/{p['cases']} | {p['ok_rows']}/{p['rows']} | "

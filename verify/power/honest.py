@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from reference.layouts import local_expert_ids
 from reference.rounding import SPACE, Rounding
+from reference.routing import ViewKind
+from verify import errormodel
+from verify.cases import CASES, make_problem
 
 PLANTED = ("none", "expert_off", "last_slot_dropped", "weight_on_input")
 SUMS = ("sequential", "reverse", "tree")
@@ -142,10 +145,6 @@ class Run:
 def calibrate(runs: int, device: str = "cpu", scale: str = "cpu", planted: str = "none", first_seed: int = 0):
     """Yield one Run per seed: catalogue case seed % 12, one of its ep sizes and ranks, the DeepEP or raw view, the
     honest implementation of that seed (with `planted`), judged by verify.errormodel against its budget."""
-    from reference.routing import ViewKind
-    from verify import errormodel
-    from verify.cases import CASES, make_problem
-
     for seed in range(first_seed, first_seed + runs):
         case = CASES[seed % len(CASES)]
         problem = make_problem(case, seed, device, scale)
