@@ -49,10 +49,14 @@ ROW_FLOOR = U / 32  # the rms floor of an element's budget, relative to its row 
 
 
 def rounding_variance(v: torch.Tensor) -> torch.Tensor:
-    """Variance of the error of rounding v to bf16 (round to nearest even): ulp(v)² / 12, 0 where v is 0."""
-    _, exponent = torch.frexp(v)  # v = m 2^exponent, 0.5 <= |m| < 1: ulp = 2^(exponent - 8)
-    ulp = torch.ldexp(torch.ones_like(v), exponent - 8)
-    return torch.where(v != 0, ulp * ulp / 12, 0.0)
+    """Variance of the error of rounding v (float64 or float32) to bf16, round to nearest even: ulp(v)² / 12, where
+    ulp(v) = 2^-7 of the power of two at or below |v| (v's exponent bits alone), 0 where v is 0."""
+    as_int, bits = _EXPONENT_BITS[v.dtype]
+    power = (v.view(as_int) & bits).view(v.dtype)
+    return power * power * (2.0**-14 / 12)
+
+
+_EXPONENT_BITS = {torch.float64: (torch.int64, 0x7FF0000000000000), torch.float32: (torch.int32, 0x7F800000)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +82,6 @@ class Budget:
         token = self.token if slots is None else self.token[slots]
         return torch.zeros(self.exact.shape[0], dtype=torch.bool, device=self.exact.device).index_fill_(0, token, True)
 
-    def contribution_of(self, slots: torch.Tensor) -> torch.Tensor:
-        """[M, H]: the exact contribution of `slots` (bool [n]) to the output."""
-        return torch.zeros_like(self.exact).index_add_(0, self.token[slots], self.contribution[slots])
-
     def spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the marginal variance of every element [M, H], the sum of the squared eigenvalues of each row's
         covariance [M]): a row's error is a sum of independent parts, each slot's a-level errors through w2[e] and
@@ -100,19 +100,58 @@ class Budget:
         row_eigen_sq = (self.element**2).sum(dim=1).index_add_(0, self.token, eigen_sq)
         return variance, row_eigen_sq
 
-    def projection_variance(self, c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Variance of sum(e * c) per row [M], c [M, H] nonzero on `rows` only (bool [M]): the budget's covariance
-        projected on c, exactly (a-level errors through w2, the weight's along its y)."""
-        total = (c * c * self.element).sum(dim=1)
-        sources = rows[self.token]  # slots whose errors reach a row of c
-        for e in self.expert[sources].unique().tolist():
-            mine = (sources & (self.expert == e)).nonzero(as_tuple=True)[0]
-            along = c[self.token[mine]]  # [n_e, H]
-            projected = along @ self.w2[e]  # w2[e]^T c, [n_e, I]
-            term = (projected**2 * self.var_a[mine]).sum(dim=1) + self.var_weight[mine] * (along * self.y[mine]).sum(
-                dim=1) ** 2
-            total.index_add_(0, self.token[mine], term)
-        return total
+    def pairs(self, chunk: int = 512) -> Pairs:
+        """Each row's slots by position and the Grams of their exact contributions under the budget's covariance,
+        every pair of a row's slots at once: a bias test's variance is a sum of their entries (`Pairs.bias`)."""
+        num_rows, device = self.exact.shape[0], self.exact.device
+        positions = int(self.slot.max()) + 1 if self.slot.numel() else 1
+        table = torch.full((num_rows, positions), -1, dtype=torch.long, device=device)
+        table[self.token, self.slot] = torch.arange(self.token.numel(), device=device)
+        if int((table >= 0).sum()) != self.token.numel():
+            raise ValueError("budget: two slots share a row and a slot position")
+
+        def contributions(rows):  # [r, K, H]: the contributions of the rows' slots, 0 where there is none
+            slots = table[rows]
+            return torch.where((slots >= 0)[..., None], self.contribution[slots.clamp_min(0)], 0.0)
+
+        through_w2 = torch.zeros(self.token.numel(), positions, positions, dtype=torch.float64, device=device)
+        for e in self.expert.unique().tolist():
+            for mine in (self.expert == e).nonzero(as_tuple=True)[0].split(chunk):
+                c = contributions(self.token[mine])
+                projected = c @ self.w2[e]  # w2[e]^T c_q for each slot q of the row: [r, K, I]
+                along_y = (c * self.y[mine][:, None, :]).sum(dim=-1)  # c_q . y_j, [r, K]
+                through_w2[mine] = (projected * self.var_a[mine][:, None, :]) @ projected.transpose(1, 2) + (
+                    self.var_weight[mine][:, None, None] * along_y[:, :, None] * along_y[:, None, :])
+        element = torch.zeros(num_rows, positions, positions, dtype=torch.float64, device=device)
+        plain = torch.zeros_like(element)
+        for rows in torch.arange(num_rows, device=device).split(chunk):
+            c = contributions(rows)
+            element[rows] = (c * self.element[rows][:, None, :]) @ c.transpose(1, 2)
+            plain[rows] = c @ c.transpose(1, 2)
+        return Pairs(table, self.token, through_w2, element, plain)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """A budget's slot pairs: for row t and slot positions q, q' (c_q: slot q's exact contribution, [H])."""
+
+    table: torch.Tensor  # int64 [M, K]: the slot at (row, position), -1 for none
+    token: torch.Tensor  # int64 [n]: each slot's row
+    through_w2: torch.Tensor  # float64 [n, K, K]: (w2 c_q)^T diag(var_a) (w2 c_q') + var_weight (y.c_q)(y.c_q'), slot j
+    element: torch.Tensor  # float64 [M, K, K]: sum_h element[t, h] c_q[h] c_q'[h]
+    plain: torch.Tensor  # float64 [M, K, K]: c_q . c_q'
+
+    def bias(self, labels: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For slots split into `parts` parts (labels [n]) and c_p = part p's exact contribution [M, H]: (the budget's
+        variance of sum(e * c_p), sum(c_p²)), each [parts]; a row's slots of one part add up in c_p."""
+        label = torch.where(self.table >= 0, labels[self.table.clamp_min(0)], -1)
+        same = (label[:, :, None] == label[:, None, :]) & (label[:, :, None] >= 0)
+        target = label[:, :, None].expand_as(same)
+        zeros = torch.zeros(parts, dtype=torch.float64, device=labels.device)
+        variance = zeros.index_add(0, target[same], self.element[same])
+        slot_same = same[self.token]
+        variance.index_add_(0, target[self.token][slot_same], self.through_w2[slot_same])
+        return variance, zeros.index_add(0, target[same], self.plain[same])
 
 
 def budget(trace: Trace, w2: torch.Tensor, expert_offset: int = 0) -> Budget:
@@ -247,12 +286,12 @@ def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
     error = out - b.exact
     routed = b.rows_of()
     variance, eigen_sq = b.spread()
-    expert_slots = {int(e): b.expert == e for e in b.expert.unique()}
-    slot_slots = {int(k): b.slot == k for k in b.slot.unique()}
-    rank_slots = {int(r): b.part == r for r in b.part.unique()} if bool((b.part > 0).any()) else {}
+    families = {"expert": b.expert, "slot": b.slot, "rank": b.part if bool((b.part > 0).any()) else None,
+                "all": torch.zeros_like(b.token)}
+    families = {name: torch.unique(ids, return_inverse=True) for name, ids in families.items() if ids is not None}
     rows = routed.nonzero(as_tuple=True)[0]
-    magnitudes = len(rows) + len(expert_slots) + len(rank_slots) + 1
-    biases = len(expert_slots) + len(slot_slots) + len(rank_slots) + 1
+    magnitudes = len(rows) + len(families["expert"][0]) + (len(families["rank"][0]) if "rank" in families else 0) + 1
+    biases = sum(len(index) for index, _ in families.values())
     each = alpha / (magnitudes + biases)
     z_limit = float(stats.norm.isf(each / 2))
     found: list[Test] = []
@@ -263,14 +302,6 @@ def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
         statistic = float(e2.sum() / v.sum()) if torch.isfinite(e2).all() else math.nan
         found.append(Test("magnitude", part, index, statistic, float(stats.chi2.isf(each, dof)) / dof, dof=dof))
 
-    def bias(part, index, slots):
-        c = b.contribution_of(slots)
-        along = float((error * c).sum())
-        sd = math.sqrt(float(b.projection_variance(c, b.rows_of(slots)).sum()))
-        scale = along / float((c * c).sum()) if float((c * c).sum()) > 0 else 0.0
-        z = along / sd if sd > 0 else (0.0 if along == 0 else math.copysign(math.inf, along))
-        found.append(Test("bias", part, index, z if math.isfinite(along) else math.nan, z_limit, scale=scale))
-
     v_row, e2_row = variance.sum(dim=1), (error**2).sum(dim=1)
     dof_row = (v_row**2 / eigen_sq.clamp_min(1e-300)).clamp(min=1.0)
     limits = stats.chi2.isf(each, dof_row[rows].cpu().numpy()) / dof_row[rows].cpu().numpy()
@@ -278,16 +309,23 @@ def tests(out: torch.Tensor, b: Budget, alpha: float = ALPHA) -> list[Test]:
     for t, statistic, limit, dof in zip(rows.tolist(), statistic_row[rows].tolist(), limits.tolist(),
                                         dof_row[rows].tolist(), strict=True):
         found.append(Test("magnitude", "row", t, statistic, limit, dof=dof))
-    for e, slots in expert_slots.items():
-        magnitude("expert", e + b.expert_offset, b.rows_of(slots))
-        bias("expert", e + b.expert_offset, slots)
-    for k, slots in slot_slots.items():
-        bias("slot", k, slots)
-    for r, slots in rank_slots.items():
-        magnitude("rank", r, b.rows_of(slots))
-        bias("rank", r, slots)
+    for e in families["expert"][0].tolist():
+        magnitude("expert", e + b.expert_offset, b.rows_of(b.expert == e))
+    for r in families["rank"][0].tolist() if "rank" in families else ():
+        magnitude("rank", r, b.rows_of(b.part == r))
     magnitude("all", None, routed)
-    bias("all", None, torch.ones_like(b.token, dtype=torch.bool))
+
+    # Bias: along_p = sum(e * c_p) = the sum of e . contribution over part p's slots; its variance from the pairs.
+    pairs = b.pairs()
+    along_slot = (error[b.token] * b.contribution).sum(dim=1)
+    for part, (index, labels) in families.items():
+        along = torch.zeros(len(index), dtype=torch.float64, device=error.device).index_add_(0, labels, along_slot)
+        variance_of, size_of = pairs.bias(labels, len(index))
+        for i, a, v, cc in zip(index.tolist(), along.tolist(), variance_of.tolist(), size_of.tolist(), strict=True):
+            scale = a / cc if cc > 0 else 0.0
+            z = a / math.sqrt(v) if v > 0 else (0.0 if a == 0 else math.copysign(math.inf, a))
+            where = i + b.expert_offset if part == "expert" else None if part == "all" else i
+            found.append(Test("bias", part, where, z if math.isfinite(a) else math.nan, z_limit, scale=scale))
     return found
 
 

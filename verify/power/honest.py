@@ -181,6 +181,7 @@ def main(argv=None) -> int:
                                 "over random honest implementations, and what it catches of planted bugs")
     p.add_argument("--runs", type=int, default=1000, help="honest runs (default %(default)s)")
     p.add_argument("--planted-runs", type=int, default=120, help="runs per planted bug (default %(default)s)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ... (default 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="case sizes (default: the device's)")
     p.add_argument("--json", help="write the summary (with the closest honest runs and every miss) here, as a result "
@@ -197,8 +198,13 @@ def main(argv=None) -> int:
               "alpha": ALPHA, "planted": {}}
     for planted in PLANTED:
         count = args.runs if planted == "none" else args.planted_runs
-        done = sorted((r.as_dict() for r in calibrate(count, args.device, scale, planted)),
-                      key=lambda r: -r["closest"]["closeness"])
+        done = []
+        for run in calibrate(count, args.device, scale, planted, args.first_seed):
+            done.append(run.as_dict())
+            if len(done) % 100 == 0:
+                print(f"{planted:>18}: {len(done)} runs, {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                      flush=True)
+        done.sort(key=lambda r: -r["closest"]["closeness"])
         flagged = [r for r in done if r["fails"]]
         result["planted"][planted] = dict(runs=len(done), flagged=len(flagged), closest=done[:5],
                                           missed=[] if planted == "none" else [r for r in done if not r["fails"]])

@@ -121,6 +121,30 @@ def test_an_honest_implementation_outside_every_convention_passes_by_the_error_m
     assert row["verdict"] == str(Verdict.PASS)
 
 
+def test_each_bias_variance_is_the_budget_covariance_projected_on_its_part():
+    """Pairs.bias against the covariance written out element by element (tiny sizes, one token naming an expert
+    twice): per element its own variance, per slot w2[e] diag(var_a) w2[e]^T and var_weight y y^T over its row."""
+    p = random_problem(Sizes(12, 16, 8, 4, 3), "uniform", 5)
+    topk_ids = p.routing.topk_ids.clone()
+    topk_ids[0, 1] = topk_ids[0, 0]
+    args = (p.x, topk_ids, p.routing.topk_weights, p.w13, p.w2)
+    b = errormodel.budget(exact_trace(*args), p.w2)
+    M, H = b.exact.shape
+    cov = torch.diag(b.element.flatten())
+    for j in range(b.token.numel()):
+        rows = slice(int(b.token[j]) * H, int(b.token[j]) * H + H)
+        w2 = b.w2[b.expert[j]]
+        cov[rows, rows] += w2 @ torch.diag(b.var_a[j]) @ w2.T + b.var_weight[j] * torch.outer(b.y[j], b.y[j])
+    pairs = b.pairs()
+    for labels in (b.expert, b.slot, torch.zeros_like(b.token)):
+        index, labels = torch.unique(labels, return_inverse=True)
+        variance, size = pairs.bias(labels, len(index))
+        for part in range(len(index)):
+            c = torch.zeros_like(b.exact).index_add_(0, b.token[labels == part], b.contribution[labels == part])
+            torch.testing.assert_close(variance[part], c.flatten() @ cov @ c.flatten(), rtol=1e-10, atol=0)
+            torch.testing.assert_close(size[part], (c * c).sum(), rtol=1e-12, atol=0)
+
+
 def test_every_test_of_a_combined_output_sees_each_rank():
     p = random_problem(Sizes(64, 64, 32, 8, 3), "uniform", 3)
     from reference.routing import rank_view
