@@ -91,8 +91,7 @@ def seed(request) -> int:
 # 550 GPU tests once failed with torch.OutOfMemoryError while drawing their inputs, eight workers holding gpt-oss-sized
 # weights together (the same run passed on a 141 GB H200). Two measures. Each test gives its
 # cached device memory back when it ends, so that what a worker's finished tests freed is free for the others: with
-# it the whole selection passed twice on that H100 and no test ran out, as recorded in
-# docs/gpu-h200.md, "The GPU selection passes on the H100, the decode targets again (NVIDIA H100 80GB HBM3)". And,
+# it the whole selection passed twice on that H100 and no test ran out. And,
 # as the net for whatever still does not fit: running out of memory beside other workers says nothing of the code, so
 # such a test runs again alone: every test holds its device's lock shared from setup to teardown; one whose call
 # raised torch.OutOfMemoryError takes it exclusively (waiting for the tests running beside it, keeping new ones out)

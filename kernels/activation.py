@@ -51,13 +51,9 @@ _MAX_IDLE_PROGRAMS = 16384
 
 
 def _config(dispatch: Dispatch, inter: int) -> dict:
-    """Rows x columns per program. On a GPU one row per program in two warps (H200, kernel spans, blocks sized by the
-    counts, M = 4096, against 4 rows x 1024 columns in four warps: DeepSeek-like masked 25.5 -> 21.7 us, Qwen3-like
-    14.1 -> 9.6, gpt-oss-like 28.8 -> 23.9; DeepSeek-like M = 1024 11.7 -> 7.7), except where a masked block's padding
+    """Rows x columns per program. On a GPU one row per program in two warps, except where a masked block's padding
     rows would give more than _MAX_IDLE_PROGRAMS programs that only read masked_m and leave (the decode path's M-row
-    blocks, skewed blocks): there four rows per program (one row each: the graphed Qwen3-like M = 4096 stage 1.11x
-    slower, 65536 rows for ~6100 tokens):
-    docs/gpu-h200.md, "Silu per row, the gather's variants, the synced gap (NVIDIA H200)"."""
+    blocks, skewed blocks): there four rows per program (docs/design.md, "The stage kernels' shapes and launches")."""
     columns = min(next_power_of_2(inter), 1024)
     if interpreting():  # few, large programs: the interpreter pays per program and per op, not per element
         return dict(BLOCK_R=1024, BLOCK_I=columns)

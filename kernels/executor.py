@@ -54,7 +54,7 @@ GEMMS = ("auto", *BACKENDS)
 GATE_UP_ORDERS = activation.GATE_UP_ORDERS
 
 # Layout rule used when `masked_max_tokens` is not given (docs/design.md, "Choosing the layout"), fitted by
-# verify.perf.report.fit_layout_rule to the bench run in docs/bench-h200.json (NVIDIA H200, DeepGEMM, 62 points: 7
+# verify.perf.report.fit_layout_rule to the bench run in baselines/results/nvidia-h200/bench.json (62 points: 7
 # shapes x uniform and skewed routings, M = 1..16384): masked was the faster layout wherever its block fitted the
 # budget, up to the largest mean measured (2250 rows per active expert), so the fitted bound sits at twice that.
 # Its cost is memory: the block holds E_local x block_rows rows of x, h, a and y, however skewed the counts are, and
@@ -262,9 +262,7 @@ def _early_rows(num_tokens, topk, num_experts, num_local_experts, hidden, inter,
 # whose last counts did not suit its early block (a count over the block's rows, or "auto" choosing contiguous) reads
 # first at its next call, and every call that can take the early scatter, whichever way it went, records whether its
 # counts suited it. A skewed routing keeps its skew from batch to batch (hot experts stay hot): without this, each of
-# its calls paid a wasted scatter and its launch (H200, eager, M = 4096: DeepSeek-like skewed 7% slower, Qwen3-like
-# skewed 28%, than reading first; see
-# docs/gpu-h200.md, "The synced call scatters before its read (NVIDIA H200)").
+# its calls paid a wasted scatter and its launch (docs/design.md, "When the host reads the device").
 # The two ways differ in where the rows sit and how many rows a block has, not in any row's arithmetic: their outputs
 # are bitwise equal wherever compared (verify/tests/test_executor.py on a CPU and a GPU; DeepGEMM and the skinny
 # kernel at ten bench points on an H200).

@@ -12,7 +12,7 @@ Rounding model (docs/contract.md, "Rounding points"): four bf16 rounding points 
 - Against the FAITHFUL reference (same rounding points, exact accumulation) an honest implementation differs only
   where its accumulation lands a rounding on the other side: one ulp at one element. Hopper tensor cores (DeepGEMM,
   torch._grouped_mm and our Triton GEMM alike: bit-identical results) do that at a rate of ~5.6e-7 * K per element,
-  8x an fp32 sequential sum, unbiased (docs/gpu-h200.md, "Calibration of the bands on the H200"). An h flip moves
+  8x an fp32 sequential sum, unbiased (docs/bands.md, "On a GPU"). An h flip moves
   every y element a little through the down GEMM and flips some of its roundings, so the honest L2 error grows like
   sqrt(K): measured on an H200 up to 0.30u (L2), 0.36u (per expert, over many rows), 3.3u (row max) at H=7168,
   I=2048. The faithful L2 and per-expert bands therefore scale with sqrt((H + I) / 9216) (1 at the DeepSeek shape),

@@ -42,6 +42,7 @@ from verify import bands
 from verify.cases import expert_weights, nan_weights_on_skipped_slots, normal
 from verify.findings import Verdict
 from verify.impls import Implementation, UsageError, implementation, load, no_verdict
+from verify.perf.results import provenance
 from verify.probes import Trial
 from verify.report import DEFAULT_IMPL, format_table, rounding_option
 from verify.sweep import RoundingChoice, Row, detect_rounding, judge_rank
@@ -309,7 +310,10 @@ def _main(argv) -> int:
               f"examples each; shrunk to M <= 4 for {sum(s.found.num_tokens <= 4 for s in found)} of them")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, seed=args.seed, max_examples=args.max_examples,
+            title = ("What the fuzzer finds of the mutants on its own (verify.fuzz --mutants)" if args.mutants else
+                     f"A fuzz search of {args.impl} (verify.fuzz)")
+            json.dump(dict(provenance(title, "fuzz", args.device, "python -m verify.fuzz", argv),
+                           device=args.device, seed=args.seed, max_examples=args.max_examples,
                            searches=[s.as_dict() for s in searches]), f, indent=1)
     if args.mutants:
         return 0 if all(s.found for s in searches) else 1

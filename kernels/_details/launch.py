@@ -2,9 +2,8 @@
 
 Triton's `JITFunction.run` redoes per call what depends only on the arguments' types: it binds them to the
 signature, asks its C++ `specialize_impl` for every one of them, builds a string key, finds the compiled kernel, and
-checks the kernel's globals (~17 us of host time per launch on an H200 machine's host; docs/gpu-h200.md, "The
-baseline across machines, the eager call's host time (NVIDIA H200)"): in the host-bound decode path
-(Qwen3-like, three Triton launches per call) that is a sixth of the call. A Launcher does Triton's own launch the
+checks the kernel's globals: in the host-bound decode path that is a sixth of the call (docs/design.md, "The stage
+kernels' shapes and launches"). A Launcher does Triton's own launch the
 first time it meets a specialisation (so Triton compiles, caches and checks it as usual), keeps the CompiledKernel
 that launch returns, and launches it directly afterwards, as `JITFunction.run` itself ends:
 `compiled.run(grid, stream, function, metadata, ..., *every argument in signature order)`.

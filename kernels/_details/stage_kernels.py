@@ -234,12 +234,8 @@ def gather_kernel(
     """out[t] = sum over slots k (in order) of weight[t, k] * y[output_index[t, k]], fp32 accumulation, bf16 store.
     Slots with output_index -1 are skipped; every row of out is written (0 where no slot is local). The slot loop is
     unrolled (TOPK is a constant); a slot local to none of the program's tokens is skipped by a branch, which leaves
-    the sum as it was (under ep 8 seven slots in eight are remote: H200, graphed, M = 4096, one token per program, the
-    gather went from 54 to 45 us at DeepSeek-like and 21 to 18 us at Qwen3-like shapes, and was unchanged at ep 1).
-    The rows of y are loaded evict_first (H200, kernel spans, M = 4096: Qwen3-like 14.02 -> 13.55 us, gpt-oss-like
-    16.02 -> 15.60, DeepSeek-like 39.97 -> 39.86; Qwen3-like M = 16384 45.41 -> 44.42; outputs bitwise equal; the
-    same hint on the index and weights, or streaming stores of out, did not help: docs/gpu-h200.md,
-    "The synced call scatters before its read (NVIDIA H200)")."""
+    the sum as it was (under ep 8 seven slots in eight are remote). The rows of y, each read once, are loaded
+    evict_first (docs/design.md, "The stage kernels' shapes and launches")."""
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_range = tokens < num_tokens

@@ -2,7 +2,7 @@
 
 `availability(name, device, hidden, inter)` says whether a backend can run and why (never raises);
 `select(gemm, device, hidden, inter)` resolves "auto" to the best available backend and says why it was chosen.
-Order for "auto" on a GPU: deep_gemm, grouped_mm, triton (fastest first, as measured in docs/); on a CPU: loop.
+Order for "auto" on a GPU: deep_gemm, grouped_mm, triton (fastest first, as measured: docs/results/); on a CPU: loop.
 `for_dispatch` refines "auto" once the layout is built: a decode-sized masked block runs on Triton's skinny kernel.
 """
 
@@ -67,7 +67,7 @@ def for_dispatch(backend: GroupedGemm, dispatch: Dispatch, hidden: int, inter: i
     """gemm="auto" once the Dispatch is built: `backend` (what `select` chose for the shapes), except that on a GPU a
     masked block whose fullest expert is expected to hold few rows (decode: `triton.TritonGroupedGemm.runs_skinny`)
     goes to the Triton skinny kernel, faster there than DeepGEMM's masked GEMMs + silu and bitwise equal to them where
-    measured (docs/gpu-h200.md, "The skinny GEMM, silu fused into it (NVIDIA H200)")."""
+    measured (docs/design.md, "Decode-sized masked blocks run on a skinny Triton GEMM")."""
     if _skinny_may_serve(dispatch.rows.device, hidden, inter) and triton.BACKEND.runs_skinny(dispatch):
         return triton.BACKEND
     return backend

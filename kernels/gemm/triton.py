@@ -22,11 +22,9 @@ _SKINNY = Launcher(masked_gemm_nt_skinny_kernel)
 
 # The skinny kernel serves masked blocks whose fullest expert is expected to hold at most SKINNY_MAX_ROWS rows
 # (`Dispatch.rows_hint`), in tiles of SKINNY_TILE_ROWS[0] rows while that expert fits one such tile, else of
-# SKINNY_TILE_ROWS[1]. Both GEMMs (+ silu) against DeepGEMM's, graphed on an H200: 16-row tiles 0.91-0.94x at up to
-# 11 rows in the fullest expert (M = 64), where 32-row tiles gave 0.93-0.97x; 32-row tiles 0.93-0.96x at 18-38 rows
-# (M = 256), where 16-row tiles gave 0.96-1.03x; from 61 rows up 16-row tiles were 1.3-2x slower than DeepGEMM
-# (docs/gpu-h200.md, "The skinny GEMM, silu fused into it (NVIDIA H200)";
-# docs/gpu-h200.md, "The decode hint, 32-row tiles, the stats published (NVIDIA H200)").
+# SKINNY_TILE_ROWS[1]: each tile size where it beat the other against DeepGEMM's GEMMs + silu, and no skinny kernel
+# from ~60 rows up, where it was slower than DeepGEMM (docs/design.md, "Decode-sized masked blocks run on a skinny
+# Triton GEMM").
 SKINNY_MAX_ROWS = 40
 SKINNY_TILE_ROWS = (16, 32)
 # Splits per (column tile, expert) when the counts stay on the device (decode): the estimate is a hint, and skewed

@@ -52,6 +52,7 @@ from verify.impls import Implementation, UsageError, load
 from verify.metrics import compare
 from verify.perf import procs, report
 from verify.perf.peers import torch_native_forward
+from verify.perf.results import provenance
 from verify.perf.timing import Timers
 from verify.probes import Trial
 from verify.sweep import detect_rounding
@@ -194,9 +195,8 @@ def kernel_span_ms(fn: Callable, device, runs: int = 10) -> float:
     """The median GPU span of the work one call of `fn` queues (its first kernel's start to its last one's end, in the
     profiler's CUPTI trace), L2 flushed before every call: the time of the kernels themselves, without the launch
     that precedes the first one, as DeepGEMM's and DeepEP's `bench_kineto` time kernels. A stage captured alone and
-    replayed pays a graph launch (4.2 us on an H200: docs/gpu-h200.md, "The scatter per token, bandwidths
-    by kernel spans (NVIDIA H200)") that a pipeline's graph pays once for all its stages: a quarter of a
-    4096-token Qwen3-like scatter's replay."""
+    replayed pays a graph launch (4.2 us on an H200) that a pipeline's graph pays once for all its stages: a quarter
+    of a 4096-token Qwen3-like scatter's replay."""
     flush = torch.empty(64 << 20, dtype=torch.int32, device=device)  # 256 MB, five times an H200's L2
     fn()
     torch.cuda.synchronize(device)
@@ -340,7 +340,8 @@ def main(argv=None) -> int:
             warm_in_parallel(names, args.jobs)
         card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         cpus = procs.shared_cpus(torch.device(device).type)
-        results = dict(card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms, cpus=cpus,
+        results = dict(provenance("Speed targets (verify.bench)", "bench", device, "python -m verify.bench", argv),
+                       card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms, cpus=cpus,
                        cases={c.name: c.describe() for c in cases}, points=[])
 
         def save(point):

@@ -83,10 +83,9 @@ from verify.sweep import Row, Sweep
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALPHA = 0.01
 MIN_EFFECT = 0.03
-# --baseline: an effect must also exceed what tells two machines of one card apart once normalised, measured on two
-# H200s (docs/gate-baseline-crossmachine-h200.json): unchanged graphed entries at up to +2.8% (DeepSeek-like M = 4096:
-# +1.9-2.7% in all four runs, the probes seeing none of it), which a 3% floor would leave a fraction of a percent from
-# a false alarm on the next machine
+# --baseline: an effect must also exceed what tells two machines of one card apart once normalised: two H200s timed
+# unchanged graphed entries up to 2.8% apart, which a 3% floor would leave a fraction of a percent from a false alarm
+# on the next machine (docs/design.md, "The regression gate")
 BASELINE_MIN_EFFECT = 0.05
 HOST_BOUND = 0.6  # GPU busy below this share of the wall time: host-bound
 PAIRS = 20

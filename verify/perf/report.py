@@ -166,7 +166,7 @@ TARGETS = (
              lambda p: p["tokens"] >= 4096, lambda p, c, stage=stage: over_copy_bandwidth(p, stage, c))
       for stage in ("scatter", "gather")),
     # the two above judge a stage of 40-180 MB by a 1 GiB copy's bandwidth, which an SM copy of 42-50 MB does not reach
-    # itself (0.82 of it by kernel spans, 0.64-0.67 graphed, at Qwen3-like M = 4096 on an H200, docs/gpu-h200.md):
+    # itself (0.82 of it by kernel spans, 0.64-0.67 graphed, at Qwen3-like M = 4096 on an H200):
     # these judge it by that copy
     *(Target(f"{stage}_vs_same_size_copy", f"{stage} / an SM copy of the bytes it moves, timed alike (M >= 4096)",
              ">=", 0.70, lambda p, stage=stage: p["tokens"] >= 4096 and f"copy/{stage}" in p["ms"],
@@ -245,7 +245,7 @@ def _bandwidth_cell(p: dict, stage: str, ceil: dict) -> str:
 
 
 def format_report(results: dict) -> str:
-    """Markdown: the per-point table (ratios), then the targets and the fitted layout rule."""
+    """Markdown: the per-point table (ratios), outside implementations beside ours, the targets, the layout rule."""
     ceil = results["ceilings"]
     lines = [f"Card: {results['card']} (torch {results['torch']}, triton {results['triton']}); same-run ceilings: "
              f"copy {ceil['copy_gbps']:.0f} GB/s, dense bf16 matmul {ceil['peak_tflops']:.0f} TFLOP/s", "",
@@ -261,8 +261,15 @@ def format_report(results: dict) -> str:
             f"{_bandwidth_cell(p, 'scatter', ceil)} | {_bandwidth_cell(p, 'gather', ceil)} | "
             f"{torch_native_ratio(p):.2f} | {masked_over_contiguous(p):.2f} | "
             f"{p['accuracy']['hybrid']['l2_u']:.2f} |")
+    return "\n".join(lines + summary_lines(results))
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Markdown lines of a bench run's summary: outside implementations beside ours (verify.bench --impl), the
+    targets, the fitted layout rule."""
+    lines = []
     outside = sorted({k for p in results["points"] for k in p["ms"] if k.startswith("impl/")})
-    if outside:  # outside implementations timed beside ours (verify.bench --impl)
+    if outside:
         lines += ["", "| case | M | ours ms | " + " | ".join(f"{k[5:]} / ours (l2/u, verdict)" for k in outside) + " |",
                   "|" + "---|" * (3 + len(outside))]
         for p in results["points"]:
@@ -281,7 +288,7 @@ def format_report(results: dict) -> str:
                       f"{fit['threshold']:.0f} and the masked block <= {MASKED_BLOCK_BUDGET_BYTES >> 30} GiB; worst "
                       f"excess over the better layout {100 * fit['worst_excess']:.1f}%, mean "
                       f"{100 * fit['mean_excess']:.2f}%"]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(results: dict, path: str) -> None:

@@ -5,7 +5,10 @@ Every JSON file under baselines/results/<card>/ is one result as data, with its 
 - "bench": a `python -m verify.bench` run (its report's targets, each a measured ratio against its goal);
 - "impls": outside implementations over the catalogue (`results`: one entry per implementation and case);
 - "honest": `python -m verify.power.honest` (the error model's false alarms and what it caught);
-- "mutants": `python -m verify.mutants` (the kill matrix).
+- "mutants": `python -m verify.mutants` (the kill matrix);
+- "fuzz": `python -m verify.fuzz --mutants` (per mutant: cases run until found, the shrunk case);
+- "dist": `torchrun -m verify.dist --bench` (per rank: rows received, dispatch, expert stage, combine);
+- "gate": `python -m verify.gate` runs against a stored baseline (exit codes and what each flagged).
 The command writes docs/results/<card>.md from them, every table under the commit, date and command that produced
 it; with `--check` it writes nothing and exits 1 when a committed page is not what the data gives.
 """
@@ -14,22 +17,43 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
+import os
 import pathlib
+import subprocess
 import sys
+
+import torch
+
+from verify.perf import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "baselines" / "results"
 PAGES = ROOT / "docs" / "results"
 
 
+def provenance(title: str, kind: str, device: str, prog: str, argv: list[str] | None = None) -> dict:
+    """What makes a command's JSON a result of baselines/results/: its title and kind, the card, the commit (with
+    "+changes" when tracked files differ from it), the date and the command line (`argv`: default sys.argv[1:])."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if git("status", "--porcelain",
+                                                                                    "--untracked-files=no") else "")
+    card = (torch.cuda.get_device_name() if torch.device(device).type == "cuda"
+            else f"CPU, {os.cpu_count()} cores (Triton interpreter)")
+    return dict(title=title, kind=kind, card=card, commit=commit, date=datetime.date.today().isoformat(),
+                command=" ".join([prog, *(sys.argv[1:] if argv is None else argv)]))
+
+
 def _bench(data: dict) -> list[str]:
-    lines = ["| target | goal | met | worst point |", "|---|---|---|---|"]
-    for t in data["report"]["targets"]:
-        worst = t.get("worst")
-        where = f"{worst['case']} M = {worst['tokens']}: {worst['value']:.3f}" if worst else "-"
-        lines.append(f"| {t['name']}: {t['what']} | {t['goal']} | {t['met']}/{t['total']} | {where} |")
-    return lines
+    lines = report.summary_lines(data)[1:]
+    fit = data["report"]["layout_fit"]
+    return lines[:-2] if fit and fit["points"] < FIT_POINTS else lines  # a fit over a few points fits nothing
+
+
+FIT_POINTS = 20  # a bench run's fitted layout rule is shown from this many points on
 
 
 def _impls(data: dict) -> list[str]:
@@ -65,7 +89,37 @@ def _mutants(data: dict) -> list[str]:
     return [f"Killed {killed}/{len(mutants)}, judged with --rounding {data['rounding']}.", "", *lines]
 
 
-RENDER = {"bench": _bench, "impls": _impls, "honest": _honest, "mutants": _mutants}
+def _fuzz(data: dict) -> list[str]:
+    searches = data["searches"]
+    found = [s for s in searches if s["found"]]
+    lines = [f"Found {len(found)}/{len(searches)} within {data['max_examples']} examples each (seed {data['seed']}).",
+             "",
+             "| mutant | cases run | shrunk to |", "|---|---|---|"]
+    lines += [f"| {s['impl'].rsplit(':', 1)[-1]} | {s['cases_run']} | "
+              f"{s['found']['describe'] if s['found'] else 'NOT FOUND'} |" for s in searches]
+    return lines
+
+
+def _dist(data: dict) -> list[str]:
+    lines = [f"{data['shape']}, {data['world']} ranks x {data['tokens_per_rank']} tokens.", "",
+             "| rank | rows received | dispatch ms | expert stage ms | combine ms | all-to-all of the same bytes |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['rows_received']} | {r['dispatch_ms']:.2f} | {r['expert_ms']:.2f} | "
+              f"{r['combine_ms']:.2f} | {r['a2a_gbps']:.0f} GB/s |" for r in data["ranks"]]
+    return lines
+
+
+def _gate(data: dict) -> list[str]:
+    lines = [data["what"], "", "| run | arguments | exit | flagged |", "|---|---|---|---|"]
+    for i, r in enumerate(data["runs"], 1):
+        flagged = "; ".join(r["regressions"][:3]) + (f"; and {len(r['regressions']) - 3} more"
+                                                      if len(r["regressions"]) > 3 else "")
+        lines.append(f"| {i} | `{r['args']}` | {r['exit']} | {flagged or '-'} |")
+    return lines
+
+
+RENDER = {"bench": _bench, "impls": _impls, "honest": _honest, "mutants": _mutants, "fuzz": _fuzz, "dist": _dist,
+          "gate": _gate}
 
 
 def page(card_dir: pathlib.Path) -> str:

@@ -7,9 +7,9 @@
   its L2 flush before each call is GPU work the host runs ahead of, and it races the host of a call that waits for
   the GPU inside. Whether the host is ahead of the flush or behind it decides whether its launch time is counted:
   whole do_bench runs of one unchanged Qwen3-like point on an H200 landed in two clusters, ~0.30-0.41 and
-  ~0.46-0.78 ms, the share of each differing from process to process (12 processes, per-process medians 0.35-0.56 ms;
-  docs/gate-dobench-processes-h200.json), and a host-bound call that does not wait is undercounted by up to the
-  flush's length (the host queues the call while the GPU flushes).
+  ~0.46-0.78 ms, the share of each differing from process to process (docs/design.md, "The regression gate"),
+  and a host-bound call that does not wait is undercounted by up to the flush's length (the host queues the call
+  while the GPU flushes).
 - `flushed`: GPU work alone (a CUDA graph's replay, a copy, a matmul), which waits for nothing on the host: the better
   of two triton.testing.do_bench medians, L2 flushed before every call, so that a call reads its operands from memory
   as it would between two layers of a model.

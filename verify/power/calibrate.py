@@ -4,8 +4,8 @@ An honest implementation that accumulates its GEMMs in fp32 in 64-wide K chunks 
 unlike the reference's exact accumulation) is compared with the faithful and exact references over several K; so
 are the mutants (verify/power/mutants.py) that only a tight band can see. Every number is raw, as verify/metrics.py
 measures it; the per-expert error is also shown as the band sees it (divided by its few-rows widening,
-verify/bands.py). The printed table is docs/bands.md (CPU); the GPU calibration, where tensor cores add their own
-accumulation noise, is in docs/gpu-h200.md. `tensor_core_order` also serves as a peer implementation:
+verify/bands.py). The printed table is docs/bands.md, with the GPU calibration, where tensor cores add their own
+accumulation noise. `tensor_core_order` also serves as a peer implementation:
 `--impl verify.power.calibrate:tensor_core_order` must pass.
 """
 

@@ -168,14 +168,12 @@ def calibrate(runs: int, device: str = "cpu", scale: str = "cpu", planted: str =
 
 def main(argv=None) -> int:
     import argparse
-    import datetime
     import json
-    import os
-    import subprocess
     import sys
     import time
 
     from verify.errormodel import ALPHA
+    from verify.perf.results import provenance
 
     p = argparse.ArgumentParser(prog="python -m verify.power.honest", description="The error model's false alarms "
                                 "over random honest implementations, and what it catches of planted bugs")
@@ -189,13 +187,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     scale = args.scale or ("gpu" if args.device == "cuda" else "cpu")
     start = time.perf_counter()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    result = {"title": "The error model's false alarms and catches (verify.power.honest)", "kind": "honest",
-              "card": card, "command": "python -m verify.power.honest " + " ".join(argv if argv is not None else
-                                                                                sys.argv[1:]),
-              "commit": commit, "date": datetime.date.today().isoformat(), "device": args.device, "scale": scale,
-              "alpha": ALPHA, "planted": {}}
+    result = {**provenance("The error model's false alarms and catches (verify.power.honest)", "honest", args.device,
+                           "python -m verify.power.honest", argv),
+              "device": args.device, "scale": scale, "alpha": ALPHA, "planted": {}}
     for planted in PLANTED:
         count = args.runs if planted == "none" else args.planted_runs
         done = []

@@ -25,6 +25,7 @@ from kernels import moe_expert_forward
 from kernels._device import default_device
 from verify.cases import CASES_BY_NAME
 from verify.findings import Check, Verdict
+from verify.perf.results import provenance
 from verify.power.mutants import MUTANTS, MUTANTS_BY_NAME
 from verify.sweep import Row, Sweep, Target, default_scale, targets
 
@@ -160,7 +161,10 @@ def main(argv=None) -> int:
           f"fails {baseline.allclose_fails}/{baseline.rows} rows of the unmutated pipeline); {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "seed": args.seed, "rounding": args.rounding, "cases": HUNT_CASES,
+            title = ("Mutants judged as our own pipeline declares itself (verify.mutants)" if args.rounding ==
+                     "production" else "Mutants judged as outside implementations are (verify.mutants --rounding auto)")
+            json.dump({**provenance(title, "mutants", device, "python -m verify.mutants", argv),
+                       "device": device, "seed": args.seed, "rounding": args.rounding, "cases": HUNT_CASES,
                        "seconds": elapsed, "baseline": dataclasses.asdict(baseline),
                        "mutants": [dataclasses.asdict(h) for h in hunts]}, f, indent=1)
     return 0 if not survivors and not baseline.killed else 1

@@ -13,8 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = sorted([*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), ROOT / "conftest.py", ROOT / "tox.ini",
                   ROOT / "pyproject.toml", ROOT / ".ci" / "run",
                   *(p for part in ("reference", "kernels", "verify") for p in (ROOT / part).rglob("*.py"))])
-# a repository path (`verify/bands.py`, `docs/bench-h200.json`) or any markdown file (`README.md`), then optionally
-# `, "Section"` for a section of that markdown file
+# a repository path (`verify/bands.py`, `baselines/nvidia-h200.json`) or any markdown file (`README.md`), then
+# optionally `, "Section"` for a section of that markdown file
 CITATION = re.compile(r'(?P<path>\b(?:(?:reference|kernels|verify|docs|baselines)/[\w./-]*\w\.\w+|[\w.-]*\w\.md))'
                       r'(?:, "(?P<section>[^"]+)")?')
 
@@ -45,10 +45,9 @@ def test_citation_exists(path, section):
 
 # The tree speaks of the stage, its users and its results, never of how it was built (that is git's history).
 HISTORY = re.compile(r"\bsessions?\b|\bissues? #?\d+\b|(?<![\w/])#\d{2,}\b", flags=re.IGNORECASE)
-RUN_LOG = ROOT.joinpath("docs/gpu-h200.md")  # the GPU run log, written run by run: not yet held to it
 
 
-@pytest.mark.parametrize("source", [s for s in SOURCES if s != RUN_LOG], ids=lambda s: str(s.relative_to(ROOT)))
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: str(s.relative_to(ROOT)))
 def test_the_tree_speaks_of_itself_not_of_its_making(source):
     found = [f"{source.relative_to(ROOT)}:{n}: {line.strip()[:100]}"
              for n, line in enumerate(source.read_text().splitlines(), 1) if HISTORY.search(line)]
