@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -144,88 +145,140 @@ def moe_expert_forward(
         raise ValueError(f"sync={sync!r} reads the device, which CUDA-graph capture forbids: capture with "
                          "sync='never' (kernels/graphs.py)")
 
-    x, topk_ids, topk_weights = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
-    w13, w2 = w13.contiguous(), w2.contiguous()
+    call = _Call(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), w13.contiguous(), w2.contiguous(),
+                 dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts), layout,
+                 masked_max_tokens, gemm, gate_up_order, stages, backend, capturing)
+    return _forward(call, sync, host_counts)
 
-    def synced(counts: Sequence[int] | None = None) -> torch.Tensor:  # this call with sync="before" (and counts read)
-        return moe_expert_forward(x, topk_ids, topk_weights, w13, w2, ep_size=ep_size, ep_rank=ep_rank,
-                                  num_experts=num_experts, layout=layout, masked_max_tokens=masked_max_tokens,
-                                  gemm=gemm, gate_up_order=gate_up_order, host_counts=counts, stages=stages)
 
-    where = dict(ep_rank=ep_rank, num_local_experts=num_local_experts, num_experts=num_experts)
-    scratch = stages.empty  # allocates the intermediates (the scatter's, h, a, y); the output is stages.empty's
-    alignment = backend.m_alignment
-    if sync != "before" and host_counts is None:  # the decode path: the counts stay on the device
-        if layout == "contiguous":
-            raise ValueError(f"layout='contiguous' is sized by counts on the host: with sync={sync!r} pass "
-                             "host_counts, or use layout='masked' / 'auto'")
-        block_rows = unsynced_block_rows(num_tokens, alignment)
-        if masked_bytes(num_local_experts, block_rows, hidden, inter) > MASKED_BLOCK_BUDGET_BYTES:
-            if sync == "never":
-                raise ValueError(f"x: {num_tokens} tokens need a masked block of {block_rows} rows per expert when the "
-                                 f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
-                                 "fewer tokens, or pass host_counts")
-            return synced()  # prefill-sized: sync before
-        kept = _kept_buffers(x.device, (num_local_experts, block_rows, hidden, inter, gemm, gate_up_order),
-                             masked_bytes(num_local_experts, block_rows, hidden, inter)) \
-            if stages.empty is torch.empty and not capturing else None
-        counters = None
-        if kept is not None:  # this small call's intermediates, and the scatter's counters, from kept buffers
-            scratch = kept
-            counters = kept.zeros((2 * num_local_experts + 3,), dtype=torch.int32, device=x.device)
-        dispatch, flags = _route_scatter(stages, x, topk_ids, where, block_rows, alignment, publish=sync == "after",
-                                         empty=scratch, counters=counters)
-    else:
-        rows, seen_as = _early_block(x.device, num_tokens, topk_ids.shape[1], num_experts, num_local_experts, hidden,
-                                     inter, alignment, layout, masked_max_tokens, sync, host_counts, stages)
-        early = rows if rows and seen_as not in _EARLY_MISSED else 0
-        if early:  # route + masked scatter first, then the one read: the GPU scatters while the host waits
-            scattered, read = _route_scatter(stages, x, topk_ids, where, early, alignment, publish=True,
-                                             empty=stages.empty, counters=None)
-            stats = read()
-            dropped = scatter.check_routing(stats, num_experts)
-            routing, counts_host = None, tuple(stats[:num_local_experts])
-        elif host_counts is None:
-            routing = stages.count(topk_ids, **where)
-            counts_host = routing.counts_host
-        else:
-            routing = stages.route(topk_ids, **where)
-            counts = _counts_source(host_counts, x.device).to(x.device, non_blocking=True)
-            counts_host = tuple(host_counts)
-            routing = dataclasses.replace(routing, counts=counts, counts_host=counts_host)
-            if sync == "before":
-                scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
-        if sync == "before" and sum(counts_host) == 0:  # every id remote or -1: nothing to compute, no GEMM
-            return torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
-        if layout == "auto":
-            layout = stages.choose_layout(counts_host, num_tokens, hidden, inter, alignment, masked_max_tokens)
-        if rows:  # whether these counts suited the early block: what this shape's next call does
-            suited = max(counts_host) <= rows and Layout(layout) is Layout.MASKED
-            (_EARLY_MISSED.discard if suited else _EARLY_MISSED.add)(seen_as)
-        if early and not dropped and Layout(layout) is Layout.MASKED:
-            dispatch = dataclasses.replace(scattered, counts_host=counts_host, expected_slots=None)
-        else:
-            if routing is None:  # the early block overflowed, or the rule chose contiguous: again, by the counts
-                routing = dataclasses.replace(stages.route(topk_ids, **where), counts_host=counts_host)
-            scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
-            dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
-        flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
-    dispatch = stages.after_scatter(dispatch)
-    if stages.gemm is None and gemm == "auto":
+class _Call(typing.NamedTuple):
+    """One call's inputs (contiguous) and choices, as `_forward` and its steps read them."""
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    where: dict  # ep_rank, num_local_experts, num_experts: what routing a global id needs
+    layout: str  # as asked ("auto" too)
+    masked_max_tokens: int | None
+    gemm: str
+    gate_up_order: str
+    stages: Stages
+    backend: GroupedGemm  # the backend chosen for the shapes
+    capturing: bool  # under CUDA-graph capture
+
+
+class _Scattered(typing.NamedTuple):
+    dispatch: Dispatch
+    scratch: Allocator  # what allocates the intermediates (h, a, y): stages.empty or the decode path's kept buffers
+    flags: Callable[[], list[int]] | None  # sync="after": the routing's stats, read once every kernel is queued
+
+
+def _forward(call: _Call, sync: str, host_counts: Sequence[int] | None) -> torch.Tensor:
+    """route -> scatter -> GEMM (gate+up) -> silu_and_mul -> GEMM (down) -> gather, as the module docstring says."""
+    on_device = sync != "before" and host_counts is None  # the decode path: the counts stay on the device
+    scattered = _scatter_on_device(call, sync) if on_device else _scatter_by_counts(call, sync, host_counts)
+    if scattered is None:
+        if on_device:  # prefill-sized: the M-row block is over the budget, so read the counts first
+            return _forward(call, "before", None)
+        # sync="before" and every id remote or -1: nothing to compute, no GEMM
+        return torch.zeros(call.x.shape[0], call.x.shape[1], dtype=torch.bfloat16, device=call.x.device)
+    dispatch = call.stages.after_scatter(scattered.dispatch)
+    y = _gemms(call, dispatch, scattered.scratch)
+    out = call.stages.gather(y, dispatch, call.topk_weights, empty=call.stages.empty)
+    if scattered.flags is not None:
+        stats = scattered.flags()
+        if scatter.check_routing(stats, call.where["num_experts"], host_counts):  # a row repeated an id past the
+            return _forward(call, "before", stats[:call.where["num_local_experts"]])  # M-row block: by these counts
+    return out
+
+
+def _gemms(call: _Call, dispatch: Dispatch, scratch: Allocator) -> torch.Tensor:
+    """y = (silu_and_mul of the gate+up GEMM) through the down GEMM, on the dispatch's rows."""
+    backend, hidden, inter = call.backend, call.x.shape[1], call.w13.shape[1] // 2
+    if call.stages.gemm is None and call.gemm == "auto":
         backend = for_dispatch(backend, dispatch, hidden, inter)
     # fused where the backend can (a stand-in silu_and_mul, a test's, always runs as its own stage)
-    a = backend.gate_up_silu(dispatch.rows, w13, dispatch, gate_up_order, scratch) \
-        if stages.silu_and_mul is activation.silu_and_mul else None
+    a = backend.gate_up_silu(dispatch.rows, call.w13, dispatch, call.gate_up_order, scratch) \
+        if call.stages.silu_and_mul is activation.silu_and_mul else None
     if a is None:
-        h = backend(dispatch.rows, w13, dispatch, scratch)
-        a = stages.silu_and_mul(h, dispatch, gate_up_order=gate_up_order, empty=scratch)
-    y = backend(a, w2, dispatch, scratch)
-    out = stages.gather(y, dispatch, topk_weights, empty=stages.empty)
-    if flags is not None:
-        stats = flags()
-        if scatter.check_routing(stats, num_experts, host_counts):  # a row repeated an id past the M-row block:
-            return synced(stats[:num_local_experts])  # again, sized by the counts these flags carry
-    return out
+        h = backend(dispatch.rows, call.w13, dispatch, scratch)
+        a = call.stages.silu_and_mul(h, dispatch, gate_up_order=call.gate_up_order, empty=scratch)
+    return backend(a, call.w2, dispatch, scratch)
+
+
+def _scatter_on_device(call: _Call, sync: str) -> _Scattered | None:
+    """The decode path (sync="after" / "never", no host counts): route + masked scatter as one kernel into an M-row
+    block, from kept buffers where small; None where that block is over the masked budget (sync="never" raises)."""
+    (num_tokens, hidden), inter = call.x.shape, call.w13.shape[1] // 2
+    num_local_experts, alignment = call.where["num_local_experts"], call.backend.m_alignment
+    if call.layout == "contiguous":
+        raise ValueError(f"layout='contiguous' is sized by counts on the host: with sync={sync!r} pass "
+                         "host_counts, or use layout='masked' / 'auto'")
+    block_rows = unsynced_block_rows(num_tokens, alignment)
+    nbytes = masked_bytes(num_local_experts, block_rows, hidden, inter)
+    if nbytes > MASKED_BLOCK_BUDGET_BYTES:
+        if sync == "never":
+            raise ValueError(f"x: {num_tokens} tokens need a masked block of {block_rows} rows per expert when the "
+                             f"counts stay on the device, over the {MASKED_BLOCK_BUDGET_BYTES} B budget: capture "
+                             "fewer tokens, or pass host_counts")
+        return None
+    kept = _kept_buffers(call.x.device, (num_local_experts, block_rows, hidden, inter, call.gemm, call.gate_up_order),
+                         nbytes) if call.stages.empty is torch.empty and not call.capturing else None
+    scratch, counters = call.stages.empty, None
+    if kept is not None:  # this small call's intermediates, and the scatter's counters, from kept buffers
+        scratch = kept
+        counters = kept.zeros((2 * num_local_experts + 3,), dtype=torch.int32, device=call.x.device)
+    dispatch, flags = _route_scatter(call.stages, call.x, call.topk_ids, call.where, block_rows, alignment,
+                                     publish=sync == "after", empty=scratch, counters=counters)
+    return _Scattered(dispatch, scratch, flags)
+
+
+def _scatter_by_counts(call: _Call, sync: str, host_counts: Sequence[int] | None) -> _Scattered | None:
+    """The counts on the host (read back: sync="before"; or the caller's host_counts): the layout chosen from them and
+    the buffers sized by them. Where the masked layout may serve, sync="before" routes and scatters first into a
+    block sized from the counts expected and reads while the GPU works, scattering again only when that block
+    overflowed or the layout rule picked contiguous. None: sync="before" and no id local (nothing to compute)."""
+    x, stages, where, alignment = call.x, call.stages, call.where, call.backend.m_alignment
+    (num_tokens, hidden), inter = x.shape, call.w13.shape[1] // 2
+    num_experts, num_local_experts = where["num_experts"], where["num_local_experts"]
+    rows, seen_as = _early_block(x.device, num_tokens, call.topk_ids.shape[1], num_experts, num_local_experts, hidden,
+                                 inter, alignment, call.layout, call.masked_max_tokens, sync, host_counts, stages)
+    early = rows if rows and seen_as not in _EARLY_MISSED else 0
+    if early:  # route + masked scatter first, then the one read: the GPU scatters while the host waits
+        scattered, read = _route_scatter(stages, x, call.topk_ids, where, early, alignment, publish=True,
+                                         empty=stages.empty, counters=None)
+        stats = read()
+        dropped = scatter.check_routing(stats, num_experts)
+        routing, counts_host = None, tuple(stats[:num_local_experts])
+    elif host_counts is None:
+        routing = stages.count(call.topk_ids, **where)
+        counts_host = routing.counts_host
+    else:
+        routing = stages.route(call.topk_ids, **where)
+        counts = _counts_source(host_counts, x.device).to(x.device, non_blocking=True)
+        counts_host = tuple(host_counts)
+        routing = dataclasses.replace(routing, counts=counts, counts_host=counts_host)
+        if sync == "before":
+            scatter.check_routing(routing.stats.tolist(), num_experts, host_counts)
+    if sync == "before" and sum(counts_host) == 0:
+        return None
+    layout = call.layout
+    if layout == "auto":
+        layout = stages.choose_layout(counts_host, num_tokens, hidden, inter, alignment, call.masked_max_tokens)
+    if rows:  # whether these counts suited the early block: what this shape's next call does
+        suited = max(counts_host) <= rows and Layout(layout) is Layout.MASKED
+        (_EARLY_MISSED.discard if suited else _EARLY_MISSED.add)(seen_as)
+    if early and not dropped and Layout(layout) is Layout.MASKED:
+        dispatch = dataclasses.replace(scattered, counts_host=counts_host, expected_slots=None)
+    else:
+        if routing is None:  # the early block overflowed, or the rule chose contiguous: again, by the counts
+            routing = dataclasses.replace(stages.route(call.topk_ids, **where), counts_host=counts_host)
+        scatter_to = stages.scatter_masked if Layout(layout) is Layout.MASKED else stages.scatter_contiguous
+        dispatch = scatter_to(x, routing, alignment=alignment, empty=stages.empty)
+    flags = _read_later(routing.stats) if sync == "after" else None  # final once the scatter is done
+    return _Scattered(dispatch, stages.empty, flags)
 
 
 def _route_scatter(stages: Stages, x, topk_ids, where: dict, block_rows: int, alignment: int, publish: bool,

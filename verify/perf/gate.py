@@ -611,102 +611,19 @@ def _main(argv=None) -> int:
         print(f"verify.gate: --processes {args.processes}: needs at least one A/B process pair", file=sys.stderr)
         return 2
     device_type = torch.device(default_device()).type
-    card = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
-    points, rep_ms = points_for(device_type), REP_MS[device_type]
-    cases = args.cases or [c.name for c in CASES]
+    run = Run(args, device_type, torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+              points_for(device_type), REP_MS[device_type], args.cases or [c.name for c in CASES])
     start = time.perf_counter()
-    if args.self_test:
-        def save(table: dict) -> None:
-            if args.json:
-                pathlib.Path(args.json).write_text(json.dumps(dict(card=card, runs=args.self_test, pairs=args.pairs,
-                                                                   processes=args.processes, table=table), indent=1))
-
-        table = self_test(args.self_test, points, args.pairs, args.min_effect, rep_ms, device_type, args.processes,
-                          on_run=save)
-        print(f"\nself-test on {card}: {args.self_test} runs each, {args.processes} process groups x {args.pairs} "
-              f"pairs per point, timed on CPUs {procs.shared_cpus(device_type)}")
-        print(format_self_test(table))
+    try:
+        if args.self_test:
+            return run_self_test(run)
+        result = run_against(run) if args.against else run_baseline(run)
+    except UsageError as exc:
+        print(f"verify.gate: {exc}", file=sys.stderr)
+        return 2
+    if result is None:  # a baseline written
         return 0
-    if args.against:
-        try:
-            ref_tree = export(args.against)
-        except UsageError as exc:
-            print(f"verify.gate: error: {exc}", file=sys.stderr)
-            return 2
-        busy = busy_shares(ROOT, points, rep_ms, device_type)
-        pairs = [(Worker(ref_tree, f"A{k}"), Worker(ROOT, f"B{k}")) for k in range(args.processes)]
-        try:
-            prepared = setup([w for pair in pairs for w in pair], points, rep_ms,
-                             (0.0, args.inject_slowdown) * args.processes, procs.shared_cpus(device_type))
-            verdicts = ab_speed(pairs, points, prepared.series, args.pairs, args.min_effect, busy)
-            accuracy = {} if args.no_accuracy else accuracy_grades(list(pairs[0]), cases)
-        finally:
-            for pair in pairs:
-                for worker in pair:
-                    worker.close()
-            shutil.rmtree(ref_tree, ignore_errors=True)
-        print(f"verify.gate: A = {args.against}, B = the working tree, on {card}")
-        print(format_speed(verdicts, args.min_effect))
-        for name, why in prepared.not_graphed.items():
-            print(f"  {name}: eager only ({why})")
-        if accuracy:
-            drops = sum(1 for v in accuracy.values() if v[0] != v[1])
-            print(f"accuracy: {len(accuracy)} rank rows judged for both; {drops} changed grade")
-        regressions = accuracy_regressions(accuracy) + [
-            f"speed {v.entry} ({v.timing.value}): B/A {v.ratio:.3f} (p {v.p_value:.1e}, threshold {v.threshold:.1%})"
-            for v in verdicts if v.regressed]
-        undecided = [f"speed {v.entry} ({v.timing.value}): B/A {v.ratio:.3f}, per pair "
-                     f"{'/'.join(f'{r:.3f}' for r in v.pair_ratios)}, but p {v.p_value:.1e} >= {ALPHA}"
-                     for v in verdicts if v.undecided]
-        report = dict(card=card, against=args.against,
-                      speed=[dict(dataclasses.asdict(v), timing=v.timing.value) for v in verdicts],
-                      not_graphed=prepared.not_graphed, injected=prepared.added[1::2], accuracy=accuracy,
-                      regressions=regressions, undecided=undecided)
-    else:
-        base = None
-        if not args.update:
-            try:
-                base = json.loads(pathlib.Path(args.baseline).read_text())
-            except FileNotFoundError:
-                print(f"verify.gate: --baseline {args.baseline} does not exist (create it with --update)",
-                      file=sys.stderr)
-                return 2
-            if base.get("format") != BASELINE_FORMAT:
-                print(f"verify.gate: --baseline {args.baseline} was written by an older gate, which timed differently; "
-                      "write it again with --update", file=sys.stderr)
-                return 2
-            if base["card"] != card:
-                print(f"verify.gate: --baseline {args.baseline} was measured on {base['card']}, this is {card}",
-                      file=sys.stderr)
-                return 2
-        elif args.inject_slowdown:
-            print("verify.gate: --inject-slowdown has no meaning with --update", file=sys.stderr)
-            return 2
-        worker = Worker(ROOT, "tree")
-        try:
-            prepared = setup([worker], points, rep_ms, [args.inject_slowdown], procs.shared_cpus(device_type))
-            gemm = {entry(points, i): name_why for i, name_why in enumerate(prepared.gemm)}
-            differences = [] if base is None else gemm_differences(base, gemm)
-            if differences:  # before anything is timed
-                print("verify.gate: no verdict: other GEMMs than the baseline's:\n  " + "\n  ".join(differences),
-                      file=sys.stderr)
-                return 2
-            speed, probes = baseline_speed(worker, points, prepared.series, REPEATS,
-                                           functools.partial(machine_probes, device_type))
-            for name, name_why in gemm.items():
-                speed[name]["gemm"] = name_why
-            current = dict(format=BASELINE_FORMAT, card=card, probes=probes, speed=speed)
-            accuracy = {} if args.no_accuracy else accuracy_grades([worker], cases)
-            current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
-        finally:
-            worker.close()
-        if args.update:
-            pathlib.Path(args.baseline).write_text(json.dumps(current, indent=1))
-            print(f"verify.gate: baseline written to {args.baseline} ({len(current['accuracy'])} rows, "
-                  f"{len(current['speed'])} speed entries, {card})")
-            return 0
-        regressions, undecided = compare_baseline(base, current, args.min_effect), []
-        report = dict(current, regressions=regressions)
+    report, regressions, undecided = result
     if regressions:
         print("\n".join(["REGRESSED:", *regressions]))
     elif undecided:  # a slowdown neither shown nor ruled out: "no regression" would claim what was not shown
@@ -718,6 +635,118 @@ def _main(argv=None) -> int:
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return 1 if regressions else 2 if undecided else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One gate command: its arguments and the machine's facts."""
+
+    args: argparse.Namespace
+    device_type: str
+    card: str
+    points: list[tuple[str, int]]
+    rep_ms: int
+    cases: list[str]  # accuracy: the catalogue cases judged
+
+
+def run_self_test(run: Run) -> int:
+    """--self-test N: the table of flags per point for A/A and each injected slowdown (exit 0)."""
+    args = run.args
+
+    def save(table: dict) -> None:
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(dict(card=run.card, runs=args.self_test, pairs=args.pairs,
+                                                               processes=args.processes, table=table), indent=1))
+
+    table = self_test(args.self_test, run.points, args.pairs, args.min_effect, run.rep_ms, run.device_type,
+                      args.processes, on_run=save)
+    print(f"\nself-test on {run.card}: {args.self_test} runs each, {args.processes} process groups x {args.pairs} "
+          f"pairs per point, timed on CPUs {procs.shared_cpus(run.device_type)}")
+    print(format_self_test(table))
+    return 0
+
+
+def run_against(run: Run) -> tuple[dict, list[str], list[str]]:
+    """--against REF: REF's pipeline (A) and the working tree's (B) interleaved on this machine; (the report, the
+    regressions, the undecided entries)."""
+    args = run.args
+    ref_tree = export(args.against)
+    busy = busy_shares(ROOT, run.points, run.rep_ms, run.device_type)
+    pairs = [(Worker(ref_tree, f"A{k}"), Worker(ROOT, f"B{k}")) for k in range(args.processes)]
+    try:
+        prepared = setup([w for pair in pairs for w in pair], run.points, run.rep_ms,
+                         (0.0, args.inject_slowdown) * args.processes, procs.shared_cpus(run.device_type))
+        verdicts = ab_speed(pairs, run.points, prepared.series, args.pairs, args.min_effect, busy)
+        accuracy = {} if args.no_accuracy else accuracy_grades(list(pairs[0]), run.cases)
+    finally:
+        for pair in pairs:
+            for worker in pair:
+                worker.close()
+        shutil.rmtree(ref_tree, ignore_errors=True)
+    print(f"verify.gate: A = {args.against}, B = the working tree, on {run.card}")
+    print(format_speed(verdicts, args.min_effect))
+    for name, why in prepared.not_graphed.items():
+        print(f"  {name}: eager only ({why})")
+    if accuracy:
+        drops = sum(1 for v in accuracy.values() if v[0] != v[1])
+        print(f"accuracy: {len(accuracy)} rank rows judged for both; {drops} changed grade")
+    regressions = accuracy_regressions(accuracy) + [
+        f"speed {v.entry} ({v.timing.value}): B/A {v.ratio:.3f} (p {v.p_value:.1e}, threshold {v.threshold:.1%})"
+        for v in verdicts if v.regressed]
+    undecided = [f"speed {v.entry} ({v.timing.value}): B/A {v.ratio:.3f}, per pair "
+                 f"{'/'.join(f'{r:.3f}' for r in v.pair_ratios)}, but p {v.p_value:.1e} >= {ALPHA}"
+                 for v in verdicts if v.undecided]
+    report = dict(card=run.card, against=args.against,
+                  speed=[dict(dataclasses.asdict(v), timing=v.timing.value) for v in verdicts],
+                  not_graphed=prepared.not_graphed, injected=prepared.added[1::2], accuracy=accuracy,
+                  regressions=regressions, undecided=undecided)
+    return report, regressions, undecided
+
+
+def load_baseline(path: str, card: str) -> dict:
+    """The stored baseline at `path`, refused (UsageError) when missing, of an older format or of another card."""
+    try:
+        base = json.loads(pathlib.Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--baseline {path} does not exist (create it with --update)") from None
+    if base.get("format") != BASELINE_FORMAT:
+        raise UsageError(f"--baseline {path} was written by an older gate, which timed differently; write it again "
+                         "with --update")
+    if base["card"] != card:
+        raise UsageError(f"--baseline {path} was measured on {base['card']}, this is {card}")
+    return base
+
+
+def run_baseline(run: Run) -> tuple[dict, list[str], list[str]] | None:
+    """--baseline PATH: the working tree measured, normalised by the machine's probes, against the stored baseline
+    (the report, the regressions, no undecided entries); with --update the baseline is written instead (None)."""
+    args = run.args
+    if args.update and args.inject_slowdown:
+        raise UsageError("--inject-slowdown has no meaning with --update")
+    base = None if args.update else load_baseline(args.baseline, run.card)
+    worker = Worker(ROOT, "tree")
+    try:
+        prepared = setup([worker], run.points, run.rep_ms, [args.inject_slowdown], procs.shared_cpus(run.device_type))
+        gemm = {entry(run.points, i): name_why for i, name_why in enumerate(prepared.gemm)}
+        differences = [] if base is None else gemm_differences(base, gemm)
+        if differences:  # before anything is timed
+            raise UsageError("no verdict: other GEMMs than the baseline's:\n  " + "\n  ".join(differences))
+        speed, probes = baseline_speed(worker, run.points, prepared.series, REPEATS,
+                                       functools.partial(machine_probes, run.device_type))
+        for name, name_why in gemm.items():
+            speed[name]["gemm"] = name_why
+        current = dict(format=BASELINE_FORMAT, card=run.card, probes=probes, speed=speed)
+        accuracy = {} if args.no_accuracy else accuracy_grades([worker], run.cases)
+        current["accuracy"] = {row_id: grades[0] for row_id, grades in accuracy.items()}
+    finally:
+        worker.close()
+    if args.update:
+        pathlib.Path(args.baseline).write_text(json.dumps(current, indent=1))
+        print(f"verify.gate: baseline written to {args.baseline} ({len(current['accuracy'])} rows, "
+              f"{len(current['speed'])} speed entries, {run.card})")
+        return None
+    regressions = compare_baseline(base, current, args.min_effect)
+    return dict(current, regressions=regressions), regressions, []
 
 
 if __name__ == "__main__":
