@@ -29,8 +29,9 @@ MARKERS = {
     "gpu": "needs a CUDA GPU",
     "deep_gemm": "needs deep_gemm with its bf16 grouped GEMMs on an SM90/SM100 GPU",
     "long": "takes tens of seconds on the 2-core CPU: scheduled first, so that it does not make the tail of `-n 8`",
-    "extended": "a wider sweep of a check the default run already makes once (more cases of an outside "
-                "implementation): run with --extended (`tox -e extended`), not by default",
+    "extended": "a wider sweep of a check the default run already makes (more cases of an outside implementation, "
+                "the gate's self-test table beside its A/B run, a second world size, the sanitizer workload's bands "
+                "beside the catalogue's): run with --extended (`tox -e extended`), not by default",
 }
 
 

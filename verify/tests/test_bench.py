@@ -144,6 +144,7 @@ def test_the_bench_times_the_backends_asked_for_and_the_one_auto_picks_and_refus
 
 # the Triton GEMM's tiles also cover padding rows (unspecified contents: NaN patterns and huge finite values
 # included) and the interpreter warns there (as in test_reliability's sanitizer workload)
+@pytest.mark.long
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered in (matmul|add):RuntimeWarning")
 def test_the_point_names_the_backend_the_hybrid_call_runs(monkeypatch):
     """Where kernels.gemm.for_dispatch gives the hybrid call's masked Dispatch to another backend (on a GPU, a

@@ -25,7 +25,7 @@ def torchrun(tmp_path, world: int, *argv: str) -> tuple[int, dict[str, dict], st
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.extended), 4])
 def test_expert_parallel_over_gloo_passes_every_rank_and_the_combine(tmp_path, world):
     code, rows, log = torchrun(tmp_path, world, "--case", "skewed")
     assert code == 0, log[-3000:]

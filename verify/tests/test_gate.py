@@ -217,7 +217,7 @@ def test_an_injected_sleep_is_fitted_to_what_it_adds(hidden):
         assert added == pytest.approx(fraction if hidden <= 3 * fraction else 0.0, abs=0.01)
 
 
-@pytest.mark.long
+@pytest.mark.extended  # the A/B run against HEAD checks the same verdict; this tabulates it per slowdown
 def test_the_self_test_tabulates_flags_ratios_and_what_the_sleeps_added(tmp_path):
     report = tmp_path / "self-test.json"
     assert gate.main(["--self-test", "1", "--pairs", str(gate.MIN_PAIRS), "--processes", "1", "--json",

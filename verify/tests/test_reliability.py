@@ -43,7 +43,7 @@ def test_triton_kernels_under_compute_sanitizer(tool):
 # the Triton GEMM's tiles also cover padding rows of the block (unspecified contents: whatever the allocator held,
 # inf, NaN and huge finite patterns included) and the interpreter warns there, in the tile's matmul or in adding it up
 # ("invalid value" for NaN, "overflow" for sums past the float range)
-@pytest.mark.long
+@pytest.mark.extended  # every kernel of it is judged by the catalogue's rows; this judges the workload as such
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered in (matmul|add):RuntimeWarning")
 def test_sanitizer_workload_passes_its_bands():
     sanitizer_workload(default_device())  # outside the sanitizer (and on a CPU too): it must be right to mean anything

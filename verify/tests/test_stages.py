@@ -170,6 +170,7 @@ def test_fullest_expert_hint_sits_just_above_the_expected_maximum(num_local_expe
         assert 0 < above < 0.75, (mean, expected_max, above)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("num_tokens,num_experts,topk,ep_size", [(4096, 128, 8, 8), (256, 256, 8, 8), (64, 128, 4, 8),
                                                                   (1024, 16, 4, 1)])
 def test_the_early_block_holds_the_fullest_expert_of_uniform_routing(num_tokens, num_experts, topk, ep_size):

@@ -82,6 +82,7 @@ def finish(worker: subprocess.Popen) -> tuple[int, str]:
     return worker.returncode, out
 
 
+@pytest.mark.long
 def test_out_of_memory_beside_another_worker_runs_again_alone(tmp_path):
     (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
     (tmp_path / "test_it.py").write_text(TESTS)
