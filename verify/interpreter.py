@@ -5,9 +5,12 @@ Under TRITON_INTERPRET=1 (Triton 3.x) bf16 is held as raw uint16, and two of its
   GPU rounds to nearest even: an honest kernel would show a bias of about -u/2 per rounding and fail as a scale error;
 - `tl.dot` on bf16 operands multiplies their raw bits as integers.
 `round_as_gpu()` replaces both in the interpreter (ties to even, NaN kept quiet; the operands' values multiplied in
-fp32), so an outside Triton kernel is judged on the CPU by what it computes on a GPU. Arithmetic on bf16 tensors
-(`a + b` with both bf16) stays wrong in the interpreter: kernels compute in fp32 there, as ours do. This project's
-kernels round by hand under the interpreter (kernels/_details/common.py), so their bits do not change.
+fp32), so an outside Triton kernel is judged on the CPU by what it computes on a GPU. It also makes two things
+cheaper that give the same bits: bf16 -> fp32 conversions (exact: the bf16 bits are fp32's upper half) and calls of
+@triton.jit helpers inside a kernel, which the interpreter re-patches triton.language for at every call although
+the kernel's launch already did (a fifth of the interpreter's time in this project's pipeline). Arithmetic on bf16
+tensors (`a + b` with both bf16) stays wrong in the interpreter: kernels compute in fp32 there, as ours do. This
+project's kernels round by hand under the interpreter (kernels/_details/common.py), so their bits do not change.
 """
 
 from __future__ import annotations
@@ -45,7 +48,30 @@ def round_as_gpu() -> bool:
         if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
             bits = np.frombuffer(np.ascontiguousarray(input).tobytes(), dtype=np.uint32)
             return _bf16_rne(bits).reshape(input.shape)
+        if input_dtype == tl.bfloat16 and output_dtype == tl.float32:
+            return np.asarray(input).astype(np.uint32) << 16
         return convert(input, input_dtype, output_dtype, rounding_mode)
+
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    patched: list[set | None] = []  # per launch in progress: the language modules its own patch covered
+
+    def languages(fn) -> set:
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def patch_lang_once(fn):
+        if patched and patched[-1] is not None and languages(fn) <= patched[-1]:
+            return None  # a helper called inside a launch whose patch covers its modules (the result is unused)
+        scope = patch_lang(fn)
+        if patched and patched[-1] is None:  # the launch's own patch
+            patched[-1] = languages(fn)
+        return scope
+
+    def launch_patched_once(self, *args, **kwargs):
+        patched.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
 
     dot = interpreter.InterpreterBuilder.create_dot
 
@@ -59,5 +85,7 @@ def round_as_gpu() -> bool:
 
     interpreter._convert_float = convert_float
     interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter._patch_lang = patch_lang_once
+    interpreter.GridExecutor.__call__ = launch_patched_once
     interpreter._rounds_as_gpu = True
     return True

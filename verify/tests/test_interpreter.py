@@ -41,3 +41,23 @@ def test_an_outside_kernel_stores_and_multiplies_bf16_as_a_gpu_does():
     assert torch.equal(torch.from_numpy(bits.view("int16")).view(torch.bfloat16)[[0, 1, 3]],
                        values[[0, 1, 3]].to(torch.bfloat16))
     assert torch.isnan(torch.from_numpy(bits.view("int16")).view(torch.bfloat16)[2])
+
+
+@triton.jit
+def _helper(x):
+    return x * 0.5
+
+
+@triton.jit
+def _widen_and_call(x_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, _helper(tl.load(x_ptr + offsets).to(tl.float32)))
+
+
+def test_every_bf16_widens_to_its_fp32_value_and_a_helper_inside_a_kernel_still_runs_interpreted():
+    assert round_as_gpu()
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bit pattern
+    out = torch.empty(1 << 16, dtype=torch.float32)
+    _widen_and_call[(1,)](every, out, N=1 << 16)
+    want = every.float() * 0.5
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~want.isnan()], want[~want.isnan()])
