@@ -22,10 +22,10 @@ from kernels._device import interpreting
 
 def _bf16_rne(bits32: np.ndarray) -> np.ndarray:
     """fp32 bit patterns -> the bf16 bit patterns of their nearest bf16 values (ties to even; NaN stays NaN)."""
-    bits = bits32.astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    bits = np.asarray(bits32, dtype=np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)  # no carry out of 32 bits but NaN's
     nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded)
+    return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded) if nan.any() else rounded
 
 
 def _bf16_values(data: np.ndarray) -> np.ndarray:

@@ -61,3 +61,13 @@ def test_every_bf16_widens_to_its_fp32_value_and_a_helper_inside_a_kernel_still_
     _widen_and_call[(1,)](every, out, N=1 << 16)
     want = every.float() * 0.5
     assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~want.isnan()], want[~want.isnan()])
+
+
+def test_the_fp32_to_bf16_rounding_is_torchs_on_a_million_bit_patterns():
+    from verify.interpreter import _bf16_rne
+
+    bits = torch.randint(-(1 << 31), 1 << 31, (1 << 20,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+    values = bits.to(torch.int32).view(torch.float32)
+    ours = torch.from_numpy(_bf16_rne(values.numpy().view("uint32")).view("int16")).view(torch.bfloat16)
+    want = values.to(torch.bfloat16)
+    assert torch.equal(ours.isnan(), want.isnan()) and torch.equal(ours[~want.isnan()], want[~want.isnan()])
