@@ -309,10 +309,11 @@ def _main(argv) -> int:
         print(f"\nthe fuzzer found {len(found)}/{len(searches)} mutants on its own within {args.max_examples} "
               f"examples each; shrunk to M <= 4 for {sum(s.found.num_tokens <= 4 for s in found)} of them")
     if args.json:
+        title = ("What the fuzzer finds of the mutants on its own (verify.fuzz --mutants)" if args.mutants else
+                 f"A fuzz search of {args.impl} (verify.fuzz)")
+        stamp = provenance(title, "fuzz", args.device, "python -m verify.fuzz", argv)  # before the file is opened
         with open(args.json, "w") as f:
-            title = ("What the fuzzer finds of the mutants on its own (verify.fuzz --mutants)" if args.mutants else
-                     f"A fuzz search of {args.impl} (verify.fuzz)")
-            json.dump(dict(provenance(title, "fuzz", args.device, "python -m verify.fuzz", argv),
+            json.dump(dict(stamp,
                            device=args.device, seed=args.seed, max_examples=args.max_examples,
                            searches=[s.as_dict() for s in searches]), f, indent=1)
     if args.mutants:

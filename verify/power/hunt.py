@@ -160,10 +160,11 @@ def main(argv=None) -> int:
           f"missed by the default assert_close: {sum(h.missed_by_allclose for h in hunts)}/{len(hunts)} (which "
           f"fails {baseline.allclose_fails}/{baseline.rows} rows of the unmutated pipeline); {elapsed:.0f} s")
     if args.json:
+        title = ("Mutants judged as our own pipeline declares itself (verify.mutants)" if args.rounding ==
+                 "production" else "Mutants judged as outside implementations are (verify.mutants --rounding auto)")
+        stamp = provenance(title, "mutants", device, "python -m verify.mutants", argv)  # before the file is opened
         with open(args.json, "w") as f:
-            title = ("Mutants judged as our own pipeline declares itself (verify.mutants)" if args.rounding ==
-                     "production" else "Mutants judged as outside implementations are (verify.mutants --rounding auto)")
-            json.dump({**provenance(title, "mutants", device, "python -m verify.mutants", argv),
+            json.dump({**stamp,
                        "device": device, "seed": args.seed, "rounding": args.rounding, "cases": HUNT_CASES,
                        "seconds": elapsed, "baseline": dataclasses.asdict(baseline),
                        "mutants": [dataclasses.asdict(h) for h in hunts]}, f, indent=1)
