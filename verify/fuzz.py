@@ -264,11 +264,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from verify.power.mutants import MUTANTS
+    from verify.mutants import MUTANTS
 
     p = argparse.ArgumentParser(prog="python -m verify.fuzz", description=__doc__.split("\n\n")[1].split(".")[0])
     p.add_argument("--impl", default=DEFAULT_IMPL, help="MODULE:CALLABLE (default: %(default)s)")
-    p.add_argument("--mutants", action="store_true", help="search every mutant of verify/power/mutants.py instead, "
+    p.add_argument("--mutants", action="store_true", help="search every mutant of verify/mutants.py instead, "
                    "and print which ones the fuzzer finds on its own, shrunk to what")
     p.add_argument("--max-examples", type=int, default=200, help="cases to try before shrinking (default 200)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed: the same seed tries the same cases")
@@ -279,7 +279,7 @@ def _main(argv) -> int:
     p.add_argument("--json", help="also write the result(s) here")
     args = p.parse_args(argv)
     try:
-        impls = ({f"verify.power.mutants:{m.name}": m.impl for m in MUTANTS} if args.mutants else
+        impls = ({f"verify.mutants:{m.name}": m.impl for m in MUTANTS} if args.mutants else
                  {args.impl: load(args.impl)})
         if args.max_examples < 1:
             raise UsageError(f"--max-examples must be >= 1, got {args.max_examples}")

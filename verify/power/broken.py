@@ -1,6 +1,6 @@
 """Hand-made broken implementations (and the reference wrapped as a correct one): fixtures that prove the tester
 fails what it must. Each has the signature of kernels.moe_expert_forward, so `--impl verify.power.broken:NAME`
-works. They are entries of the mutant catalogue (verify/power/mutants.py), where each bug is described and
+works. They are entries of the mutant catalogue (verify/mutants.py), where each bug is described and
 injected."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from reference import moe_reference
-from verify.power.mutants import MUTANTS_BY_NAME
+from verify.mutants import MUTANTS_BY_NAME
 
 BROKEN = {name: MUTANTS_BY_NAME[name].impl for name in (
     "drop_last_expert_row",  # a row dropped on the last local expert

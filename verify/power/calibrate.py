@@ -2,7 +2,7 @@
 
 An honest implementation that accumulates its GEMMs in fp32 in 64-wide K chunks (the order of a tensor-core K loop,
 unlike the reference's exact accumulation) is compared with the faithful and exact references over several K; so
-are the mutants (verify/power/mutants.py) that only a tight band can see. Every number is raw, as verify/metrics.py
+are the mutants (verify/mutants.py) that only a tight band can see. Every number is raw, as verify/metrics.py
 measures it; the per-expert error is also shown as the band sees it (divided by its few-rows widening,
 verify/bands.py). The printed table is docs/bands.md, with the GPU calibration, where tensor cores add their own
 accumulation noise. `tensor_core_order` also serves as a peer implementation:
@@ -22,7 +22,7 @@ from reference.routing import rank_view
 from verify import bands
 from verify.cases import Sizes, random_problem
 from verify.metrics import compare
-from verify.power.mutants import MUTANTS_BY_NAME
+from verify.mutants import MUTANTS_BY_NAME
 
 
 def _chunked_gemm_nt(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.Tensor:

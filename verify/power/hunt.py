@@ -1,7 +1,7 @@
 """python -m verify.mutants [--only NAME ...] [--json PATH] [--seed S] [--list]: hunting mutants.
 
 Runs the hunt cases against the unmutated pipeline (which must pass every row) and against every mutant of
-verify/power/mutants.py (each must fail a row), and prints the kill matrix: the check that killed each mutant first
+verify/mutants.py (each must fail a row), and prints the kill matrix: the check that killed each mutant first
 and where, whether DeepGEMM's global calc_diff or torch.testing's default assert_close would have missed it, the kill
 rate and the survivors. Exit 0 when every mutant is killed and the unmutated pipeline passes, 1 otherwise, 2 on usage
 errors.
@@ -25,8 +25,8 @@ from kernels import moe_expert_forward
 from kernels._device import default_device
 from verify.cases import CASES_BY_NAME
 from verify.findings import Check, Verdict
+from verify.mutants import MUTANTS, MUTANTS_BY_NAME
 from verify.perf.results import provenance
-from verify.power.mutants import MUTANTS, MUTANTS_BY_NAME
 from verify.sweep import Row, Sweep, Target, default_scale, targets
 
 HUNT_CASES = ("skewed", "padded", "boundary")  # every stage and axis: ep 1/2/4, an empty rank, 127/128/129 rows

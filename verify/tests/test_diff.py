@@ -145,7 +145,7 @@ def test_an_off_by_one_in_the_local_range_fails_only_where_raw_ids_reach_the_sta
     raw view does, so only raw rows of ranks >= 1 fail, and the replay names the view."""
     path = tmp_path / "rows.json"
     code, out, _ = run(capsys, "--case", "skewed", "--ep-size", "2", "--impl",
-                       "verify.power.mutants:previous_rank_expert_as_local", "--json", str(path))
+                       "verify.mutants:previous_rank_expert_as_local", "--json", str(path))
     assert code == 1, out
     failed = [r["id"] for r in json.loads(path.read_text())["rows"] if r["verdict"] == "FAIL"]
     assert failed and all(i.endswith("-raw") and "-rank0-" not in i for i in failed), failed

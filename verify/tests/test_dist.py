@@ -44,7 +44,7 @@ def test_a_dropped_token_is_a_dispatch_error_on_the_rank_it_missed(tmp_path):
 
 def test_global_ids_taken_as_local_fail_the_ranks_from_one_on(tmp_path):
     code, rows, log = torchrun(tmp_path, 2, "--case", "skewed", "--layout", "masked",
-                               "--impl", "verify.power.mutants:global_ids_as_local")
+                               "--impl", "verify.mutants:global_ids_as_local")
     assert code != 0
     assert rows["skewed-ep2-rank0-masked"]["verdict"] == "PASS", log[-3000:]
     assert rows["skewed-ep2-rank1-masked"]["verdict"] == "FAIL"

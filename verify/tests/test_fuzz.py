@@ -14,8 +14,8 @@ from reference.routing import ViewKind
 from verify.diff import main as diff_main
 from verify.findings import Verdict
 from verify.fuzz import FuzzCase, fuzz_cases, replay_command, run_case, search
+from verify.mutants import MUTANTS_BY_NAME
 from verify.power import broken
-from verify.power.mutants import MUTANTS_BY_NAME
 
 OFF_BY_ONE = "previous_rank_expert_as_local"
 
@@ -43,7 +43,7 @@ def test_a_replay_token_reruns_exactly_its_case(capsys):
                     layout=Layout.CONTIGUOUS, seed=7)
     assert FuzzCase.from_token(case.token()) == case
     assert diff_main(["--replay", case.token()]) == 0
-    assert diff_main(["--replay", case.token(), "--impl", f"verify.power.mutants:{OFF_BY_ONE}"]) == 1
+    assert diff_main(["--replay", case.token(), "--impl", f"verify.mutants:{OFF_BY_ONE}"]) == 1
     out = capsys.readouterr().out
     assert "fuzz  2   1     contiguous  raw" in out and f"--replay {case.token()}" in out
 

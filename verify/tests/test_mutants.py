@@ -10,8 +10,8 @@ from kernels import moe_expert_forward
 from kernels._device import default_device
 from verify.cases import CASES_BY_NAME
 from verify.findings import Verdict
+from verify.mutants import MUTANTS
 from verify.power.hunt import hunt
-from verify.power.mutants import MUTANTS
 from verify.sweep import Sweep, default_scale
 
 SEED = 0
