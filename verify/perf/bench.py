@@ -338,10 +338,9 @@ def main(argv=None) -> int:
             return 0
         if args.jobs > 1:
             warm_in_parallel(names, args.jobs)
-        card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         cpus = procs.shared_cpus(torch.device(device).type)
         results = dict(provenance("Speed targets (verify.bench)", "bench", device, "python -m verify.bench", argv),
-                       card=card, torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms, cpus=cpus,
+                       torch=torch.__version__, triton=triton.__version__, rep_ms=args.rep_ms, cpus=cpus,
                        cases={c.name: c.describe() for c in cases}, points=[])
 
         def save(point):
@@ -352,7 +351,7 @@ def main(argv=None) -> int:
 
         with procs.pinned(cpus):  # host-bound timings follow the core: every point on the same two (as the gate's)
             results["ceilings"] = ceilings(device, Timers.on(device, args.rep_ms).gpu)
-            print(f"{card}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
+            print(f"{results['card']}: copy {results['ceilings']['copy_gbps']:.0f} GB/s, dense bf16 matmul "
                   f"{results['ceilings']['peak_tflops']:.0f} TFLOP/s; timed on CPUs {cpus}", flush=True)
             for c in cases:
                 print(c.describe(), flush=True)

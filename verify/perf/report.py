@@ -264,9 +264,9 @@ def format_report(results: dict) -> str:
     return "\n".join(lines + summary_lines(results))
 
 
-def summary_lines(results: dict) -> list[str]:
+def summary_lines(results: dict, fit_from: int = 0) -> list[str]:
     """Markdown lines of a bench run's summary: outside implementations beside ours (verify.bench --impl), the
-    targets, the fitted layout rule."""
+    targets, the fitted layout rule (when fitted on at least `fit_from` points)."""
     lines = []
     outside = sorted({k for p in results["points"] for k in p["ms"] if k.startswith("impl/")})
     if outside:
@@ -283,7 +283,7 @@ def summary_lines(results: dict) -> list[str]:
         worst = f"{w['value']:.3f} ({w['case']}, M={w['tokens']})" if w else "-"
         lines.append(f"| {t['name']}: {t['what']} | {t['goal']} | {t['met']}/{t['total']} | {worst} |")
     fit = rep["layout_fit"]
-    if fit:
+    if fit and fit["points"] >= fit_from:
         lines += ["", f"Layout rule fitted on {fit['points']} points: masked iff mean rows per active expert <= "
                       f"{fit['threshold']:.0f} and the masked block <= {MASKED_BLOCK_BUDGET_BYTES >> 30} GiB; worst "
                       f"excess over the better layout {100 * fit['worst_excess']:.1f}%, mean "

@@ -48,12 +48,10 @@ def provenance(title: str, kind: str, device: str, prog: str, argv: list[str] | 
 
 
 def _bench(data: dict) -> list[str]:
-    lines = report.summary_lines(data)[1:]
-    fit = data["report"]["layout_fit"]
-    return lines[:-2] if fit and fit["points"] < FIT_POINTS else lines  # a fit over a few points fits nothing
+    return report.summary_lines(data, fit_from=FIT_POINTS)[1:]  # (its first line is a blank one)
 
 
-FIT_POINTS = 20  # a bench run's fitted layout rule is shown from this many points on
+FIT_POINTS = 20  # a bench run's fitted layout rule is shown from this many points on: a fit over a few fits nothing
 
 
 def _impls(data: dict) -> list[str]:
