@@ -26,7 +26,7 @@ import torch
 
 from reference import stages
 from reference.layouts import local_expert_ids
-from reference.moe import GATE_UP_ORDERS, MODES, _Slots
+from reference.moe import _Slots, _validate
 from reference.rounding import rounding_profile
 
 E4M3_MAX = 448.0
@@ -125,23 +125,16 @@ def moe_reference_fp8(
     [M, ceil(H / 128)]; w13 float8_e4m3fn [E_local, 2I, H] with w13_scales [E_local, ceil(2I / 128), ceil(H / 128)];
     w2 float8_e4m3fn [E_local, H, I] with w2_scales [E_local, ceil(H / 128), ceil(I / 128)]. `scale` is also the
     recipe of a's quantization."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if gate_up_order not in GATE_UP_ORDERS:
-        raise ValueError(f"gate_up_order must be one of {GATE_UP_ORDERS}, got {gate_up_order!r}")
-    _check_fp8("w13", w13, w13_scales, 3)
-    _check_fp8("w2", w2, w2_scales, 3)
+    num_experts = _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode,
+                            x_dtypes=(torch.bfloat16,) if x_scales is None else (torch.float8_e4m3fn,),
+                            weight_dtypes=(torch.float8_e4m3fn,))
+    _check_scales("w13", w13, w13_scales)
+    _check_scales("w2", w2, w2_scales)
     if x_scales is None:
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"x must be bf16, or float8_e4m3fn with x_scales, got {x.dtype}")
         x_values = dequantize_per_token(*quantize_per_token(x, scale))
     else:
-        _check_fp8("x", x, x_scales, 2)
+        _check_scales("x", x, x_scales)
         x_values = dequantize_per_token(x, x_scales)
-    num_local_experts = w13.shape[0]
-    num_experts = num_experts or num_local_experts * ep_size
-    if num_experts != num_local_experts * ep_size:
-        raise ValueError(f"num_experts={num_experts} / ep_size={ep_size} != {num_local_experts} experts in w13")
     faithful = mode == "faithful"
     local_ids = local_expert_ids(topk_ids, ep_size, ep_rank, num_experts)
     w13_values, w2_values = dequantize_per_block(w13, w13_scales), dequantize_per_block(w2, w2_scales)
@@ -154,10 +147,9 @@ def moe_reference_fp8(
     return stages.weighted_sum(slots.per_slot(y), topk_weights, local_ids, faithful=faithful)
 
 
-def _check_fp8(name: str, values: torch.Tensor, scales: torch.Tensor, ndim: int) -> None:
-    if values.dtype != torch.float8_e4m3fn or values.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D float8_e4m3fn tensor, got {values.dtype} {tuple(values.shape)}")
-    want = (*values.shape[:-2], _groups(values.shape[-2]), _groups(values.shape[-1])) if ndim == 3 else (
+def _check_scales(name: str, values: torch.Tensor, scales: torch.Tensor) -> None:
+    """`scales` as `values` (a checked fp8 tensor) needs them: float32, one per group or block, finite, positive."""
+    want = (*values.shape[:-2], _groups(values.shape[-2]), _groups(values.shape[-1])) if values.dim() == 3 else (
         values.shape[0], _groups(values.shape[1]))
     if scales.dtype != torch.float32 or tuple(scales.shape) != want:
         raise ValueError(f"{name}'s scales must be float32 {want}, got {scales.dtype} {tuple(scales.shape)}")

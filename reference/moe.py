@@ -146,18 +146,19 @@ class _Slots:
         return out
 
 
-def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode) -> int:
+def _validate(x, topk_ids, topk_weights, w13, w2, ep_size, ep_rank, num_experts, gate_up_order, mode,
+              x_dtypes=(torch.bfloat16,), weight_dtypes=(torch.bfloat16,)) -> int:
     """Check the arguments as docs/contract.md, "Bad input" states them; returns num_experts. Errors name the
-    argument."""
+    argument. `x_dtypes` / `weight_dtypes`: what x and w13 / w2 may be (bf16; the fp8 reference passes its own)."""
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     expect = (
-        ("x", x, (torch.bfloat16,), 2),
+        ("x", x, x_dtypes, 2),
         ("topk_ids", topk_ids, (torch.int32, torch.int64), 2),
         ("topk_weights", topk_weights, (torch.float32,), 2),
-        ("w13", w13, (torch.bfloat16,), 3),
-        ("w2", w2, (torch.bfloat16,), 3),
+        ("w13", w13, weight_dtypes, 3),
+        ("w2", w2, weight_dtypes, 3),
     )
     for name, t, dtypes, ndim in expect:
         if t.dtype not in dtypes:

@@ -85,26 +85,29 @@ def test_x_handed_over_in_fp8_is_the_x_the_stage_would_have_quantized(seed):
     p, weights = _fp8_problem(seed, "fp32")
     q, s = fp8.quantize_per_token(p.x)
     args = (p.routing.topk_ids, p.routing.topk_weights, *weights)
-    given = fp8.moe_reference_fp8(q.to(torch.float8_e4m3fn), *args, x_scales=s, mode="faithful")
-    assert torch.equal(given, fp8.moe_reference_fp8(p.x, *args, mode="faithful"))
+    given = fp8.moe_reference_fp8(q.to(torch.float8_e4m3fn), *args, x_scales=s, ep_size=2, ep_rank=1, mode="faithful")
+    assert torch.equal(given, fp8.moe_reference_fp8(p.x, *args, ep_size=2, ep_rank=1, mode="faithful"))
 
 
 def test_the_faithful_fp8_stage_errs_like_its_quantization_against_the_exact_one(seed):
     p, weights = _fp8_problem(seed, "fp32")
     args = (p.x, p.routing.topk_ids, p.routing.topk_weights, *weights)
-    exact = fp8.moe_reference_fp8(*args, mode="exact").double()
-    error = (fp8.moe_reference_fp8(*args, mode="faithful").double() - exact).norm() / exact.norm()
+    exact = fp8.moe_reference_fp8(*args, ep_size=2, ep_rank=1, mode="exact").double()
+    error = (fp8.moe_reference_fp8(*args, ep_size=2, ep_rank=1, mode="faithful").double() - exact).norm() / exact.norm()
     assert 2.0**-9 < float(error) < 2.0**-4  # a's e4m3 rounding (2^-4 relative at most) dominates, above bf16's
 
 
 def test_bad_fp8_inputs_are_refused_naming_the_argument():
     p, (q13, s13, q2, s2) = _fp8_problem(0, "fp32")
     args = (p.x, p.routing.topk_ids, p.routing.topk_weights)
+    rank = dict(ep_size=2, ep_rank=1)  # the problem's weights are rank 1's of 2
     with pytest.raises(ValueError, match="w13's scales must be float32"):
-        fp8.moe_reference_fp8(*args, q13, s13[:, :1], q2, s2)
+        fp8.moe_reference_fp8(*args, q13, s13[:, :1], q2, s2, **rank)
     with pytest.raises(ValueError, match="w2's scales must be finite"):
-        fp8.moe_reference_fp8(*args, q13, s13, q2, s2 * float("nan"))
-    with pytest.raises(ValueError, match="w2 must be a 3-D float8_e4m3fn"):
-        fp8.moe_reference_fp8(*args, q13, s13, q2.float(), s2)
+        fp8.moe_reference_fp8(*args, q13, s13, q2, s2 * float("nan"), **rank)
+    with pytest.raises(ValueError, match="w2 must have dtype torch.float8_e4m3fn"):
+        fp8.moe_reference_fp8(*args, q13, s13, q2.float(), s2, **rank)
     with pytest.raises(ValueError, match="scale must be one of"):
-        fp8.moe_reference_fp8(*args, q13, s13, q2, s2, scale="e5m2")
+        fp8.moe_reference_fp8(*args, q13, s13, q2, s2, scale="e5m2", **rank)
+    with pytest.raises(ValueError, match="topk_ids must lie in"):  # the bf16 reference's routing checks
+        fp8.moe_reference_fp8(*args, q13, s13, q2, s2)
